@@ -1,0 +1,106 @@
+"""Model loaders, one module per family; helpers shared by all of them here.
+
+Each family module offers ``build_tiny(dest)`` (a small random-weight model
+written as a real checkpoint folder, offline) and a ``load_*`` that reads real
+weights and tiny ones through the same ``from_pretrained`` code path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+#: Called by pipelines after each denoising step as ``on_step(step, total)``.
+#: It may raise (cancel, time limit) to stop the pipeline at that step.
+StepCallback = Callable[[int, int], None]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``OURVIDZ_DEVICE`` as a torch device: default the first GPU, else CPU."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"OURVIDZ_DEVICE: {name} requested but CUDA is not available")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"OURVIDZ_DEVICE: {name} requested but only {torch.cuda.device_count()} GPU(s) exist")
+        return torch.device("cuda", index)
+    return device
+
+
+def compute_dtype(device: torch.device, prefer: str = "bfloat16") -> torch.dtype:
+    """Half precision on CUDA (``prefer``), float32 on CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return torch.float32
+    return getattr(torch, prefer)
+
+
+def module_bytes(modules: Iterable[object]) -> int:
+    """Parameter and buffer bytes of the torch modules given (others are skipped)."""
+    import torch
+
+    total = 0
+    seen: set[int] = set()
+    for module in modules:
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def release_memory(device: torch.device | None = None) -> None:
+    """Collect garbage and hand cached CUDA blocks back to the driver."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        torch.cuda.empty_cache()
+
+
+def build_once(dest: Path, build: Callable[[Path], None]) -> Path:
+    """Build ``dest`` with ``build(tmpdir)`` unless it exists; safe across processes.
+
+    The build goes to a temporary folder beside ``dest`` and is renamed into
+    place, under a file lock, so two workers starting together build it once
+    and never see half a model.
+    """
+    dest = Path(dest)
+    if (dest / ".complete").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (dest / ".complete").exists():
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+        try:
+            build(tmp)
+            (tmp / ".complete").write_text("ok\n")
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -1,0 +1,194 @@
+"""One typed settings object, read from the environment (CONTRACT.md section 5).
+
+Contract names keep their exact spelling (``SUPABASE_URL``...); everything else
+is ``OURVIDZ_*``. Build it once at start-up with :func:`load_settings` and pass
+it on; a wrong value raises :class:`~ourvidz_tasks.errors.ConfigError` whose
+message is one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .errors import ConfigError
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ourvidz_tasks"
+
+
+class Settings(BaseSettings):
+    """Everything a worker, publisher or tool needs, typed and checked."""
+
+    model_config = SettingsConfigDict(env_prefix="OURVIDZ_", extra="ignore", frozen=True)
+
+    # -- wire contract --------------------------------------------------------
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str | None = None
+    redis_url: str | None = None
+    legacy_redis_url: str | None = None
+    supabase_url: str | None = Field(None, validation_alias="SUPABASE_URL")
+    supabase_service_key: SecretStr | None = Field(None, validation_alias="SUPABASE_SERVICE_KEY")
+    job_callback_secret: SecretStr | None = Field(None, validation_alias="JOB_CALLBACK_SECRET")
+    flower_basic_auth: SecretStr | None = Field(None, validation_alias="FLOWER_BASIC_AUTH")
+    model_source: Literal["tiny", "local"] = "local"
+    sdxl_model: Path | None = None
+    sdxl_config: Path | None = None
+    wan_model: Path | None = None
+    qwen_instruct_model: Path | None = None
+    qwen_base_model: Path | None = None
+    device: str | None = None
+    vram_budget_mb: int | None = Field(None, gt=0)
+    fetch_allow: Annotated[tuple[str, ...], NoDecode] = ()
+
+    # -- ours -----------------------------------------------------------------
+    #: where tiny models are built once and cached
+    tiny_cache: Path = Field(default_factory=lambda: _default_cache() / "tiny")
+    #: where outputs wait on local disk until uploaded
+    spool_dir: Path = Field(default_factory=lambda: _default_cache() / "spool")
+    #: torch intra-op threads; default: cores divided by the local pools (3)
+    torch_threads: int | None = Field(None, gt=0)
+    #: timeout of every HTTP call to storage/callbacks, seconds
+    http_timeout: float = Field(30.0, gt=0)
+    #: tries per upload/callback (network errors and 5xx), with backoff
+    http_tries: int = Field(3, ge=1, le=10)
+    #: first backoff between HTTP tries, seconds (doubles each try)
+    http_backoff: float = Field(0.5, ge=0)
+    #: reference image fetch caps
+    fetch_timeout: float = Field(15.0, gt=0)
+    fetch_max_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    fetch_max_pixels: int = Field(40_000_000, gt=0)
+    fetch_max_redirects: int = Field(3, ge=0)
+    #: minimum seconds between two progress callbacks of one job
+    progress_interval: float = Field(2.0, ge=0)
+    #: size caps on untrusted text
+    max_prompt_chars: int = Field(8000, gt=0)
+    max_message_chars: int = Field(32000, gt=0)
+    max_messages: int = Field(200, gt=0)
+    #: dotted path ``module:callable`` of the prompt policy
+    prompt_policy: str = "ourvidz_tasks.policy:default_policy"
+    #: file holding the default enhancement system prompt (else the built-in one)
+    enhance_system_prompt_file: Path | None = None
+    #: load the Qwen base model at start (``start``) or on first use
+    qwen_base_load: Literal["start", "first_use"] = "first_use"
+    #: WAN checkpoint kind when loading local weights: vace conditions on frames, t2v cannot
+    wan_kind: Literal["auto", "vace", "t2v"] = "auto"
+    #: PNG zlib level: 1 is ~5x faster than 6 for a few % more bytes
+    png_compress_level: int = Field(1, ge=0, le=9)
+    #: seconds a result (which may hold prompts) stays in the result backend
+    result_expires: int = Field(3600, gt=0)
+    #: the longest job any pool may run, seconds (drives visibility_timeout)
+    max_job_seconds: int = Field(3600, gt=0)
+    #: the largest retry countdown, seconds
+    max_retry_countdown: int = Field(600, gt=0)
+    #: seconds a terminal record keeps a job id from being run twice
+    idempotency_ttl: int = Field(7 * 24 * 3600, gt=0)
+    #: node name override (tests); default ``{family}@{hostname}``
+    hostname: str | None = None
+
+    @field_validator("fetch_allow", mode="before")
+    @classmethod
+    def _split_allow(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("fetch_allow")
+    @classmethod
+    def _check_allow(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is neither a host nor a CIDR") from None
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str | None) -> str | None:
+        if value is not None and not _DEVICE.match(value):
+            raise ValueError(f"must be 'cpu' or 'cuda:N', got {value!r}")
+        return value
+
+    @field_validator("broker_url", "result_backend", "redis_url", "legacy_redis_url", "supabase_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not urlsplit(value).scheme:
+            raise ValueError("must be a URL with a scheme")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in _BROKER_SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(_BROKER_SCHEMES)}, got {scheme!r}")
+        return value
+
+    # -- derived --------------------------------------------------------------
+    @property
+    def broker_is_redis(self) -> bool:
+        return urlsplit(self.broker_url).scheme in ("redis", "rediss")
+
+    @property
+    def redis(self) -> str:
+        """The Redis of the ledger, idempotency records, outbox and dead letters."""
+        if self.redis_url:
+            return self.redis_url
+        return self.broker_url if self.broker_is_redis else "redis://127.0.0.1:6379/0"
+
+    @property
+    def backend(self) -> str:
+        if self.result_backend:
+            return self.result_backend
+        return self.broker_url if self.broker_is_redis else self.redis
+
+    @property
+    def legacy_redis(self) -> str:
+        return self.legacy_redis_url or self.redis
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Longer than the longest job plus the largest retry countdown."""
+        return self.max_job_seconds + self.max_retry_countdown + 600
+
+    def require_delivery(self) -> tuple[str, str]:
+        """``(SUPABASE_URL, SUPABASE_SERVICE_KEY)`` or a ConfigError."""
+        if not self.supabase_url:
+            raise ConfigError("SUPABASE_URL is not set")
+        if self.supabase_service_key is None or not self.supabase_service_key.get_secret_value():
+            raise ConfigError("SUPABASE_SERVICE_KEY is not set")
+        return self.supabase_url.rstrip("/"), self.supabase_service_key.get_secret_value()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment; a bad value is a one-line :class:`ConfigError`."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "?"
+        env = _env_name(name)
+        raise ConfigError(f"{env}: {first['msg']}") from None
+
+
+def _env_name(field: str) -> str:
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info else None
+    if isinstance(alias, str):
+        return alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"OURVIDZ_{field.upper()}"
