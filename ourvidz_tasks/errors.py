@@ -58,16 +58,16 @@ class JobError(OurvidzError):
     retryable: ClassVar[bool] = False
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
+        prefix = f"{self.code}: "
+        message = message.removeprefix(prefix)
+        # args carry the code too, so a caller without this module still sees it
+        super().__init__(prefix + message)
         self.message = message
         self.field = field
 
     def as_dict(self) -> dict[str, Any]:
         """The callback's ``error`` object."""
         return {"code": self.code, "message": self.message, "retryable": self.retryable}
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
 
 
 class InvalidJob(JobError):

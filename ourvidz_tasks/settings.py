@@ -97,6 +97,23 @@ class Settings(BaseSettings):
     #: node name override (tests); default ``{family}@{hostname}``
     hostname: str | None = None
 
+    # -- per-type defaults (a job's own values win) ----------------------------
+    sdxl_fast_steps: int = Field(15, ge=1, le=150)
+    sdxl_high_steps: int = Field(25, ge=1, le=150)
+    sdxl_guidance: float = Field(7.5, ge=0, le=30)
+    sdxl_denoise: float = Field(0.15, ge=0, le=1)
+    wan_fast_steps: int = Field(25, ge=1, le=150)
+    wan_high_steps: int = Field(50, ge=1, le=150)
+    wan_guidance: float = Field(5.0, ge=0, le=30)
+    wan_width: int = Field(480, ge=16)
+    wan_height: int = Field(832, ge=16)
+    wan_frames: int = Field(83, ge=1, le=83)
+    wan_fps: int = Field(16, ge=8, le=24)
+    #: default model and budget of an enhancement without ``metadata.enhance``
+    enhance_model: Literal["qwen_instruct", "qwen_base"] = "qwen_instruct"
+    enhance_max_tokens: int = Field(200, ge=1, le=2048)
+    enhance_temperature: float = Field(0.7, ge=0, le=2)
+
     @field_validator("fetch_allow", mode="before")
     @classmethod
     def _split_allow(cls, value: object) -> object:

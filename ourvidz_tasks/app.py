@@ -1,0 +1,11 @@
+"""The Celery application: configured by the top-level ``celeryconfig``."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+app = Celery(
+    "ourvidz_tasks",
+    include=["ourvidz_tasks.sdxl", "ourvidz_tasks.chat", "ourvidz_tasks.wan", "ourvidz_tasks.worker"],
+)
+app.config_from_object("celeryconfig")

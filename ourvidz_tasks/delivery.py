@@ -1,0 +1,243 @@
+"""Results delivery: storage uploads and signed callbacks (CONTRACT.md section 4).
+
+:class:`Delivery` is built once per worker and handed to every job. Uploads
+run in a small thread pool (encode + upload of one asset overlaps the
+others); callbacks go through one ordered sender thread so a job's
+``processing`` callbacks always precede its terminal one. The terminal body
+is recorded in Redis before it is sent (keyed by job id), which makes it
+idempotent across retries and redelivery: a second run of the same job id
+re-sends the recorded body instead of computing again.
+
+Only :class:`CallbackTransport` knows how a body travels; swapping the inline
+HTTP transport for an outbox changes nothing for the callers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Literal, Protocol, TypeVar
+
+import httpx
+import redis
+
+from .errors import DeliveryError
+from .media import EncodedAsset, Output, encode_output
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+BUCKET = "workspace-temp"
+Status = Literal["processing", "completed", "failed"]
+T = TypeVar("T")
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The ``X-Callback-Signature`` value for the exact body bytes."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def dumps(body: dict[str, Any]) -> bytes:
+    """The one JSON encoding of callback bodies (compact, UTF-8)."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def callback_body(
+    job_id: str,
+    worker_id: str,
+    status: Status,
+    *,
+    attempt: int,
+    assets: Sequence[dict[str, Any]] = (),
+    metadata: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    callback_id: str | None = None,
+) -> dict[str, Any]:
+    """A callback body: ``assets`` always a list, ``metadata`` always an object."""
+    body: dict[str, Any] = {
+        "job_id": job_id,
+        "worker_id": worker_id,
+        "status": status,
+        "assets": list(assets),
+        "metadata": {**(metadata or {}), "callback_id": callback_id or uuid.uuid4().hex, "attempt": attempt},
+    }
+    if error is not None:
+        body["error"] = error
+    return body
+
+
+class HttpRetry:
+    """Calls an HTTP request function, retrying network errors, 429 and 5xx with backoff."""
+
+    def __init__(self, tries: int, backoff: float) -> None:
+        self.tries, self.backoff = tries, backoff
+
+    def __call__(self, what: str, request: Callable[[], httpx.Response]) -> httpx.Response:
+        last = ""
+        for attempt in range(self.tries):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1) * random.uniform(0.8, 1.2))
+            try:
+                response = request()
+            except httpx.TransportError as exc:
+                last = type(exc).__name__
+                continue
+            if response.status_code < 300:
+                return response
+            last = f"HTTP {response.status_code}"
+            if response.status_code != 429 and response.status_code < 500:
+                break
+        raise DeliveryError(f"{what} failed after {attempt + 1} tries: {last}")
+
+
+class CallbackTransport(Protocol):
+    """How one signed callback body reaches the edge."""
+
+    def send(self, job_id: str, body: bytes) -> None: ...
+
+
+class HttpCallbacks:
+    """Inline HTTP: POST to ``/functions/v1/job-callback``, signed, with retries."""
+
+    def __init__(self, settings: Settings, client: httpx.Client) -> None:
+        base, key = settings.require_delivery()
+        self.url = f"{base}/functions/v1/job-callback"
+        self.key = key
+        secret = settings.job_callback_secret
+        self.secret = secret.get_secret_value().encode() if secret else None
+        self.client = client
+        self.retry = HttpRetry(settings.http_tries, settings.http_backoff)
+
+    def send(self, job_id: str, body: bytes) -> None:
+        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
+        if self.secret:
+            headers["X-Callback-Signature"] = sign(self.secret, body)
+        self.retry(f"callback for job {job_id}", lambda: self.client.post(self.url, content=body, headers=headers))
+
+
+class Storage:
+    """Supabase storage uploads to ``workspace-temp/{user_id}/{job_id}/{name}``."""
+
+    def __init__(self, settings: Settings, client: httpx.Client) -> None:
+        self.base, self.key = settings.require_delivery()
+        self.client = client
+        self.retry = HttpRetry(settings.http_tries, settings.http_backoff)
+
+    def upload(self, path: str, data: bytes, content_type: str) -> str:
+        """Upload ``data`` to ``path`` (``bucket/...``) and return the path."""
+        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": content_type, "x-upsert": "true"}
+        url = f"{self.base}/storage/v1/object/{path}"
+        self.retry(f"upload of {path}", lambda: self.client.post(url, content=data, headers=headers))
+        return path
+
+
+class Delivery:
+    """Storage and callbacks for one worker; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        worker_id: str,
+        store: redis.Redis,
+        *,
+        client: httpx.Client | None = None,
+        transport: CallbackTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.redis = store
+        self.client = client or httpx.Client(timeout=settings.http_timeout, follow_redirects=False)
+        self.storage = Storage(settings, self.client)
+        self.transport = transport or HttpCallbacks(settings, self.client)
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="callbacks")
+        self._uploads = ThreadPoolExecutor(4, thread_name_prefix="uploads")
+        self._lock = threading.Lock()
+
+    # -- storage ----------------------------------------------------------------
+    def publish(self, user_id: str, job_id: str, outputs: Sequence[Output]) -> list[dict[str, Any]]:
+        """Encode and upload every output (in parallel); return the callback's assets."""
+        prefix = f"{BUCKET}/{user_id}/{job_id}"
+        level = self.settings.png_compress_level
+        futures = [
+            self._uploads.submit(self._publish_one, prefix, encode_output, output, index, level)
+            for index, output in enumerate(outputs)
+        ]
+        return [future.result() for future in futures]
+
+    def _publish_one(
+        self, prefix: str, encode: Callable[[Output, int, int], EncodedAsset], output: Output, index: int, level: int
+    ) -> dict[str, Any]:
+        asset = encode(output, index, level)
+        url = self.storage.upload(f"{prefix}/{asset.name}", asset.data, asset.content_type)
+        thumb_url = None
+        metadata = {**asset.metadata, "asset_index": index}
+        if asset.thumbnail is not None:
+            thumb_url = self.storage.upload(f"{prefix}/{index}.thumb.webp", asset.thumbnail, "image/webp")
+        else:
+            metadata["thumbnail_error"] = {"code": "THUMBNAIL_GENERATION_ERROR", "message": asset.thumbnail_error}
+        return {"type": asset.kind, "url": url, "thumbnail_url": thumb_url, "metadata": metadata}
+
+    # -- callbacks --------------------------------------------------------------
+    def processing(self, job_id: str, attempt: int, metadata: dict[str, Any] | None = None) -> None:
+        """Queue a ``processing`` callback; best effort, never blocks the job."""
+        body = callback_body(job_id, self.worker_id, "processing", attempt=attempt, metadata=metadata)
+        self._sender.submit(self._send_quietly, job_id, dumps(body))
+
+    def _send_quietly(self, job_id: str, body: bytes) -> None:
+        try:
+            self.transport.send(job_id, body)
+        except Exception as exc:  # progress is best effort
+            log.warning("job %s: processing callback not delivered: %s", job_id, exc)
+
+    def _key(self, job_id: str, what: str) -> str:
+        return f"ourvidz:job:{job_id}:{what}"
+
+    def terminal_of(self, job_id: str) -> dict[str, Any] | None:
+        """The recorded terminal body of ``job_id``, if the job already ended."""
+        raw = self.redis.get(self._key(job_id, "final"))
+        return json.loads(raw) if raw else None
+
+    def delivered(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self._key(job_id, "delivered")))
+
+    def finish(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Record the terminal body (first one wins) and deliver it; return what was recorded.
+
+        Waits for the job's earlier callbacks, so the edge sees them in order.
+        A delivery that fails for good is logged and kept for replay; it does
+        not fail the job, whose result is already in storage.
+        """
+        job_id = body["job_id"]
+        ttl = self.settings.idempotency_ttl
+        if not self.redis.set(self._key(job_id, "final"), dumps(body), nx=True, ex=ttl):
+            body = self.terminal_of(job_id) or body
+        self.redis.rpush("ourvidz:jobs:ended", job_id)
+        self.redis.expire("ourvidz:jobs:ended", ttl)
+        self.resend(job_id, body)
+        return body
+
+    def resend(self, job_id: str, body: dict[str, Any]) -> bool:
+        """Deliver a recorded terminal body unless it already was; True when delivered."""
+        if self.delivered(job_id):
+            return True
+        future: Future[None] = self._sender.submit(self.transport.send, job_id, dumps(body))
+        try:
+            future.result()
+        except DeliveryError as exc:
+            log.error("job %s: terminal callback not delivered, kept for replay: %s", job_id, exc)
+            return False
+        self.redis.set(self._key(job_id, "delivered"), "1", ex=self.settings.idempotency_ttl)
+        return True
+
+    def close(self) -> None:
+        self._sender.shutdown(wait=True)
+        self._uploads.shutdown(wait=True)
+        self.client.close()

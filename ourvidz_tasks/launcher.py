@@ -1,0 +1,69 @@
+"""``bin/worker sdxl|chat|wan``: one solo-pool worker on its family's queue.
+
+The configuration is checked before Celery starts; anything wrong exits with
+status 2 and one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .errors import ConfigError
+from .settings import Settings, load_settings
+from .worker import FAMILIES, node_name
+
+USAGE = "usage: bin/worker sdxl|chat|wan [extra celery worker options]"
+MODEL_VARS = {
+    "sdxl": ("sdxl_model",),
+    "wan": ("wan_model",),
+    "chat": ("qwen_instruct_model",),
+}
+
+
+def check(family: str, settings: Settings) -> None:
+    """Raise ConfigError (one line) when this pool cannot work with ``settings``."""
+    settings.require_delivery()
+    if settings.model_source == "local":
+        for name in MODEL_VARS[family]:
+            path: Path | None = getattr(settings, name)
+            env = f"OURVIDZ_{name.upper()}"
+            if path is None:
+                raise ConfigError(f"{env} is required when OURVIDZ_MODEL_SOURCE=local")
+            if not path.exists():
+                raise ConfigError(f"{env}: {path} does not exist")
+        if family == "sdxl" and settings.sdxl_model and settings.sdxl_model.suffix == ".safetensors":
+            if settings.sdxl_config is None or not settings.sdxl_config.is_dir():
+                raise ConfigError("OURVIDZ_SDXL_CONFIG must name a local diffusers config folder for a .safetensors checkpoint")
+    from .policy import load_policy
+
+    load_policy(settings.prompt_policy)
+
+
+def worker_argv(family: str, settings: Settings, extra: list[str]) -> list[str]:
+    return [
+        "worker", "--queues", family, "--hostname", node_name(family, settings),
+        "--pool", "solo", "--concurrency", "1", "--task-events",
+        "--without-gossip", "--without-mingle", "--loglevel", "INFO", *extra,
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in FAMILIES:
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(2)
+    family, extra = args[0], args[1:]
+    try:
+        settings = load_settings()
+        check(family, settings)
+    except ConfigError as exc:
+        print(f"bin/worker {family}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from .app import app
+
+    app.worker_main(worker_argv(family, settings, extra))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The life of one generation job, the same for every family.
+
+``JobTask.execute`` reads forward: id → already ended? → ``processing`` →
+validate → prompt policy → the family's ``work`` (model) → media + storage →
+one terminal callback. Errors map to the contract's codes; retryable ones are
+Celery retries with exponential backoff and jitter, and only the last attempt
+sends ``failed``. Families provide ``work(rt, job, progress) -> Generated``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Task
+
+from .delivery import callback_body
+from .errors import DeliveryError, JobError, OutOfMemory, WorkerUnavailable
+from .jobs import Job, parse_job, usable_id
+from .media import Output
+from .worker import Runtime, runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Generated:
+    """What a family's work returns: outputs plus job-level metadata."""
+
+    outputs: list[Output]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Progress:
+    """``progress(step, total)``: throttled ``processing`` callbacks and Celery PROGRESS state."""
+
+    def __init__(self, task: Task, rt: Runtime, job_id: str, attempt: int) -> None:
+        self.task, self.rt, self.job_id, self.attempt = task, rt, job_id, attempt
+        self.interval = rt.settings.progress_interval
+        self._last = time.monotonic()
+        self.stage = "generating"
+
+    def __call__(self, step: int, total: int) -> None:
+        now = time.monotonic()
+        if step < total and now - self._last < self.interval:
+            return
+        self._last = now
+        percent = int(100 * step / max(total, 1))
+        self.rt.delivery.processing(self.job_id, self.attempt, {"progress": percent})
+        if self.task.request.id:
+            self.task.update_state(
+                state="PROGRESS",
+                meta={"job_id": self.job_id, "percent": percent, "step": step, "total": total, "stage": self.stage},
+            )
+
+
+Work = Callable[[Runtime, Job, Progress], Generated]
+
+
+def backoff(retries: int, base: float = 2.0, cap: float = 600.0) -> float:
+    """Exponential backoff with full jitter: ``uniform(0.5, 1) * min(cap, base * 2^retries)``."""
+    return random.uniform(0.5, 1.0) * min(cap, base * 2**retries)
+
+
+def as_job_error(exc: BaseException) -> JobError | None:
+    """Map library exceptions to wire errors (None: not one we know)."""
+    if isinstance(exc, JobError):
+        return exc
+    if isinstance(exc, DeliveryError):
+        return WorkerUnavailable(str(exc))
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OutOfMemory("the device ran out of memory")
+    return None
+
+
+class BaseTask(Task):  # type: ignore[misc]
+    """Base of every task here: acks late, no type checks, job-id-only argsrepr."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    typing = False
+    max_retries = 3
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        """Publish with ``argsrepr`` naming only the job id: Flower and logs show it, never prompts."""
+        payload = args[0] if args else None
+        options.setdefault("argsrepr", f"({usable_id(payload) or '?'!r},)")
+        options.setdefault("kwargsrepr", "{}")
+        return super().apply_async(args, kwargs, **options)
+
+
+class JobTask(BaseTask):
+    """Base of the generation tasks: the job lifecycle in :meth:`execute`."""
+
+    def execute(self, payload: Any, family: str, work: Work) -> dict[str, Any]:
+        rt = runtime(self.app)
+        job_id = usable_id(payload)
+        if job_id is None:
+            raw = json.dumps(payload)[:65536] if payload is not None else None
+            rt.dead.push("no usable job id", raw=raw, queue=family, task_id=self.request.id)
+            return {"status": "dead_letter", "reason": "no usable job id"}
+        recorded = rt.delivery.terminal_of(job_id)
+        if recorded is not None:
+            log.info("job %s already ended (%s); not run again", job_id, recorded["status"])
+            rt.delivery.resend(job_id, recorded)
+            return recorded
+
+        attempt = self.request.retries + 1
+        started = time.perf_counter()
+        rt.delivery.processing(job_id, attempt)
+        metadata: dict[str, Any] = {}
+        try:
+            job = parse_job(payload, rt.settings, family)
+            metadata.update(_enhancement(job))
+            rt.policy(job.prompt)
+            generated = work(rt, job, Progress(self, rt, job_id, attempt))
+            model_time = time.perf_counter() - started
+            metadata.update(generated.metadata)
+            assets = rt.delivery.publish(job.user_id or "", job_id, generated.outputs)
+            total = time.perf_counter() - started
+            metadata.update(processing_time=round(total, 3), model_time=round(model_time, 3),
+                            delivery_time=round(total - model_time, 3), batch_size=len(assets))
+            body = callback_body(job_id, rt.worker_id, "completed", attempt=attempt, assets=assets, metadata=metadata)
+            log.info("job %s completed in %.2fs (model %.2fs)", job_id, total, model_time)
+        except Exception as exc:
+            error = as_job_error(exc)
+            if error is None:
+                log.exception("job %s: unexpected %s", job_id, type(exc).__name__)
+                error = WorkerUnavailable(f"internal error ({type(exc).__name__})")
+                error_dict = {**error.as_dict(), "retryable": False}
+            else:
+                if error.retryable and self.request.retries < self.max_retries:
+                    log.warning("job %s: %s, retry %d", job_id, error.code, attempt)
+                    raise self.retry(exc=error, countdown=backoff(self.request.retries)) from None
+                error_dict = error.as_dict()
+            metadata["processing_time"] = round(time.perf_counter() - started, 3)
+            body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata=metadata, error=error_dict)
+            log.info("job %s failed: %s", job_id, error_dict["code"])
+        return rt.delivery.finish(body)
+
+
+def _enhancement(job: Job) -> dict[str, Any]:
+    """The enhancement fields a generate callback carries for enhanced jobs."""
+    m = job.metadata
+    extra = m.model_extra or {}
+    out: dict[str, Any] = {}
+    if m.enhanced_prompt is not None:
+        out["enhanced_prompt"] = m.enhanced_prompt
+        out["original_prompt"] = m.original_prompt if m.original_prompt is not None else job.original_prompt
+    if m.enhancement_error is not None:
+        out["enhancement_error"] = m.enhancement_error
+        out["original_prompt"] = job.prompt
+    for key in ("enhancement_source", "enhancement_time"):
+        if key in extra:
+            out[key] = extra[key]
+    return out

@@ -1,0 +1,513 @@
+"""SDXL text-to-image and image-to-image.
+
+``build_tiny`` writes a complete, random-weight SDXL diffusers folder (a few
+MB, seeded, offline) that loads through exactly the same ``from_pretrained``
+call as a real local folder. ``load_sdxl`` reads a diffusers folder or a single
+``.safetensors`` checkpoint (with ``OURVIDZ_SDXL_CONFIG`` giving the component
+configs) and ``run_sdxl`` renders one image per seed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, I2IPipelineError, ModelLoadError, OutOfMemory
+from . import StepCallback, build_once, compute_dtype, module_bytes, release_memory
+
+if TYPE_CHECKING:
+    import PIL.Image
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from ..settings import Settings
+
+#: The torch modules whose weights make up the model (``nbytes``, ``unload``).
+_MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+# -- tiny model shape ----------------------------------------------------------
+_TEXT_HIDDEN = 32  # text_encoder (CLIP ViT-L stand-in)
+_TEXT2_HIDDEN = 64  # text_encoder_2 (OpenCLIP bigG stand-in); must differ from _TEXT_HIDDEN
+_TEXT2_PROJECTION = 32
+_TIME_EMBED = 8  # UNet addition_time_embed_dim; SDXL adds 6 time ids
+_MAX_TOKENS = 77
+#: Words that get whole-word BPE merges in the tiny tokenizer (others split into bytes).
+_TINY_WORDS = (
+    "a an the of and in on with at photo portrait painting picture image cat dog man woman girl boy "
+    "red blue green white black sky sea tree house city street light dark night day sun face hair "
+    "eyes beautiful detailed high quality best worst low blurry ugly"
+)
+#: SDXL base's scheduler (``scheduler/scheduler_config.json`` of stable-diffusion-xl-base-1.0).
+_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+
+@dataclass
+class SdxlModel:
+    """A loaded SDXL: text-to-image and image-to-image pipelines sharing one set of weights."""
+
+    t2i: StableDiffusionXLPipeline
+    #: made with ``from_pipe(t2i)``: the same module objects, no copy
+    i2i: StableDiffusionXLImg2ImgPipeline
+    device: torch.device
+    dtype: torch.dtype
+    #: where the weights came from, e.g. ``tiny:/cache/sdxl``; never a secret
+    source: str
+    _unloaded: bool = field(default=False, repr=False)
+
+    def nbytes(self) -> int:
+        """Parameter and buffer bytes of the UNet, VAE and both text encoders (0 once unloaded)."""
+        if self._unloaded:
+            return 0
+        return module_bytes(getattr(self.t2i, name, None) for name in _MODULES)
+
+    def unload(self) -> int:
+        """Drop every reference to the weights and release device memory; return the bytes freed.
+
+        The model cannot run afterwards; a second call returns 0.
+        """
+        freed = self.nbytes()
+        if not self._unloaded:
+            for pipe in (self.i2i, self.t2i):
+                for name in _MODULES:
+                    # DiffusionPipeline.__setattr__ also updates its config for registered modules.
+                    setattr(pipe, name, None)
+            self._unloaded = True
+        release_memory(self.device)
+        return freed
+
+
+# -- tiny model -----------------------------------------------------------------
+
+
+def build_tiny(dest: Path) -> None:
+    """Write a complete random-weight SDXL diffusers folder into ``dest``.
+
+    Same layout and classes as stable-diffusion-xl-base-1.0 (UNet with
+    ``text_time`` added conditioning, 8x VAE with 4 latent channels, CLIP and
+    CLIP-with-projection text encoders, CLIP BPE tokenizers, Euler scheduler)
+    but tiny (about 1.5M parameters, 2 MB): three UNet levels with attention
+    only at the lowest, no attention in the VAE.
+    Weights come from ``torch.manual_seed(0)`` so every machine builds the same
+    model; nothing is downloaded.
+    """
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    _write_tiny_tokenizer(dest / "tokenizer", pad_token="<|endoftext|>")
+    _write_tiny_tokenizer(dest / "tokenizer_2", pad_token="!")  # as SDXL's tokenizer_2
+    tokenizer = CLIPTokenizer.from_pretrained(dest / "tokenizer", local_files_only=True)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(dest / "tokenizer_2", local_files_only=True)
+    vocab_size = len(tokenizer)
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        # Attention only at 1/4 of the latent size (32x32 tokens for 1024x1024): on
+        # 2 CPU cores a step costs ~0.05 s where (32, 64) with attention at 1/2 costs ~0.4 s.
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        transformer_layers_per_block=1,
+        attention_head_dim=(2, 2, 4),
+        norm_num_groups=8,
+        cross_attention_dim=_TEXT_HIDDEN + _TEXT2_HIDDEN,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * _TIME_EMBED + _TEXT2_PROJECTION,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=1024,
+        scaling_factor=0.13025,
+        force_upcast=True,
+        mid_block_add_attention=False,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=_TEXT_HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=_MAX_TOKENS,
+            hidden_act="quick_gelu",
+            projection_dim=_TEXT_HIDDEN,
+            **ids,
+        )
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=_TEXT2_HIDDEN,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=_MAX_TOKENS,
+            hidden_act="gelu",
+            projection_dim=_TEXT2_PROJECTION,
+            **ids,
+        )
+    )
+    scheduler = EulerDiscreteScheduler.from_config(_SCHEDULER_CONFIG)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(dest, safe_serialization=True)
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP's printable stand-in for each of the 256 bytes, in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars: dict[int, str] = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _write_tiny_tokenizer(folder: Path, *, pad_token: str) -> None:
+    """A small CLIP BPE tokenizer: every byte, a few whole-word merges, CLIP's special tokens."""
+    chars = _byte_chars()
+    vocab: dict[str, int] = {}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab[token] = len(vocab)
+    merges: list[str] = []
+    for word in _TINY_WORDS.split():
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            rule = f"{merged} {piece}"
+            merged += piece
+            if merged not in vocab:
+                merges.append(rule)
+                vocab[merged] = len(vocab)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": _MAX_TOKENS,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+        "do_lower_case": True,
+        "clean_up_tokenization_spaces": False,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+
+
+# -- loading ----------------------------------------------------------------------
+
+
+def load_sdxl(settings: Settings, device: torch.device) -> SdxlModel:
+    """Load SDXL as ``settings`` say and move it to ``device``.
+
+    ``OURVIDZ_MODEL_SOURCE=tiny`` builds the tiny model once into
+    ``tiny_cache/sdxl`` and loads it like any local folder. ``local`` reads
+    ``OURVIDZ_SDXL_MODEL``: a diffusers folder, or one ``.safetensors``
+    checkpoint (original SDXL layout) whose component configs and tokenizers
+    come from the diffusers folder ``OURVIDZ_SDXL_CONFIG``. Nothing is ever
+    downloaded. Half precision on CUDA (the VAE is upcast to float32 to decode
+    when its config says ``force_upcast``, as SDXL's does), float32 on CPU.
+
+    Raises ConfigError for a missing or wrong setting, ModelLoadError when the
+    files cannot be loaded and OutOfMemory when the device cannot hold them.
+    """
+    dtype = compute_dtype(device, "float16")
+    if settings.model_source == "tiny":
+        folder = build_once(settings.tiny_cache / "sdxl", build_tiny)
+        t2i = _load_folder(folder, dtype)
+        source = f"tiny:{folder}"
+    else:
+        path = settings.sdxl_model
+        if path is None:
+            raise ConfigError("OURVIDZ_SDXL_MODEL is not set (needed when OURVIDZ_MODEL_SOURCE=local)")
+        if path.is_dir():
+            t2i = _load_folder(path, dtype)
+        elif path.is_file() and path.suffix == ".safetensors":
+            t2i = _load_single_file(path, settings.sdxl_config, dtype)
+        elif path.exists():
+            raise ConfigError(f"OURVIDZ_SDXL_MODEL: {path} is neither a diffusers folder nor a .safetensors file")
+        else:
+            raise ConfigError(f"OURVIDZ_SDXL_MODEL: {path} does not exist")
+        source = f"local:{path}"
+    return _finish(t2i, device, dtype, source)
+
+
+def _load_folder(folder: Path, dtype: torch.dtype) -> StableDiffusionXLPipeline:
+    """``from_pretrained`` of a local diffusers folder; failures become ModelLoadError."""
+    from diffusers import StableDiffusionXLPipeline
+
+    # A folder holding only the fp16 variant (``*.fp16.safetensors``) needs ``variant``.
+    unet = folder / "unet"
+    fp16_only = any(unet.glob("*.fp16.safetensors")) and not any(
+        p for p in unet.glob("*.safetensors") if ".fp16." not in p.name
+    )
+    try:
+        return StableDiffusionXLPipeline.from_pretrained(
+            folder,
+            dtype=dtype,  # diffusers 0.42 name of ``torch_dtype`` (deprecated, and it warns on .to())
+            local_files_only=True,
+            add_watermarker=False,
+            variant="fp16" if fp16_only else None,
+        )
+    except Exception as exc:
+        raise _load_error(f"SDXL folder {folder.name!r}", exc) from exc
+
+
+def _load_single_file(path: Path, config: Path | None, dtype: torch.dtype) -> StableDiffusionXLPipeline:
+    """``from_single_file`` of one checkpoint with a local diffusers config folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    if config is None:
+        raise ConfigError(
+            "OURVIDZ_SDXL_CONFIG is not set: a diffusers config folder is required "
+            "when OURVIDZ_SDXL_MODEL is a .safetensors file"
+        )
+    if not (config / "model_index.json").is_file():
+        raise ConfigError(f"OURVIDZ_SDXL_CONFIG: {config} is not a diffusers folder (no model_index.json)")
+    try:
+        return StableDiffusionXLPipeline.from_single_file(
+            str(path),
+            config=str(config),
+            local_files_only=True,
+            dtype=dtype,
+            add_watermarker=False,
+        )
+    except Exception as exc:
+        raise _load_error(f"SDXL checkpoint {path.name!r}", exc) from exc
+
+
+def _load_error(what: str, exc: BaseException) -> ModelLoadError:
+    """A one-line ModelLoadError: what failed and the first line of why."""
+    lines = str(exc).strip().splitlines()
+    reason = lines[0][:200] if lines else ""
+    return ModelLoadError(f"{what} could not be loaded: {type(exc).__name__}: {reason}".rstrip(": "))
+
+
+def _finish(t2i: StableDiffusionXLPipeline, device: torch.device, dtype: torch.dtype, source: str) -> SdxlModel:
+    """Move to ``device``, use SDPA attention, derive the img2img pipeline."""
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    try:
+        t2i.to(device)
+    except torch.OutOfMemoryError as exc:
+        release_memory(device)
+        raise OutOfMemory(f"SDXL does not fit on {device}") from exc
+    # diffusers' default on torch 2, made explicit: a checkpoint's config cannot turn it off.
+    t2i.unet.set_attn_processor(AttnProcessor2_0())
+    t2i.vae.set_attn_processor(AttnProcessor2_0())
+    t2i.set_progress_bar_config(disable=True)
+    # from_pipe casts the shared modules to ``dtype`` (float32 unless given): pass ours.
+    i2i = StableDiffusionXLImg2ImgPipeline.from_pipe(t2i, dtype=dtype, add_watermarker=False)
+    i2i.set_progress_bar_config(disable=True)
+    return SdxlModel(t2i=t2i, i2i=i2i, device=device, dtype=dtype, source=source)
+
+
+# -- running ------------------------------------------------------------------------
+
+
+def run_sdxl(
+    model: SdxlModel,
+    *,
+    prompt: str,
+    negative_prompt: str | None,
+    width: int,
+    height: int,
+    steps: int,
+    guidance_scale: float,
+    seeds: list[int],
+    image: PIL.Image.Image | None = None,
+    strength: float | None = None,
+    on_step: StepCallback | None = None,
+    compel: bool = False,
+    compel_weights: str | None = None,
+) -> list[PIL.Image.Image]:
+    """Render one RGB ``width`` x ``height`` image per seed, in the order of ``seeds``.
+
+    Each image has its own CPU generator seeded with its seed, so image i
+    depends only on ``seeds[i]``: one batch of three equals three runs of one
+    (within float noise) and the same seed gives the same pixels on one device.
+
+    With ``image`` it is image-to-image: the reference is center-cropped to the
+    aspect of ``width`` x ``height``, resized to exactly that size (Lanczos),
+    and noised by ``strength`` (0 < strength <= 1; about ``steps * strength``
+    steps run). ``negative_prompt=None`` means none (SDXL then uses zeros).
+    ``on_step(step, total)`` is called after every denoising step (1-based);
+    whatever it raises stops the run and propagates unchanged. ``compel=True``
+    builds the embeddings with compel, so ``(cat)1.3`` style weights work;
+    ``compel_weights``, a compel-syntax string, then replaces ``prompt`` as the
+    text embedded.
+
+    Raises ValueError naming the argument for a bad size, step count, guidance
+    or seed list, I2IPipelineError for an unusable reference or strength, and
+    OutOfMemory when the device runs out of memory.
+    """
+    import torch
+
+    _check_args(width=width, height=height, steps=steps, guidance_scale=guidance_scale, seeds=seeds)
+    if model._unloaded:
+        raise ModelLoadError("SDXL model was unloaded; load it again")
+    kwargs: dict[str, Any] = {
+        "num_inference_steps": steps,
+        "guidance_scale": guidance_scale,
+        "num_images_per_prompt": len(seeds),
+        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        "output_type": "pil",
+    }
+    if image is None:
+        pipe: StableDiffusionXLPipeline | StableDiffusionXLImg2ImgPipeline = model.t2i
+        kwargs.update(width=width, height=height)
+    else:
+        pipe = model.i2i
+        kwargs.update(image=_fit(image, width, height), strength=_check_strength(strength, steps))
+    if on_step is not None:
+        kwargs.update(callback_on_step_end=_step_end(on_step), callback_on_step_end_tensor_inputs=[])
+    try:
+        with torch.inference_mode():
+            if compel:
+                kwargs.update(_compel_embeddings(pipe, compel_weights or prompt, negative_prompt))
+            else:
+                kwargs.update(prompt=prompt, negative_prompt=negative_prompt)
+            images = pipe(**kwargs).images
+    except torch.OutOfMemoryError as exc:
+        raise _oom(model, width, height, len(seeds)) from exc
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc):  # the CPU allocator's OOM
+            raise
+        raise _oom(model, width, height, len(seeds)) from exc
+    return [img if img.mode == "RGB" else img.convert("RGB") for img in images]
+
+
+def _check_args(*, width: int, height: int, steps: int, guidance_scale: float, seeds: list[int]) -> None:
+    """ValueError naming the first bad argument."""
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8:
+            raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not isinstance(guidance_scale, int | float) or guidance_scale != guidance_scale or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seeds must be integers in [0, 2**64), got {seed!r}")
+
+
+def _check_strength(strength: float | None, steps: int) -> float:
+    """The img2img strength, or I2IPipelineError when it is missing or runs no step."""
+    if strength is None:
+        raise I2IPipelineError("strength is required with a reference image", field="strength")
+    if not 0 < strength <= 1:
+        raise I2IPipelineError(f"strength must be in (0, 1], got {strength!r}", field="strength")
+    if int(steps * strength) < 1:
+        raise I2IPipelineError(
+            f"strength {strength} with {steps} steps runs no denoising step", field="strength"
+        )
+    return float(strength)
+
+
+def _fit(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
+    """Center-crop ``image`` to the aspect of ``width`` x ``height``, then resize to exactly that (RGB)."""
+    from PIL import Image, ImageOps
+
+    if image.width < 1 or image.height < 1:
+        raise I2IPipelineError("reference image is empty", field="image")
+    try:
+        return ImageOps.fit(image.convert("RGB"), (width, height), method=Image.Resampling.LANCZOS)
+    except (OSError, ValueError) as exc:
+        raise I2IPipelineError(f"reference image cannot be used: {type(exc).__name__}", field="image") from exc
+
+
+def _step_end(on_step: StepCallback) -> Any:
+    """diffusers' ``callback_on_step_end`` calling ``on_step(step, total)``."""
+
+    def callback(pipe: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        on_step(step_index + 1, int(pipe.num_timesteps))
+        return callback_kwargs
+
+    return callback
+
+
+def _compel_embeddings(pipe: Any, text: str, negative_prompt: str | None) -> dict[str, Any]:
+    """Prompt (and negative) embeddings from compel: both encoders' penultimate layer, pooled from the second.
+
+    ``CompelForSDXL`` is compel 2.5's wrapper for exactly this set-up (one
+    ``Compel`` per encoder, ``PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED``, pooled
+    only from ``text_encoder_2``, long prompts not truncated). The older form,
+    ``Compel`` given both tokenizers/encoders with ``requires_pooled=[False,
+    True]``, gives the same embeddings but prints a deprecation notice to stdout
+    on every construction and cannot pad a long prompt against its negative
+    (``EmbeddingsProviderMulti`` has no ``empty_z``).
+    """
+    from compel import CompelForSDXL
+
+    conditioning = CompelForSDXL(pipe, device=str(pipe._execution_device))(text, negative_prompt=negative_prompt)
+    out = {"prompt_embeds": conditioning.embeds, "pooled_prompt_embeds": conditioning.pooled_embeds}
+    if negative_prompt is not None:
+        out.update(
+            negative_prompt_embeds=conditioning.negative_embeds,
+            negative_pooled_prompt_embeds=conditioning.negative_pooled_embeds,
+        )
+    return out
+
+
+def _oom(model: SdxlModel, width: int, height: int, count: int) -> OutOfMemory:
+    """Free what the failed run left behind and describe it (no prompt)."""
+    release_memory(model.device)
+    return OutOfMemory(f"SDXL ran out of memory on {model.device} at {width}x{height} x{count}")

@@ -1,0 +1,437 @@
+"""WAN 2.1 text-to-video, with VACE conditioning on reference images and frames.
+
+Two checkpoint kinds are served through diffusers:
+
+* ``vace``: :class:`~diffusers.WanVACEPipeline` (e.g. ``Wan2.1-VACE-1.3B``). It
+  generates from text alone and can also be conditioned on a subject/style
+  reference image or on a first and/or last frame.
+* ``t2v``: :class:`~diffusers.WanPipeline` (e.g. ``Wan2.1-T2V-1.3B``), text
+  only; any reference mode is refused so the caller can fall back.
+
+``build_tiny`` writes a random-weight WAN 2.1 VACE folder (offline, seconds)
+that :func:`load_wan` reads through the same ``from_pretrained`` path as real
+weights. Nothing here holds a model at module level: a :class:`WanModel` is
+owned by whoever loaded it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+
+from ..errors import ConfigError, ModelLoadError
+from . import StepCallback, build_once, compute_dtype, module_bytes, release_memory
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from ..settings import Settings
+
+#: How a VACE run is conditioned on images (``none`` is plain text-to-video).
+ReferenceMode = Literal["none", "single", "start", "end", "both"]
+WanKind = Literal["vace", "t2v"]
+
+_REFERENCE_MODES: tuple[str, ...] = get_args(ReferenceMode)
+#: WAN 2.1's VAE packs 4 frames per latent frame after the first: clips are 4k+1 long.
+_TEMPORAL_FACTOR = 4
+#: model_index.json ``_class_name`` -> kind
+_PIPELINE_KINDS: dict[str, WanKind] = {"WanVACEPipeline": "vace", "WanPipeline": "t2v"}
+#: Gray of the frames VACE has to generate, as in diffusers' first-last-frame example.
+_GRAY = (128, 128, 128)
+#: Components counted by :meth:`WanModel.nbytes` and dropped by :meth:`WanModel.unload`.
+_WEIGHTS = ("transformer", "transformer_2", "vae", "text_encoder")
+_COMPONENTS = (*_WEIGHTS, "tokenizer", "scheduler")
+
+
+@dataclass
+class WanModel:
+    """A loaded WAN pipeline and what it was loaded as."""
+
+    pipe: DiffusionPipeline
+    kind: WanKind
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+
+    @property
+    def conditions_on_frames(self) -> bool:
+        """True when reference images and first/last frames really condition the clip."""
+        return self.kind == "vace"
+
+    def nbytes(self) -> int:
+        """Bytes of the weights held (transformer(s), VAE, text encoder)."""
+        return module_bytes(getattr(self.pipe, name, None) for name in _WEIGHTS)
+
+    def unload(self) -> int:
+        """Drop the pipeline's components and hand memory back; returns the bytes freed.
+
+        The :class:`WanModel` stays as an empty shell: :func:`run_wan` on it
+        raises :class:`ModelLoadError`; a second ``unload`` returns 0.
+        """
+        freed = self.nbytes()
+        for name in _COMPONENTS:
+            if getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+        release_memory(self.device)
+        return freed
+
+
+# -- tiny model ----------------------------------------------------------------
+
+#: Words the tiny tokenizer knows whole; anything else is spelled out by characters.
+_TINY_WORDS = """
+a an the and or of in on at to from with by for into over under through near is are
+cat dog bird fish horse man woman girl boy person people child face hand eye hair
+car city street road house room forest tree flower grass sea ocean river lake beach
+mountain sky cloud sun moon star night day morning evening rain snow fire water light
+dark red blue green yellow white black gold silver pink purple orange brown
+walking running flying dancing smiling looking sitting standing turning swimming
+slow motion camera close up wide shot cinematic realistic portrait style video frame
+beautiful bright soft warm cold high low quality detailed blurry static
+""".split()
+_TINY_TEXT = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}
+_TINY_VAE = {"base_dim": 4, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+             "temperal_downsample": [False, True, True]}
+_TINY_TRANSFORMER = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 16,
+                     "in_channels": 16, "out_channels": 16, "text_dim": 32, "freq_dim": 256,
+                     "ffn_dim": 64, "num_layers": 2, "cross_attn_norm": True,
+                     "qk_norm": "rms_norm_across_heads", "vace_layers": [0], "vace_in_channels": 96}
+
+
+def _tiny_tokenizer() -> Any:
+    """A small T5-style Unigram tokenizer (pad 0, eos 1, unk 2), built without any download."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(char, -8.0) for char in string.ascii_letters + string.digits + string.punctuation]
+    vocab += [("\u2581" + word, -4.0) for word in dict.fromkeys(_TINY_WORDS)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def build_tiny(dest: Path) -> None:
+    """Write a random-weight WAN 2.1 VACE diffusers folder to ``dest`` (seed 0, offline).
+
+    Same classes and layout as ``Wan2.1-VACE-1.3B-diffusers``: UMT5 text encoder
+    (d_model 32, 2 layers) with a local T5-style tokenizer, ``AutoencoderKLWan``
+    (base_dim 4, 8x spatial / 4x temporal compression, z_dim 16),
+    ``WanVACETransformer3DModel`` (2 layers, 2 heads x 16, VACE on layer 0,
+    patch 1x2x2) and the flow-matching UniPC scheduler (flow_shift 3). Sizes
+    must be multiples of 16 and clips 4k+1 frames, as with the real model.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanVACEPipeline,
+        WanVACETransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tokenizer = _tiny_tokenizer()
+        vocab_size = 64 * math.ceil(len(tokenizer) / 64)
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, **_TINY_TEXT)).eval()
+        vae = AutoencoderKLWan(**_TINY_VAE)
+        transformer = WanVACETransformer3DModel(**_TINY_TRANSFORMER)
+        scheduler = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+        )
+        pipe = WanVACEPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+        )
+        with _quiet_progress():
+            pipe.save_pretrained(str(dest), safe_serialization=True)
+
+
+# -- loading -------------------------------------------------------------------
+
+
+def load_wan(settings: Settings, device: torch.device) -> WanModel:
+    """Load the WAN checkpoint the settings name onto ``device``.
+
+    ``model_source=tiny`` builds the tiny VACE folder once under
+    ``tiny_cache/wan``; ``local`` reads ``OURVIDZ_WAN_MODEL``. Both then go
+    through the same loader: kind from ``OURVIDZ_WAN_KIND`` (``auto`` reads
+    ``model_index.json``), bf16 on CUDA with the VAE in float32, float32 on
+    CPU, local files only, progress bar off.
+
+    Raises :class:`ConfigError` when ``OURVIDZ_WAN_MODEL`` is unset or not a
+    folder, :class:`ModelLoadError` when the checkpoint cannot be loaded.
+    """
+    if settings.model_source == "tiny":
+        try:
+            folder = build_once(settings.tiny_cache / "wan", build_tiny)
+        except Exception as exc:
+            raise ModelLoadError(f"tiny WAN model could not be built: {_brief(exc)}") from exc
+        source = f"tiny:{folder}"
+    else:
+        if settings.wan_model is None:
+            raise ConfigError("OURVIDZ_WAN_MODEL is not set (needed when OURVIDZ_MODEL_SOURCE=local)")
+        folder = Path(settings.wan_model)
+        if not folder.is_dir():
+            raise ConfigError(f"OURVIDZ_WAN_MODEL: {folder} is not a directory")
+        source = f"local:{folder}"
+    return _load_folder(folder, settings.wan_kind, device, source)
+
+
+def _detect_kind(folder: Path) -> WanKind:
+    """The kind named by ``model_index.json``'s ``_class_name``."""
+    index = folder / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{index} is missing or unreadable: {_brief(exc)}") from exc
+    kind = _PIPELINE_KINDS.get(class_name)
+    if kind is None:
+        known = ", ".join(_PIPELINE_KINDS)
+        raise ModelLoadError(f"{index}: pipeline {class_name!r} is not one of {known}")
+    return kind
+
+
+def _load_folder(folder: Path, wanted: Literal["auto", "vace", "t2v"], device: torch.device, source: str) -> WanModel:
+    """Load a diffusers WAN folder as ``wanted`` (or its own kind) onto ``device``."""
+    import torch
+    from diffusers import WanPipeline, WanTransformer3DModel, WanVACEPipeline, WanVACETransformer3DModel
+
+    kind: WanKind = _detect_kind(folder) if wanted == "auto" else wanted
+    pipeline_class = WanVACEPipeline if kind == "vace" else WanPipeline
+    dtype = compute_dtype(device)
+    try:
+        with _quiet_progress():
+            pipe = pipeline_class.from_pretrained(
+                str(folder), dtype={"default": dtype, "vae": torch.float32}, local_files_only=True
+            )
+        pipe.to(device)
+    except Exception as exc:
+        raise ModelLoadError(f"WAN {kind} checkpoint {folder} could not be loaded: {_brief(exc)}") from exc
+    transformer = pipe.transformer
+    is_vace = isinstance(transformer, WanVACETransformer3DModel)
+    if (kind == "vace") != is_vace or not isinstance(transformer, (WanTransformer3DModel, WanVACETransformer3DModel)):
+        found = type(transformer).__name__
+        del pipe
+        release_memory(device)
+        raise ModelLoadError(f"OURVIDZ_WAN_KIND={wanted}: {folder} holds a {found}, not a {kind} transformer")
+    pipe.set_progress_bar_config(disable=True)
+    return WanModel(pipe=pipe, kind=kind, device=device, dtype=dtype, source=source)
+
+
+@contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Silence diffusers' and transformers' load/save progress bars, restoring their state after."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    restore = []
+    for library in (diffusers_logging, transformers_logging):
+        if library.is_progress_bar_enabled():
+            library.disable_progress_bar()
+            restore.append(library)
+    try:
+        yield
+    finally:
+        for library in restore:
+            library.enable_progress_bar()
+
+
+def _brief(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# -- running -------------------------------------------------------------------
+
+
+def valid_frame_count(requested: int) -> int:
+    """The longest clip WAN can make that is not longer than ``requested``: 4k+1, at least 1.
+
+    83 -> 81, 81 -> 81, 4 -> 1, 1 -> 1; below 1 raises ``ValueError``.
+    """
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise ValueError(f"num_frames must be a positive integer, got {requested!r}")
+    return (requested - 1) // _TEMPORAL_FACTOR * _TEMPORAL_FACTOR + 1
+
+
+def run_wan(
+    model: WanModel,
+    *,
+    prompt: str,
+    negative_prompt: str | None,
+    width: int,
+    height: int,
+    num_frames: int,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    reference_mode: ReferenceMode = "none",
+    reference: PIL.Image.Image | None = None,
+    first_frame: PIL.Image.Image | None = None,
+    last_frame: PIL.Image.Image | None = None,
+    on_step: StepCallback | None = None,
+) -> np.ndarray:
+    """Generate one clip; returns uint8 frames shaped ``(num_frames, height, width, 3)``.
+
+    ``reference_mode`` (VACE checkpoints only; ``t2v`` refuses all but ``none``
+    with a ``ValueError`` starting ``reference_mode``):
+
+    * ``none``: text only.
+    * ``single``: ``reference`` is a subject/style image for the whole clip,
+      given to VACE as a reference image (not as a frame of the clip).
+    * ``start`` / ``end``: ``first_frame`` (``start``) or ``last_frame``
+      (``end``) is fixed as the clip's first or last frame and the rest is
+      generated; ``reference`` stands in when that frame is not given.
+    * ``both``: ``first_frame`` and ``last_frame`` fix both ends (clip >= 5 frames).
+
+    Images a mode does not use are ignored. Every image used is converted to
+    RGB (EXIF orientation applied) and scaled to cover ``width`` x ``height``,
+    then center-cropped to exactly that size: the aspect ratio is kept and the
+    overflow cut evenly from both sides. Frames VACE must generate are gray
+    (128) with a white (generate) mask; the given frames get a black (keep) mask.
+
+    ``width``/``height`` must be multiples of 16 and ``num_frames`` already
+    4k+1 (see :func:`valid_frame_count`); ``seed`` seeds a CPU generator, so a
+    seed gives the same clip on any device of the same kind. ``on_step(i, n)``
+    runs after each of the ``n`` denoising steps; what it raises propagates
+    and stops the run. Bad arguments raise ``ValueError`` naming the argument.
+    """
+    import torch
+
+    pipe = model.pipe
+    if getattr(pipe, "transformer", None) is None:
+        raise ModelLoadError("the WAN model was unloaded")
+    _check_mode(model, reference_mode)
+    _check_args(
+        pipe, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+        num_frames=num_frames, steps=steps, guidance_scale=guidance_scale, seed=seed,
+    )
+    conditioning = _conditioning(
+        reference_mode, reference=reference, first_frame=first_frame, last_frame=last_frame,
+        width=width, height=height, num_frames=num_frames,
+    )
+    callback = None
+    if on_step is not None:
+        step_hook = on_step
+
+        def callback(_pipe: Any, index: int, _timestep: Any, _tensors: dict[str, Any]) -> dict[str, Any]:
+            step_hook(index + 1, steps)
+            return {}
+
+    output = pipe(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        num_inference_steps=steps,
+        guidance_scale=float(guidance_scale),
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="np",
+        callback_on_step_end=callback,
+        **conditioning,
+    )
+    frames = np.asarray(output.frames[0], dtype=np.float32)
+    if frames.shape != (num_frames, height, width, 3):
+        raise RuntimeError(f"WAN returned frames of shape {frames.shape}, expected {(num_frames, height, width, 3)}")
+    return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+
+
+def _check_mode(model: WanModel, reference_mode: str) -> None:
+    if reference_mode not in _REFERENCE_MODES:
+        raise ValueError(f"reference_mode must be one of {', '.join(_REFERENCE_MODES)}, got {reference_mode!r}")
+    if reference_mode != "none" and not model.conditions_on_frames:
+        raise ValueError(
+            f"reference_mode {reference_mode!r} needs a VACE checkpoint; {model.source} is a {model.kind} model"
+        )
+
+
+def _check_args(
+    pipe: Any, *, prompt: object, negative_prompt: object, width: object, height: object,
+    num_frames: object, steps: object, guidance_scale: object, seed: object,
+) -> None:
+    """Raise ``ValueError`` naming the first bad argument (never echoing a prompt)."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise ValueError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
+    base = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+    for name, value in (("width", width), ("height", height)):
+        if not _is_int(value) or value < base or value % base:  # type: ignore[operator]
+            raise ValueError(f"{name} must be a positive multiple of {base}, got {value!r}")
+    temporal = pipe.vae_scale_factor_temporal
+    if not _is_int(num_frames) or num_frames < 1 or (num_frames - 1) % temporal:  # type: ignore[operator]
+        raise ValueError(f"num_frames must be {temporal}k+1 (1, 5, ..., 81), got {num_frames!r}")
+    if not _is_int(steps) or steps < 1:  # type: ignore[operator]
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, (int, float))
+        or not math.isfinite(guidance_scale)
+        or guidance_scale < 0
+    ):
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    if not _is_int(seed) or not 0 <= seed < 2**64:  # type: ignore[operator]
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _conditioning(
+    reference_mode: ReferenceMode, *, reference: PIL.Image.Image | None, first_frame: PIL.Image.Image | None,
+    last_frame: PIL.Image.Image | None, width: int, height: int, num_frames: int,
+) -> dict[str, Any]:
+    """The VACE keyword arguments (``reference_images`` or ``video`` + ``mask``) of a mode."""
+    if reference_mode == "none":
+        return {}
+    if reference_mode == "single":
+        return {"reference_images": [_fit(_require("reference", reference, reference_mode), width, height)]}
+    first = last = None
+    if reference_mode in ("start", "both"):
+        image = first_frame if first_frame is not None or reference_mode == "both" else reference
+        first = _fit(_require("first_frame", image, reference_mode), width, height)
+    if reference_mode in ("end", "both"):
+        image = last_frame if last_frame is not None or reference_mode == "both" else reference
+        last = _fit(_require("last_frame", image, reference_mode), width, height)
+    if first is not None and last is not None and num_frames < 2:
+        raise ValueError(f"num_frames must be at least 5 for reference_mode 'both', got {num_frames}")
+
+    gray = PIL.Image.new("RGB", (width, height), _GRAY)
+    keep = PIL.Image.new("L", (width, height), 0)
+    generate = PIL.Image.new("L", (width, height), 255)
+    video = [gray] * num_frames
+    mask = [generate] * num_frames
+    if first is not None:
+        video[0], mask[0] = first, keep
+    if last is not None:
+        video[-1], mask[-1] = last, keep
+    return {"video": video, "mask": mask}
+
+
+def _require(name: str, image: object, reference_mode: str) -> PIL.Image.Image:
+    if image is None:
+        raise ValueError(f"{name} is required for reference_mode {reference_mode!r}")
+    if not isinstance(image, PIL.Image.Image):
+        raise ValueError(f"{name} must be a PIL image, got {type(image).__name__}")
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"{name} is empty ({image.width}x{image.height})")
+    return image
+
+
+def _fit(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
+    """RGB, upright, scaled to cover ``width`` x ``height`` and center-cropped to it."""
+    upright = PIL.ImageOps.exif_transpose(image) or image
+    return PIL.ImageOps.fit(
+        upright.convert("RGB"), (width, height), method=PIL.Image.Resampling.LANCZOS, centering=(0.5, 0.5)
+    )

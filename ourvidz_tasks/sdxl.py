@@ -1,0 +1,101 @@
+"""``ourvidz.sdxl.generate``: SDXL text-to-image and image-to-image.
+
+Section 6 of the contract decides the parameters (:func:`~ourvidz_tasks.jobs.sdxl_params`);
+this module fetches the reference, picks the pipeline, applies the fallbacks
+and describes each image. The lifecycle around it is :class:`~ourvidz_tasks.lifecycle.JobTask`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from PIL import Image
+
+from .app import app
+from .errors import I2IPipelineError, InvalidJob, ReferenceUnavailable, UnsafeReference
+from .jobs import Job, SdxlParams, sdxl_params
+from .lifecycle import Generated, JobTask, Progress, as_job_error
+from .media import ImageOutput
+from .worker import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@app.task(base=JobTask, bind=True, name="ourvidz.sdxl.generate")
+def generate(self: JobTask, job: dict[str, Any]) -> dict[str, Any]:
+    """Generate 1, 3 or 6 images for a job; returns the callback body sent."""
+    return self.execute(job, "sdxl", work)
+
+
+def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
+    from .models.sdxl import run_sdxl
+
+    params = sdxl_params(job, rt.settings)
+    model = rt.model("sdxl")
+    reference, fallback = _reference(rt, params)
+    pipeline = "img2img" if reference is not None else "txt2img"
+    common = dict(
+        prompt=params.prompt, width=params.width, height=params.height, seeds=params.seeds,
+        on_step=progress, compel=params.compel, compel_weights=params.compel_weights,
+    )
+    images: list[Image.Image] | None = None
+    if reference is not None:
+        try:
+            images = run_sdxl(
+                model, negative_prompt=params.negative_prompt, steps=params.steps,
+                guidance_scale=params.guidance_scale, image=reference, strength=params.denoise_strength, **common,
+            )
+        except Exception as exc:
+            if as_job_error(exc) is not None or params.exact_copy:
+                raise as_job_error(exc) or I2IPipelineError(f"img2img failed: {type(exc).__name__}") from exc
+            log.warning("job %s: img2img failed (%s), falling back to txt2img", params.job_id, type(exc).__name__)
+            fallback = {"code": "I2I_PIPELINE_ERROR", "reason": f"img2img failed: {type(exc).__name__}", "used": "txt2img"}
+            pipeline = "txt2img"
+    if images is None:
+        images = run_sdxl(
+            model, negative_prompt=params.negative_prompt, steps=params.steps,
+            guidance_scale=params.guidance_scale, **common,
+        )
+    return _describe(params, images, pipeline, fallback)
+
+
+def _reference(rt: Runtime, params: SdxlParams) -> tuple[Image.Image | None, dict[str, Any] | None]:
+    """The reference image, or why there is none (a fallback, or an error)."""
+    if params.pipeline != "img2img":
+        return None, None
+    if params.reference is None:
+        reason = "no reference image given"
+    else:
+        try:
+            return rt.fetcher.fetch_image(params.reference), None
+        except UnsafeReference as exc:
+            raise InvalidJob(f"`{params.reference_field}`: {exc}", field=params.reference_field) from None
+        except ReferenceUnavailable as exc:
+            reason = f"reference unavailable: {exc}"
+    if params.exact_copy:
+        raise I2IPipelineError(f"exact copy needs a usable reference image ({reason})")
+    return None, {"code": "I2I_PIPELINE_ERROR", "reason": reason, "used": "txt2img"}
+
+
+def _describe(params: SdxlParams, images: list[Image.Image], pipeline: str, fallback: dict[str, Any] | None) -> Generated:
+    i2i = pipeline == "img2img"
+    outputs = [
+        ImageOutput(image, {
+            "seed": seed, "steps": params.steps, "steps_run": params.steps_run if i2i else params.steps,
+            "guidance_scale": params.guidance_scale,
+            "denoise_strength": params.denoise_strength if i2i else None, "pipeline": pipeline,
+            "negative_prompt_used": params.negative_prompt is not None,
+            **({"resize_policy": "center_crop"} if i2i else {}),
+        })
+        for image, seed in zip(images, params.seeds, strict=True)
+    ]
+    metadata: dict[str, Any] = {
+        "pipeline": pipeline, "seeds": params.seeds, "seed_was_random": params.seed_was_random,
+        "exact_copy_mode": params.exact_copy, "resolution": f"{params.width}x{params.height}",
+    }
+    if params.steps_raised and i2i:
+        metadata["steps_raised"] = {"reason": "int(steps * denoise_strength) < 1", "steps_run": 1}
+    if fallback:
+        metadata["fallback"] = fallback
+    return Generated(list(outputs), metadata)

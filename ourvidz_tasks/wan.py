@@ -1,0 +1,97 @@
+"""``ourvidz.wan.generate``: Wan 2.1 text-to-video, image jobs and reference frames.
+
+Section 6 of the contract decides the parameters (:func:`~ourvidz_tasks.jobs.wan_params`).
+``*_enhanced`` types that arrive without enhancement replace themselves with
+``enhance → generate``. A reference that cannot be used falls back to plain
+text-to-video with ``REFERENCE_FRAME_ERROR`` in the job metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from PIL import Image
+
+from .app import app
+from .chat import enhance
+from .errors import InvalidJob, ReferenceUnavailable, UnsafeReference
+from .jobs import Job, WanParams, parse_job, wan_params
+from .lifecycle import Generated, JobTask, Progress
+from .media import ImageOutput, Output, VideoOutput
+from .worker import Runtime, runtime
+
+log = logging.getLogger(__name__)
+
+
+@app.task(base=JobTask, bind=True, name="ourvidz.wan.generate")
+def generate(self: JobTask, job: dict[str, Any]) -> dict[str, Any] | None:
+    """Generate a clip or an image for a job; returns the callback body sent."""
+    if _needs_enhancement(self, job):
+        log.info("job %s: %s, enhancing first", job.get("id"), job.get("type"))
+        raise self.replace(enhance.s(job) | generate.s())
+    return self.execute(job, "wan", work)
+
+
+def _needs_enhancement(task: JobTask, payload: Any) -> bool:
+    try:
+        job = parse_job(payload, runtime(task.app).settings, "wan")
+    except InvalidJob:
+        return False  # execute() reports it
+    return job.the_type.endswith("_enhanced") and not job.is_enhanced
+
+
+def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
+    from .models.wan import run_wan
+
+    params = wan_params(job, rt.settings)
+    model = rt.model("wan")
+    references, fallback = _references(rt, params, model.conditions_on_frames)
+    mode = params.reference_mode if fallback is None else "none"
+    frames = run_wan(
+        model, prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
+        height=params.height, num_frames=params.frames, steps=params.steps,
+        guidance_scale=params.guidance_scale, seed=params.seed, reference_mode=mode,
+        reference=references.get("single"), first_frame=references.get("first"),
+        last_frame=references.get("last"), on_step=progress,
+    )
+    described: dict[str, Any] = {
+        "seed": params.seed, "steps": params.steps, "guidance_scale": params.guidance_scale,
+        "pipeline": "vace" if mode != "none" else "t2v", "reference_mode": mode,
+    }
+    output: Output
+    if params.output == "image":
+        output = ImageOutput(Image.fromarray(frames[0]), described)
+    else:
+        count = int(frames.shape[0])
+        output = VideoOutput(frames, params.fps, {
+            **described, "frames": count, "fps": params.fps, "duration": round(count / params.fps, 3),
+        })
+    metadata: dict[str, Any] = {
+        "frame_num": int(frames.shape[0]), "frames_requested": params.frames_requested,
+        "reference_mode": params.reference_mode, "seed": params.seed, "seed_was_random": params.seed_was_random,
+        "resolution": f"{params.width}x{params.height}",
+    }
+    if fallback:
+        metadata["fallback"] = fallback
+    return Generated([output], metadata)
+
+
+def _references(
+    rt: Runtime, params: WanParams, conditions_on_frames: bool
+) -> tuple[dict[str, Image.Image], dict[str, Any] | None]:
+    """Fetch the reference frames; a fallback instead when any can't be used."""
+    if not params.references:
+        return {}, None
+    images: dict[str, Image.Image] = {}
+    for role, (field, url) in params.references.items():
+        try:
+            images[role] = rt.fetcher.fetch_image(url)
+        except UnsafeReference as exc:
+            raise InvalidJob(f"`{field}`: {exc}", field=field) from None
+        except ReferenceUnavailable as exc:
+            return {}, {"code": "REFERENCE_FRAME_ERROR", "reason": f"`{field}`: {exc}", "used": "t2v"}
+    if not conditions_on_frames:
+        reason = "the configured Wan checkpoint (text-to-video) cannot condition on frames"
+        return {}, {"code": "REFERENCE_FRAME_ERROR", "reason": reason, "used": "t2v"}
+    return images, None

@@ -1,0 +1,213 @@
+"""The worker's resources, built once at start and handed to every job.
+
+``celeryd_after_setup`` (logging is configured, nothing is consumed yet)
+builds the :class:`Runtime` of the pool's family, loads its model (warmup)
+and attaches it to the app; ``worker_shutdown`` unloads and closes it. Tasks
+reach it through :func:`runtime`. The family is the queue the worker
+consumes (``bin/worker sdxl`` consumes ``sdxl``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import redis
+from celery import Celery, signals
+
+from .delivery import Delivery
+from .errors import ConfigError, ModelLoadError, WorkerUnavailable
+from .fetch import ReferenceFetcher
+from .guard import DeadLetters, hooks
+from .jobs import FAMILY_OF_TYPE, usable_id
+from .policy import PromptPolicy, load_policy
+from .settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("sdxl", "chat", "wan")
+LOADS_TTL = 7 * 24 * 3600
+
+
+class Loaded(Protocol):
+    """What every family's model object offers."""
+
+    def nbytes(self) -> int: ...
+    def unload(self) -> int: ...
+
+
+class ModelSlot:
+    """One model of a pool: loaded on first use (or at warmup), counted, unloadable."""
+
+    def __init__(self, name: str, loader: Callable[[], Loaded], on_load: Callable[[str, float], None]) -> None:
+        self.name = name
+        self._loader = loader
+        self._on_load = on_load
+        self.model: Loaded | None = None
+        self.loads = 0
+
+    def get(self) -> Any:
+        if self.model is None:
+            started = time.perf_counter()
+            try:
+                self.model = self._loader()
+            except (ConfigError, ModelLoadError):
+                raise
+            except Exception as exc:
+                raise ModelLoadError(f"{self.name} failed to load: {type(exc).__name__}") from exc
+            self.loads += 1
+            self._on_load(self.name, time.perf_counter() - started)
+        return self.model
+
+    def unload(self) -> int:
+        if self.model is None:
+            return 0
+        freed = self.model.unload()
+        self.model = None
+        log.info("%s unloaded, %.1f MB freed", self.name, freed / 2**20)
+        return freed
+
+
+@dataclass
+class Runtime:
+    """Resources of one worker process; built once, passed to every job."""
+
+    settings: Settings
+    family: str
+    worker_id: str
+    device: torch.device
+    redis: redis.Redis
+    delivery: Delivery
+    fetcher: ReferenceFetcher
+    policy: PromptPolicy
+    dead: DeadLetters
+    models: dict[str, ModelSlot] = field(default_factory=dict)
+
+    def model(self, name: str) -> Any:
+        return self.models[name].get()
+
+    def record_load(self, name: str, seconds: float) -> None:
+        log.info("%s loaded in %.2fs on %s", name, seconds, self.device)
+        key = f"ourvidz:loads:{self.worker_id}"
+        with self.redis.pipeline() as pipe:
+            pipe.hincrby(key, name, 1)
+            pipe.expire(key, LOADS_TTL)
+            pipe.execute()
+
+    def close(self) -> None:
+        for slot in self.models.values():
+            slot.unload()
+        self.delivery.close()
+        self.fetcher.close()
+
+
+def node_name(family: str, settings: Settings) -> str:
+    """``{family}@{host}``, or ``{family}.gpuN@{host}`` on ``cuda:N`` with N > 0."""
+    host = settings.hostname or socket.gethostname()
+    device = settings.device or ""
+    index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
+    return f"{family}.gpu{index}@{host}" if index > 0 else f"{family}@{host}"
+
+
+def _loaders(family: str, settings: Settings, device: torch.device) -> dict[str, Callable[[], Loaded]]:
+    if family == "sdxl":
+        from .models.sdxl import load_sdxl
+
+        return {"sdxl": lambda: load_sdxl(settings, device)}
+    if family == "wan":
+        from .models.wan import load_wan
+
+        return {"wan": lambda: load_wan(settings, device)}
+    from .models.qwen import load_qwen
+
+    return {
+        "qwen_instruct": lambda: load_qwen(settings, "qwen_instruct", device),
+        "qwen_base": lambda: load_qwen(settings, "qwen_base", device),
+    }
+
+
+def warm_models(family: str, settings: Settings) -> list[str]:
+    """The models a pool loads at start (the others load on first use)."""
+    if family == "chat":
+        return ["qwen_instruct", "qwen_base"] if settings.qwen_base_load == "start" else ["qwen_instruct"]
+    return [family]
+
+
+def build_runtime(app: Celery, family: str, worker_id: str, settings: Settings | None = None) -> Runtime:
+    """Everything a pool needs, built once: clients, policy, model slots."""
+    import torch
+
+    from .models import resolve_device
+
+    settings = settings or load_settings()
+    threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // len(FAMILIES))
+    torch.set_num_threads(threads)
+    device = resolve_device(settings.device)
+    store = redis.Redis.from_url(settings.redis)
+    dead = DeadLetters(store)
+    runtime = Runtime(
+        settings=settings, family=family, worker_id=worker_id, device=device, redis=store,
+        delivery=Delivery(settings, worker_id, store), fetcher=ReferenceFetcher(settings),
+        policy=load_policy(settings.prompt_policy), dead=dead,
+    )
+    runtime.models = {
+        name: ModelSlot(name, loader, runtime.record_load)
+        for name, loader in _loaders(family, settings, device).items()
+    }
+    hooks.dead = dead
+    hooks.raw_job = lambda job: republish_raw(app, job)
+    return runtime
+
+
+def republish_raw(app: Celery, job: dict[str, Any]) -> bool:
+    """Publish a raw job (legacy format) as its proper task; False if it can't be routed."""
+    job_id = usable_id(job)
+    family = FAMILY_OF_TYPE.get(str(job.get("type") or job.get("job_type")))
+    if job_id is None or family is None:
+        return False
+    app.send_task(f"ourvidz.{family}.generate", args=[job], argsrepr=f"({job_id!r},)", kwargsrepr="{}")
+    return True
+
+
+def runtime(app: Celery) -> Runtime:
+    """The running worker's :class:`Runtime`."""
+    rt: Runtime | None = getattr(app, "ourvidz_runtime", None)
+    if rt is None:
+        raise WorkerUnavailable("this process is not a warmed-up ourvidz worker")
+    return rt
+
+
+@signals.celeryd_after_setup.connect
+def _warmup(sender: str, instance: Any, **_: Any) -> None:
+    app: Celery = instance.app
+    queues = sorted(app.amqp.queues.consume_from or {})
+    families = [q for q in queues if q in FAMILIES]
+    if len(families) != 1:
+        log.warning("worker %s consumes %s: no model family to warm up", sender, queues)
+        return
+    family = families[0]
+    rt = build_runtime(app, family, sender)
+    try:
+        for name in warm_models(family, rt.settings):
+            rt.models[name].get()
+    except (ConfigError, ModelLoadError) as exc:
+        log.critical("warmup failed: %s", exc)
+        raise SystemExit(3) from None
+    app.ourvidz_runtime = rt  # type: ignore[attr-defined]
+    log.info("%s ready: %s on %s", sender, ", ".join(warm_models(family, rt.settings)), rt.device)
+
+
+@signals.worker_shutdown.connect
+def _shutdown(sender: Any, **_: Any) -> None:
+    rt: Runtime | None = getattr(sender.app, "ourvidz_runtime", None)
+    if rt is not None:
+        rt.close()
+        sender.app.ourvidz_runtime = None
