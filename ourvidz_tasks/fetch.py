@@ -285,9 +285,7 @@ class ReferenceFetcher:
             raise UnsafeReference(f"redirect from {target.where} to a malformed URL") from None
         return _target(_parse_url(str(joined)))
 
-    def _send(
-        self, target: _Target, addresses: list[IPAddress], with_key: bool, deadline: float
-    ) -> httpx.Response:
+    def _send(self, target: _Target, addresses: list[IPAddress], with_key: bool, deadline: float) -> httpx.Response:
         """Send GET to the first address that accepts a connection."""
         headers = {
             "Host": target.authority,
@@ -361,16 +359,14 @@ def decode_image(data: bytes, max_pixels: int, where: str = "reference") -> Imag
                 if width <= 0 or height <= 0:
                     raise ReferenceUnavailable(f"{where} has no pixels")
                 if width * height > max_pixels:
-                    raise ReferenceUnavailable(
-                        f"{where} is {width}x{height}, more than {max_pixels} pixels"
-                    )
+                    raise ReferenceUnavailable(f"{where} is {width}x{height}, more than {max_pixels} pixels")
                 image.load()
                 return _to_rgb(image)
     except FetchError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ReferenceUnavailable(f"{where} has too many pixels") from None
-    except Exception as exc:  # noqa: BLE001 - a hostile file may break the decoder anyhow
+    except Exception as exc:  # a hostile file may break the decoder in any way
         raise ReferenceUnavailable(f"{where} is not a decodable image: {type(exc).__name__}") from None
 
 
@@ -399,9 +395,7 @@ def _scheme_of(text: str) -> str | None:
     head, sep, _rest = text.partition(":")
     if not sep or not head or "/" in head:
         return None
-    if head[0].isascii() and head[0].isalpha() and all(
-        ch.isascii() and (ch.isalnum() or ch in "+-.") for ch in head
-    ):
+    if head[0].isascii() and head[0].isalpha() and all(ch.isascii() and (ch.isalnum() or ch in "+-.") for ch in head):
         return head.lower()
     return None
 

@@ -85,10 +85,13 @@ class JobMetadata(_Loose):
     exact_copy_mode: bool = False
     reference_type: str | None = None
     negative_prompt: str | None = None
-    enhance: EnhanceSpec | None = None
+    #: read by ``ourvidz.chat.enhance`` only (as :class:`EnhanceSpec`); never fatal to generation
+    enhance: Any = None
     original_prompt: str | None = None
     enhanced_prompt: str | None = None
     enhancement_error: str | None = None
+    enhancement_source: str | None = None
+    enhancement_time: Number | None = None
 
 
 class Job(_Loose):

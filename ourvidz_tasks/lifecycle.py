@@ -151,7 +151,6 @@ class JobTask(BaseTask):
 def _enhancement(job: Job) -> dict[str, Any]:
     """The enhancement fields a generate callback carries for enhanced jobs."""
     m = job.metadata
-    extra = m.model_extra or {}
     out: dict[str, Any] = {}
     if m.enhanced_prompt is not None:
         out["enhanced_prompt"] = m.enhanced_prompt
@@ -159,7 +158,8 @@ def _enhancement(job: Job) -> dict[str, Any]:
     if m.enhancement_error is not None:
         out["enhancement_error"] = m.enhancement_error
         out["original_prompt"] = job.prompt
-    for key in ("enhancement_source", "enhancement_time"):
-        if key in extra:
-            out[key] = extra[key]
+    if m.enhancement_source is not None:
+        out["enhancement_source"] = m.enhancement_source
+    if m.enhancement_time is not None:
+        out["enhancement_time"] = m.enhancement_time
     return out

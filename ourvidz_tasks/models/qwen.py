@@ -284,7 +284,7 @@ def _short(exc: BaseException, limit: int = 160) -> str:
 def render_prompt(model: QwenModel, messages: list[dict[str, str]]) -> str:
     """The prompt text for ``messages``, ending where the assistant's reply begins.
 
-    * instruct: ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``.
+    * instruct: ``tokenizer.apply_chat_template(..., chat_template=CHAT_TEMPLATE, add_generation_prompt=True)``.
     * base: the same ChatML turns, rendered here, plus ``<|im_start|>assistant\\n``.
       Qwen2.5 base checkpoints share the instruct vocabulary (ChatML tokens
       included) and continue ChatML well; the turn markers are single special
@@ -292,12 +292,15 @@ def render_prompt(model: QwenModel, messages: list[dict[str, str]]) -> str:
       where a message's text could look like another turn. Generation for it
       also stops at ``<|im_end|>`` (see :func:`generate_chat`).
 
-    Nothing is added that the caller did not send (no default system prompt);
-    with a real Qwen2.5-Instruct checkpoint whatever its own template does applies.
+    Nothing is added that the caller did not send: the instruct model renders
+    with :data:`CHAT_TEMPLATE`, not the checkpoint's own template, because
+    Qwen2.5-Instruct's invents a system prompt when the caller sends none.
     """
     _check_messages(messages)
     if model.name == "qwen_instruct":
-        rendered = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        rendered = model.tokenizer.apply_chat_template(
+            messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+        )
         if not isinstance(rendered, str):
             raise ModelLoadError(f"{model.name}: the chat template did not render text")
         return rendered

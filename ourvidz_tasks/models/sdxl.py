@@ -218,16 +218,22 @@ def _write_tiny_tokenizer(folder: Path, *, pad_token: str) -> None:
     vocab: dict[str, int] = {}
     for token in chars + [c + "</w>" for c in chars]:
         vocab[token] = len(vocab)
-    merges: list[str] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in _TINY_WORDS.split():
+        # Tokenize with the merges so far (lowest rank first, as BPE does), then add
+        # merges joining what is left, so each word ends as one token.
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            rule = f"{merged} {piece}"
-            merged += piece
-            if merged not in vocab:
-                merges.append(rule)
-                vocab[merged] = len(vocab)
+        while len(pieces) > 1:
+            pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:], strict=False))]
+            known = [(rank, i) for rank, i in pairs if rank is not None]
+            if known:
+                i = min(known)[1]
+            else:
+                i = 0
+                ranks[(pieces[0], pieces[1])] = len(ranks)
+                vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda item: item[1])]
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     folder.mkdir(parents=True, exist_ok=True)

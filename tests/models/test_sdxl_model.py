@@ -1,0 +1,472 @@
+"""The SDXL loader and runner, on the real tiny model built offline."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import socket
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ourvidz_tasks.errors import ConfigError, I2IPipelineError, ModelLoadError
+from ourvidz_tasks.models.sdxl import SdxlModel, build_tiny, load_sdxl, run_sdxl
+from ourvidz_tasks.settings import Settings, load_settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
+
+CPU = torch.device("cpu")
+SMALL: dict[str, Any] = {"negative_prompt": "blurry", "width": 256, "height": 256, "steps": 3, "guidance_scale": 5.0}
+PROMPT = "a photo of a red cat"
+
+
+@pytest.fixture(scope="module")
+def tiny_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return load_settings(model_source="tiny", tiny_cache=tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_settings: Settings) -> Iterator[SdxlModel]:
+    loaded = load_sdxl(tiny_settings, CPU)
+    yield loaded
+    loaded.unload()
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def max_diff(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+# -- build and load ------------------------------------------------------------
+
+
+def test_tiny_builds_and_loads_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    settings = load_settings(model_source="tiny", tiny_cache=tmp_path)
+    loaded = load_sdxl(settings, CPU)
+    try:
+        folder = tmp_path / "sdxl"
+        for name in (
+            "model_index.json", ".complete", "scheduler/scheduler_config.json",
+            "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+            "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt",
+        ):
+            assert (folder / name).is_file(), name
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        assert size < 8 * 1024 * 1024
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["_class_name"] == "StableDiffusionXLPipeline"
+        assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+        assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+        assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
+
+        assert loaded.source == f"tiny:{folder}"
+        assert loaded.device == CPU and loaded.dtype == torch.float32
+        assert loaded.t2i.unet.dtype == torch.float32
+        assert loaded.nbytes() > 0
+        # img2img shares the very same modules
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+            assert getattr(loaded.i2i, name) is getattr(loaded.t2i, name), name
+        unet = loaded.t2i.unet
+        assert unet.config.addition_embed_type == "text_time"
+        assert unet.config.projection_class_embeddings_input_dim == (
+            6 * unet.config.addition_time_embed_dim + loaded.t2i.text_encoder_2.config.projection_dim
+        )
+        assert unet.config.cross_attention_dim == (
+            loaded.t2i.text_encoder.config.hidden_size + loaded.t2i.text_encoder_2.config.hidden_size
+        )
+        assert not loaded.t2i.vae.config.mid_block_add_attention
+        assert loaded.t2i.vae_scale_factor == 8 and loaded.t2i.vae.config.latent_channels == 4
+        assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
+        assert loaded.t2i._progress_bar_config == {"disable": True}
+        assert loaded.i2i._progress_bar_config == {"disable": True}
+        assert loaded.t2i.watermark is None
+    finally:
+        loaded.unload()
+
+
+def test_tiny_build_is_reproducible(tmp_path: Path, tiny_settings: Settings, model: SdxlModel) -> None:
+    build_tiny(tmp_path)
+    built = tiny_settings.tiny_cache / "sdxl"
+    for name in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors", "text_encoder_2/model.safetensors", "tokenizer/vocab.json",
+                 "tokenizer/merges.txt"):
+        assert (tmp_path / name).read_bytes() == (built / name).read_bytes(), name
+
+
+def test_tiny_tokenizers_are_clip_bpe(model: SdxlModel) -> None:
+    tokenizer, tokenizer_2 = model.t2i.tokenizer, model.t2i.tokenizer_2
+    assert type(tokenizer).__name__ == "CLIPTokenizer"
+    assert tokenizer.model_max_length == 77
+    ids = tokenizer("A photo of a CAT").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == ["a</w>", "photo</w>", "of</w>", "a</w>", "cat</w>"]
+    # a word without merges falls back to byte-level characters
+    assert tokenizer.convert_ids_to_tokens(tokenizer("zq").input_ids[1:-1]) == ["z", "q</w>"]
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer_2.pad_token == "!"
+    assert model.t2i.text_encoder.config.vocab_size == len(tokenizer)
+
+
+def test_unload_drops_every_reference(tiny_settings: Settings) -> None:
+    loaded = load_sdxl(tiny_settings, CPU)
+    before = loaded.nbytes()
+    refs = [weakref.ref(getattr(loaded.t2i, name)) for name in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    assert loaded.unload() == before > 0
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert loaded.nbytes() == 0
+    assert loaded.unload() == 0
+    with pytest.raises(ModelLoadError, match="unloaded"):
+        run_sdxl(loaded, prompt=PROMPT, seeds=[1], **SMALL)
+
+
+def test_from_pipe_keeps_half_precision(tiny_settings: Settings, model: SdxlModel) -> None:
+    """The CUDA path in miniature: img2img must not cast the shared fp16 modules back to float32."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from ourvidz_tasks.models.sdxl import _finish
+
+    folder = tiny_settings.tiny_cache / "sdxl"
+    half = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float16, local_files_only=True)
+    loaded = _finish(half, CPU, torch.float16, "test")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert getattr(loaded.t2i, name).dtype == torch.float16, name
+        assert getattr(loaded.i2i, name) is getattr(loaded.t2i, name)
+    assert loaded.t2i.vae.config.force_upcast  # decoded in float32 by the pipeline
+    loaded.unload()
+
+
+# -- configuration errors --------------------------------------------------------
+
+
+def test_local_without_model_is_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="OURVIDZ_SDXL_MODEL"):
+        load_sdxl(load_settings(model_source="local", sdxl_model=None), CPU)
+    with pytest.raises(ConfigError, match="OURVIDZ_SDXL_MODEL"):
+        load_sdxl(load_settings(model_source="local", sdxl_model=tmp_path / "absent.safetensors"), CPU)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="OURVIDZ_SDXL_MODEL"):
+        load_sdxl(load_settings(model_source="local", sdxl_model=tmp_path / "weights.bin"), CPU)
+
+
+def test_single_file_without_config_is_config_error(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"not read")
+    with pytest.raises(ConfigError, match="OURVIDZ_SDXL_CONFIG"):
+        load_sdxl(load_settings(model_source="local", sdxl_model=checkpoint, sdxl_config=None), CPU)
+    with pytest.raises(ConfigError, match="OURVIDZ_SDXL_CONFIG"):
+        load_sdxl(load_settings(model_source="local", sdxl_model=checkpoint, sdxl_config=tmp_path), CPU)
+
+
+# -- local weights -----------------------------------------------------------------
+
+
+def test_local_folder_loads_like_tiny(tiny_settings: Settings, model: SdxlModel) -> None:
+    folder = tiny_settings.tiny_cache / "sdxl"
+    loaded = load_sdxl(load_settings(model_source="local", sdxl_model=folder), CPU)
+    try:
+        assert loaded.source == f"local:{folder}"
+        kwargs: dict[str, Any] = {"prompt": PROMPT, "seeds": [5], **SMALL}
+        assert max_diff(run_sdxl(loaded, **kwargs)[0], run_sdxl(model, **kwargs)[0]) == 0
+    finally:
+        loaded.unload()
+
+
+def test_single_file_checkpoint_in_original_layout(tmp_path: Path, tiny_settings: Settings, model: SdxlModel) -> None:
+    """One .safetensors in the original (ldm/sgm) SDXL key layout loads back weight for weight."""
+    from safetensors.torch import save_file
+
+    folder = tiny_settings.tiny_cache / "sdxl"
+    checkpoint = tmp_path / "sdxl.safetensors"
+    state = to_original_layout(folder)
+    assert "model.diffusion_model.input_blocks.0.0.weight" in state
+    assert "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight" in state
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in state
+    assert "first_stage_model.decoder.up.0.block.0.conv1.weight" in state
+    save_file(state, str(checkpoint))
+    # the config folder holds configs and tokenizers but no weights: every weight must come from the file
+    config = tmp_path / "config"
+    shutil.copytree(folder, config, ignore=shutil.ignore_patterns("*.safetensors", ".complete"))
+    loaded = load_sdxl(load_settings(model_source="local", sdxl_model=checkpoint, sdxl_config=config), CPU)
+    try:
+        assert loaded.source == f"local:{checkpoint}"
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            got = getattr(loaded.t2i, name).state_dict()
+            want = getattr(model.t2i, name).state_dict()
+            assert got.keys() == want.keys(), name
+            assert all(torch.equal(got[k], want[k]) for k in want), name
+        kwargs: dict[str, Any] = {"prompt": PROMPT, "seeds": [5], **SMALL}
+        assert max_diff(run_sdxl(loaded, **kwargs)[0], run_sdxl(model, **kwargs)[0]) == 0
+    finally:
+        loaded.unload()
+
+
+def test_corrupt_files_are_model_load_errors(tmp_path: Path, tiny_settings: Settings, model: SdxlModel) -> None:
+    folder = tiny_settings.tiny_cache / "sdxl"
+    config = tmp_path / "config"
+    shutil.copytree(folder, config, ignore=shutil.ignore_patterns("*.safetensors", ".complete"))
+    checkpoint = tmp_path / "broken.safetensors"
+    checkpoint.write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="broken.safetensors"):
+        load_sdxl(load_settings(model_source="local", sdxl_model=checkpoint, sdxl_config=config), CPU)
+
+    broken = tmp_path / "folder"
+    shutil.copytree(folder, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="could not be loaded"):
+        load_sdxl(load_settings(model_source="local", sdxl_model=broken), CPU)
+
+
+# -- running -------------------------------------------------------------------------
+
+
+def test_t2i_returns_rgb_images_of_the_requested_size(model: SdxlModel) -> None:
+    images = run_sdxl(model, prompt=PROMPT, seeds=[3, 4], **{**SMALL, "width": 256, "height": 192})
+    assert len(images) == 2
+    assert all(img.size == (256, 192) and img.mode == "RGB" for img in images)
+    assert max_diff(images[0], images[1]) > 0
+
+
+def test_same_seed_same_pixels(model: SdxlModel) -> None:
+    for seed in (0, 2**63 + 5):
+        first = run_sdxl(model, prompt=PROMPT, seeds=[seed], **SMALL)[0]
+        again = run_sdxl(model, prompt=PROMPT, seeds=[seed], **SMALL)[0]
+        assert first.tobytes() == again.tobytes(), seed
+    other = run_sdxl(model, prompt=PROMPT, seeds=[1], **SMALL)[0]
+    assert max_diff(first, other) > 0
+
+
+def test_batch_equals_single_runs(model: SdxlModel) -> None:
+    seeds = [0, 7, 123]
+    batch = run_sdxl(model, prompt=PROMPT, seeds=seeds, **SMALL)
+    singles = [run_sdxl(model, prompt=PROMPT, seeds=[seed], **SMALL)[0] for seed in seeds]
+    for together, alone in zip(batch, singles, strict=True):
+        assert max_diff(together, alone) <= 2
+    assert max_diff(batch[0], batch[1]) > 10
+
+
+def test_no_negative_prompt(model: SdxlModel) -> None:
+    without = run_sdxl(model, prompt=PROMPT, seeds=[2], **{**SMALL, "negative_prompt": None})[0]
+    with_negative = run_sdxl(model, prompt=PROMPT, seeds=[2], **SMALL)[0]
+    assert without.size == (256, 256)
+    assert max_diff(without, with_negative) > 0
+
+
+def test_i2i_runs_and_differs_from_t2i(model: SdxlModel) -> None:
+    # a reference of another size and aspect: center-cropped and resized to 256x256
+    gradient = np.linspace(0, 255, 300 * 200 * 3).reshape(200, 300, 3).astype(np.uint8)
+    reference = Image.fromarray(gradient)
+    steps: list[tuple[int, int]] = []
+    kwargs: dict[str, Any] = {"prompt": PROMPT, "seeds": [0, 1], **{**SMALL, "steps": 4}}
+    i2i = run_sdxl(model, image=reference, strength=0.5, on_step=lambda i, n: steps.append((i, n)), **kwargs)
+    t2i = run_sdxl(model, **kwargs)
+    assert [img.size for img in i2i] == [(256, 256), (256, 256)]
+    assert all(img.mode == "RGB" for img in i2i)
+    assert max_diff(i2i[0], t2i[0]) > 10
+    assert steps == [(1, 2), (2, 2)]  # strength 0.5 of 4 steps
+    again = run_sdxl(model, image=reference.convert("L"), strength=0.5, **kwargs)
+    assert max_diff(again[0], i2i[0]) > 0  # the reference matters (grey version differs)
+    single = run_sdxl(model, image=reference, strength=0.5, **{**kwargs, "seeds": [1]})
+    assert max_diff(single[0], i2i[1]) <= 2
+
+
+def test_i2i_needs_a_usable_strength(model: SdxlModel) -> None:
+    reference = Image.new("RGB", (64, 64), "red")
+    kwargs: dict[str, Any] = {"prompt": PROMPT, "seeds": [0], "image": reference, **SMALL}
+    with pytest.raises(I2IPipelineError, match="strength"):
+        run_sdxl(model, **kwargs)
+    with pytest.raises(I2IPipelineError, match="strength"):
+        run_sdxl(model, strength=1.5, **kwargs)
+    with pytest.raises(I2IPipelineError, match="strength"):
+        run_sdxl(model, strength=0.1, **kwargs)  # int(3 * 0.1) == 0 steps
+
+
+def test_on_step_sees_every_step(model: SdxlModel) -> None:
+    calls: list[tuple[int, int]] = []
+    run_sdxl(model, prompt=PROMPT, seeds=[0], on_step=lambda i, n: calls.append((i, n)), **{**SMALL, "steps": 4})
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_on_step_exception_stops_the_run(model: SdxlModel) -> None:
+    class Stop(Exception):
+        pass
+
+    calls: list[int] = []
+
+    def on_step(step: int, total: int) -> None:
+        calls.append(step)
+        if step == 2:
+            raise Stop("cancelled")
+
+    with pytest.raises(Stop):
+        run_sdxl(model, prompt=PROMPT, seeds=[0], on_step=on_step, **{**SMALL, "steps": 5})
+    assert calls == [1, 2]
+    # the model still works afterwards
+    assert len(run_sdxl(model, prompt=PROMPT, seeds=[0], **SMALL)) == 1
+
+
+def test_compel(model: SdxlModel) -> None:
+    kwargs: dict[str, Any] = {"seeds": [4], **SMALL}
+    plain = run_sdxl(model, prompt=PROMPT, **kwargs)[0]
+    # without weights compel builds the embeddings SDXL builds itself
+    assert max_diff(run_sdxl(model, prompt=PROMPT, compel=True, **kwargs)[0], plain) <= 1
+    assert max_diff(
+        run_sdxl(model, prompt=PROMPT, compel=True, **{**kwargs, "negative_prompt": None})[0],
+        run_sdxl(model, prompt=PROMPT, **{**kwargs, "negative_prompt": None})[0],
+    ) <= 1
+    weighted = run_sdxl(model, prompt="a photo of a red (cat)1.5", compel=True, **kwargs)[0]
+    assert weighted.size == (256, 256) and max_diff(weighted, plain) > 0
+    # compel_weights replaces the prompt text
+    replaced = run_sdxl(model, prompt="ignored", compel=True, compel_weights="a photo of a red (cat)1.5", **kwargs)[0]
+    assert replaced.tobytes() == weighted.tobytes()
+    # longer than 77 tokens, against a short negative: not truncated, padded
+    long = run_sdxl(model, prompt=", ".join(["a red cat on the sea"] * 20), compel=True, **kwargs)[0]
+    assert long.size == (256, 256)
+
+
+@pytest.mark.parametrize(
+    ("change", "name"),
+    [({"width": 250}, "width"), ({"height": 0}, "height"), ({"steps": 0}, "steps"),
+     ({"guidance_scale": -1.0}, "guidance_scale"), ({"seeds": []}, "seeds"), ({"seeds": [-1]}, "seeds")],
+)
+def test_bad_arguments_name_themselves(model: SdxlModel, change: dict[str, Any], name: str) -> None:
+    kwargs: dict[str, Any] = {"prompt": PROMPT, "seeds": [0], **SMALL, **change}
+    with pytest.raises(ValueError, match=name):
+        run_sdxl(model, **kwargs)
+
+
+@pytest.mark.slow
+def test_full_size_smoke(model: SdxlModel) -> None:
+    images = run_sdxl(
+        model, prompt=PROMPT, negative_prompt="blurry", width=1024, height=1024, steps=15, guidance_scale=7.0,
+        seeds=[42],
+    )
+    assert images[0].size == (1024, 1024) and images[0].mode == "RGB"
+
+
+# -- the original SDXL checkpoint layout (inverse of diffusers' single-file conversion) --
+
+_RESNET = (
+    ("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"),
+)
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+}
+_OPEN_CLIP = (
+    ("text_model.encoder.layers.", "transformer.resblocks."), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+    ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"), ("self_attn.", "attn."),
+)
+
+
+def to_original_layout(folder: Path) -> dict[str, torch.Tensor]:
+    """The diffusers folder's weights as one state dict keyed like the original SDXL checkpoint."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    for key, value in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items():
+        out["model.diffusion_model." + _unet_key(key, unet_config)] = value
+    levels = len(json.loads((folder / "vae" / "config.json").read_text())["down_block_types"])
+    for key, value in load_file(folder / "vae" / "diffusion_pytorch_model.safetensors").items():
+        out["first_stage_model." + _vae_key(key, levels)] = value
+    for key, value in load_file(folder / "text_encoder" / "model.safetensors").items():
+        key = key if key.startswith("text_model.") else "text_model." + key
+        out["conditioner.embedders.0.transformer." + key] = value
+    prefix = "conditioner.embedders.1.model."
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    simple = {
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
+    for key, value in load_file(folder / "text_encoder_2" / "model.safetensors").items():
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif key in simple:
+            out[prefix + simple[key]] = value
+        elif key.rsplit(".", 2)[1] in ("q_proj", "k_proj", "v_proj"):
+            layer, proj, kind = key.rsplit(".", 2)
+            qkv.setdefault(_open_clip(f"{layer}.in_proj_{kind}"), {})[proj[0]] = value
+        else:
+            out[prefix + _open_clip(key)] = value
+    for key, parts in qkv.items():
+        out[prefix + key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def _open_clip(key: str) -> str:
+    for old, new in _OPEN_CLIP:
+        key = key.replace(old, new)
+    return key
+
+
+def _resnet(sub: str) -> str:
+    for old, new in _RESNET:
+        if sub.startswith(old + "."):
+            return new + sub[len(old):]
+    raise KeyError(sub)
+
+
+def _unet_key(key: str, config: dict[str, Any]) -> str:
+    per = config["layers_per_block"] + 1
+    parts = key.split(".")
+    head = ".".join(parts[:-1])
+    if head in _UNET_TOP:
+        return f"{_UNET_TOP[head]}.{parts[-1]}"
+    if parts[0] == "mid_block":
+        sub = ".".join(parts[3:])
+        if parts[1] == "resnets":
+            return f"middle_block.{2 * int(parts[2])}.{_resnet(sub)}"
+        return f"middle_block.1.{sub}"
+    block, what, j, sub = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+    if parts[0] == "down_blocks":
+        if what == "resnets":
+            return f"input_blocks.{per * block + j + 1}.0.{_resnet(sub)}"
+        if what == "attentions":
+            return f"input_blocks.{per * block + j + 1}.1.{sub}"
+        return f"input_blocks.{per * (block + 1)}.0.op.{parts[-1]}"
+    if what == "resnets":
+        return f"output_blocks.{per * block + j}.0.{_resnet(sub)}"
+    if what == "attentions":
+        return f"output_blocks.{per * block + j}.1.{sub}"
+    has_attention = config["up_block_types"][block].startswith("CrossAttn")
+    return f"output_blocks.{per * block + per - 1}.{2 if has_attention else 1}.conv.{parts[-1]}"
+
+
+def _vae_key(key: str, levels: int) -> str:
+    key = key.replace("conv_norm_out", "norm_out")
+    parts = key.split(".")
+    if parts[1] not in ("down_blocks", "up_blocks", "mid_block"):
+        return key
+    side, what = parts[0], parts[1]
+    if what == "mid_block":
+        rest = ".".join(parts[4:]).replace("conv_shortcut", "nin_shortcut")
+        return f"{side}.mid.block_{int(parts[3]) + 1}.{rest}"
+    down = what == "down_blocks"
+    level = int(parts[2]) if down else levels - 1 - int(parts[2])
+    name = "down" if down else "up"
+    if parts[3] == "resnets":
+        rest = ".".join(parts[5:]).replace("conv_shortcut", "nin_shortcut")
+        return f"{side}.{name}.{level}.block.{parts[4]}.{rest}"
+    return f"{side}.{name}.{level}.{'downsample' if down else 'upsample'}.conv.{parts[-1]}"
