@@ -35,7 +35,6 @@ import ipaddress
 import re
 import socket
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -43,7 +42,7 @@ from typing import Self
 from urllib.parse import quote, unquote
 
 import httpx
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import FetchError, ReferenceUnavailable, UnsafeReference
 from .settings import Settings
@@ -64,6 +63,7 @@ _MAX_REF_CHARS = 8192
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._:")
 _USER_AGENT = "ourvidz-tasks-fetch/1"
 _WHITE = (255, 255, 255)
 
@@ -280,10 +280,11 @@ class ReferenceFetcher:
         if "\\" in location or any(ord(ch) < 33 or ord(ch) == 127 for ch in location):
             raise UnsafeReference(f"redirect from {target.where} to a malformed URL")
         try:
-            joined = target.url.join(location)
+            return _target(_parse_url(str(target.url.join(location))))
         except (httpx.InvalidURL, ValueError, UnicodeError):
             raise UnsafeReference(f"redirect from {target.where} to a malformed URL") from None
-        return _target(_parse_url(str(joined)))
+        except UnsafeReference as exc:
+            raise UnsafeReference(f"redirect from {target.where}: {exc}") from None
 
     def _send(self, target: _Target, addresses: list[IPAddress], with_key: bool, deadline: float) -> httpx.Response:
         """Send GET to the first address that accepts a connection."""
@@ -350,18 +351,22 @@ class ReferenceFetcher:
 
 # -- images ---------------------------------------------------------------
 def decode_image(data: bytes, max_pixels: int, where: str = "reference") -> Image.Image:
-    """``data`` as a loaded RGB image; the size is checked before pixels are decoded."""
+    """``data`` as a loaded RGB image; the size is checked before pixels are decoded.
+
+    Only PNG, JPEG, WEBP, GIF and BMP; the first frame of an animation; EXIF
+    orientation applied; at most ``max_pixels`` (``width * height``).
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
-                width, height = image.size
-                if width <= 0 or height <= 0:
-                    raise ReferenceUnavailable(f"{where} has no pixels")
-                if width * height > max_pixels:
-                    raise ReferenceUnavailable(f"{where} is {width}x{height}, more than {max_pixels} pixels")
-                image.load()
-                return _to_rgb(image)
+        # Image.open reads the header only; PIL itself raises DecompressionBombError
+        # past 2 * Image.MAX_IMAGE_PIXELS and warns past it (an error under -W error)
+        with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise ReferenceUnavailable(f"{where} has no pixels")
+            if width * height > max_pixels:
+                raise ReferenceUnavailable(f"{where} is {width}x{height}, more than {max_pixels} pixels")
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
     except FetchError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -431,8 +436,8 @@ def _target(url: httpx.URL) -> _Target:
         raise UnsafeReference("URL has no host")
     if url.userinfo:
         raise UnsafeReference(f"URL for {host} carries credentials (user:pass@host)")
-    if host.startswith("[") or "%" in host:
-        raise UnsafeReference(f"URL host {host[:60]!r} is malformed")
+    if not set(host) <= _HOST_CHARS or host.startswith((".", "-")):
+        raise UnsafeReference("URL host is malformed")
     port = url.port if url.port is not None else _SCHEMES[scheme]
     path = url.raw_path.split(b"?", 1)[0].decode("ascii", "replace")
     return _Target(url=url, scheme=scheme, host=host, port=port, where=_clip(f"{host}{path}"))

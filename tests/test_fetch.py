@@ -15,6 +15,7 @@ import struct
 import subprocess
 import threading
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -430,6 +431,13 @@ def test_redirect_to_refused_targets(server: LocalServer, location: str) -> None
     assert len(server.requests) == 1
 
 
+def test_redirect_refusal_names_the_hop(server: LocalServer) -> None:
+    server.routes["/a"] = redirect("file:///etc/passwd")
+    with fetcher() as f, pytest.raises(UnsafeReference) as info:
+        f.fetch_bytes(f"{server.url}/a?sig=abc")
+    assert str(info.value) == "redirect from 127.0.0.1/a: scheme 'file' is not allowed (http, https only)"
+
+
 def test_too_many_redirects(server: LocalServer) -> None:
     server.routes["/loop"] = redirect("/loop")
     with fetcher(fetch_max_redirects=2) as f, pytest.raises(ReferenceUnavailable, match="more than 2 redirects"):
@@ -547,13 +555,13 @@ def test_undecodable_bytes(server: LocalServer, data: bytes) -> None:
         ((100_000, 100_000), 4_000_000),
         ((8000, 8000), 40_000_000),
         ((2001, 2000), 4_000_000),
-        ((10_000, 10_000), 200_000_000),
+        ((20_000, 20_000), 500_000_000),
     ],
 )
 def test_decompression_bomb_refused_before_decoding(
     server: LocalServer, monkeypatch: pytest.MonkeyPatch, size: tuple[int, int], cap: int
 ) -> None:
-    """The last case sits between PIL's warning and error limits: the warning refuses it too."""
+    """The last case is within our cap but past PIL's own hard limit (2 * MAX_IMAGE_PIXELS)."""
     data = bomb_png(*size)
     assert len(data) < 200
     server.routes["/bomb.png"] = body(data)
@@ -564,6 +572,26 @@ def test_decompression_bomb_refused_before_decoding(
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
     with fetcher(fetch_max_pixels=cap) as f, pytest.raises(ReferenceUnavailable, match="pixels"):
         f.fetch_image(f"{server.url}/bomb.png")
+
+
+def test_pil_bomb_warning_escalated_by_the_caller_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between MAX_IMAGE_PIXELS and twice that PIL only warns; under -W error it is refused."""
+
+    def no_load(self: ImageFile.ImageFile) -> None:
+        raise AssertionError("pixel data was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(ReferenceUnavailable, match="too many pixels"):
+            decode_image(bomb_png(10_000, 10_000), 200_000_000)
+
+
+def test_exif_orientation_is_applied() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = encode(Image.new("RGB", (40, 20), (0, 128, 255)), "JPEG", exif=exif.tobytes())
+    assert decode_image(data, 10_000).size == (20, 40)
 
 
 def test_pixel_cap_allows_images_at_the_cap() -> None:
@@ -693,6 +721,10 @@ def test_unresolvable_host_is_unavailable() -> None:
         "http://127.0.0.1/\x00",
         "http://127.0.0.1\\@evil.test/",
         "http://0251.0376.0251.0376/x",
+        "http://%31%32%37.0.0.1/x",
+        "http://[fe80::1%25eth0]/x",
+        "http://-x.test/x",
+        "http://a!b.test/x",
     ],
 )
 def test_bad_schemes_and_syntax(ref: str) -> None:
