@@ -26,6 +26,11 @@ Failures raise :class:`~ourvidz_tasks.errors.UnsafeReference` (refused before
 a request) or :class:`~ourvidz_tasks.errors.ReferenceUnavailable`, with one-line
 messages naming at most the host and path: never the query string (signed
 URLs carry tokens) nor the service key.
+
+Left to the deployment: name resolution (``getaddrinfo``) is not bounded by the
+deadline; the fetcher's own client ignores proxy and CA variables from the
+environment (inject a client to change that); PIL's own bomb limit
+(``2 * Image.MAX_IMAGE_PIXELS``) still applies above ``fetch_max_pixels``.
 """
 
 from __future__ import annotations

@@ -454,6 +454,10 @@ def wan_params(job: Job, settings: Settings) -> WanParams:
             f"`config.reference_mode` must be one of {', '.join(REFERENCE_MODES)}; got {mode[:40]!r}",
             field="config.reference_mode",
         )
+    if mode == "both" and output == "image":
+        raise InvalidJob(
+            f"`config.reference_mode` 'both' needs a video type; {kind!r} makes one frame", field="config.reference_mode"
+        )
     needed = {"none": (), "single": ("single",), "start": ("first",), "end": ("last",), "both": ("first", "last")}[mode]
     names = {"single": ("config.image", single), "first": ("config.first_frame", first), "last": ("config.last_frame", last)}
     references: dict[str, tuple[str, str]] = {}

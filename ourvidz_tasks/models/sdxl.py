@@ -10,6 +10,7 @@ configs) and ``run_sdxl`` renders one image per seed.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -343,6 +344,25 @@ def _load_error(what: str, exc: BaseException) -> ModelLoadError:
     return ModelLoadError(f"{what} could not be loaded: {type(exc).__name__}: {reason}".rstrip(": "))
 
 
+class _NoEmptyFp32Warning(logging.Filter):
+    """Drops diffusers 0.42's warning on every ``.to(dtype=...)`` that names no module.
+
+    ``ModelMixin.to`` warns "There are modules ... that should be kept in
+    float32: []" whenever a dtype is passed, even with that list empty; the
+    img2img pipeline does so on each call (VAE ``force_upcast``).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+def _quiet_diffusers() -> None:
+    """Install :class:`_NoEmptyFp32Warning` once."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _NoEmptyFp32Warning) for f in logger.filters):
+        logger.addFilter(_NoEmptyFp32Warning())
+
+
 def _finish(t2i: StableDiffusionXLPipeline, device: torch.device, dtype: torch.dtype, source: str) -> SdxlModel:
     """Move to ``device``, use SDPA attention, derive the img2img pipeline."""
     import torch
@@ -354,6 +374,7 @@ def _finish(t2i: StableDiffusionXLPipeline, device: torch.device, dtype: torch.d
     except torch.OutOfMemoryError as exc:
         release_memory(device)
         raise OutOfMemory(f"SDXL does not fit on {device}") from exc
+    _quiet_diffusers()
     # diffusers' default on torch 2, made explicit: a checkpoint's config cannot turn it off.
     t2i.unet.set_attn_processor(AttnProcessor2_0())
     t2i.vae.set_attn_processor(AttnProcessor2_0())
