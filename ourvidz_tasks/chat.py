@@ -80,7 +80,9 @@ def enhance(self: BaseTask, job: Any) -> Any:
     job_id = usable_id(job) or "?"
     rt = runtime(self.app)
     prompt = job.get("prompt")
-    metadata = job.get("metadata") if isinstance(job.get("metadata"), dict) else {}
+    metadata = job.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {}
     started = time.perf_counter()
     try:
         if not isinstance(prompt, str) or not prompt.strip():

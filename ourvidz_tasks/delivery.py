@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import httpx
 import redis
 
+from . import events
 from .errors import DeliveryError
 from .media import EncodedAsset, Output, encode_output
 from .settings import Settings
@@ -233,6 +234,7 @@ class Delivery:
             future.result()
         except DeliveryError as exc:
             log.error("job %s: terminal callback not delivered, kept for replay: %s", job_id, exc)
+            events.callback_failed.send(sender="delivery", job_id=job_id, status=body.get("status"))
             return False
         self.redis.set(self._key(job_id, "delivered"), "1", ex=self.settings.idempotency_ttl)
         return True

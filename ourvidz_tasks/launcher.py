@@ -32,9 +32,9 @@ def check(family: str, settings: Settings) -> None:
                 raise ConfigError(f"{env} is required when OURVIDZ_MODEL_SOURCE=local")
             if not path.exists():
                 raise ConfigError(f"{env}: {path} does not exist")
-        if family == "sdxl" and settings.sdxl_model and settings.sdxl_model.suffix == ".safetensors":
-            if settings.sdxl_config is None or not settings.sdxl_config.is_dir():
-                raise ConfigError("OURVIDZ_SDXL_CONFIG must name a local diffusers config folder for a .safetensors checkpoint")
+        single_file = family == "sdxl" and settings.sdxl_model and settings.sdxl_model.suffix == ".safetensors"
+        if single_file and (settings.sdxl_config is None or not settings.sdxl_config.is_dir()):
+            raise ConfigError("OURVIDZ_SDXL_CONFIG must name a local diffusers config folder for a .safetensors checkpoint")
     from .policy import load_policy
 
     load_policy(settings.prompt_policy)

@@ -19,6 +19,7 @@ from typing import Any
 
 from celery import Task
 
+from . import events
 from .delivery import callback_body
 from .errors import DeliveryError, JobError, OutOfMemory, WorkerUnavailable
 from .jobs import Job, parse_job, usable_id
@@ -89,6 +90,7 @@ class BaseTask(Task):  # type: ignore[misc]
     reject_on_worker_lost = True
     typing = False
     max_retries = 3
+    Request = "ourvidz_tasks.redact:QuietRequest"
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         """Publish with ``argsrepr`` naming only the job id: Flower and logs show it, never prompts."""
@@ -145,6 +147,12 @@ class JobTask(BaseTask):
             metadata["processing_time"] = round(time.perf_counter() - started, 3)
             body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata=metadata, error=error_dict)
             log.info("job %s failed: %s", job_id, error_dict["code"])
+        events.job_finished.send(
+            sender=family, job_id=job_id, job_type=str(payload.get("type") or payload.get("job_type") or "?"),
+            status=body["status"], code=body.get("error", {}).get("code"),
+            processing_time=metadata.get("processing_time"), model_time=metadata.get("model_time"),
+            delivery_time=metadata.get("delivery_time"),
+        )
         return rt.delivery.finish(body)
 
 

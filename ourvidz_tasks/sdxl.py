@@ -8,6 +8,7 @@ and describes each image. The lifecycle around it is :class:`~ourvidz_tasks.life
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 from PIL import Image
@@ -35,28 +36,26 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
     model = rt.model("sdxl")
     reference, fallback = _reference(rt, params)
     pipeline = "img2img" if reference is not None else "txt2img"
-    common = dict(
-        prompt=params.prompt, width=params.width, height=params.height, seeds=params.seeds,
+    pipe = partial(
+        run_sdxl, model, prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
+        height=params.height, steps=params.steps, guidance_scale=params.guidance_scale, seeds=params.seeds,
         on_step=progress, compel=params.compel, compel_weights=params.compel_weights,
     )
     images: list[Image.Image] | None = None
     if reference is not None:
         try:
-            images = run_sdxl(
-                model, negative_prompt=params.negative_prompt, steps=params.steps,
-                guidance_scale=params.guidance_scale, image=reference, strength=params.denoise_strength, **common,
-            )
+            images = pipe(image=reference, strength=params.denoise_strength)
         except Exception as exc:
-            if as_job_error(exc) is not None or params.exact_copy:
-                raise as_job_error(exc) or I2IPipelineError(f"img2img failed: {type(exc).__name__}") from exc
+            error = as_job_error(exc)
+            if error is not None:
+                raise error from exc
+            if params.exact_copy:
+                raise I2IPipelineError(f"img2img failed: {type(exc).__name__}") from exc
             log.warning("job %s: img2img failed (%s), falling back to txt2img", params.job_id, type(exc).__name__)
             fallback = {"code": "I2I_PIPELINE_ERROR", "reason": f"img2img failed: {type(exc).__name__}", "used": "txt2img"}
             pipeline = "txt2img"
     if images is None:
-        images = run_sdxl(
-            model, negative_prompt=params.negative_prompt, steps=params.steps,
-            guidance_scale=params.guidance_scale, **common,
-        )
+        images = pipe()
     return _describe(params, images, pipeline, fallback)
 
 

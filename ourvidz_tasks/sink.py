@@ -200,7 +200,7 @@ class Sink:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> Sink:
         self.thread.start()

@@ -20,12 +20,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import redis
 from celery import Celery, signals
 
+from . import events
 from .delivery import Delivery
 from .errors import ConfigError, ModelLoadError, WorkerUnavailable
 from .fetch import ReferenceFetcher
 from .guard import DeadLetters, hooks
 from .jobs import FAMILY_OF_TYPE, usable_id
 from .policy import PromptPolicy, load_policy
+from .redact import install_log_filter
 from .settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -64,7 +66,9 @@ class ModelSlot:
             except Exception as exc:
                 raise ModelLoadError(f"{self.name} failed to load: {type(exc).__name__}") from exc
             self.loads += 1
-            self._on_load(self.name, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self._on_load(self.name, seconds)
+            events.model_loaded.send(sender=self.name, model=self.name, seconds=seconds, nbytes=self.model.nbytes())
         return self.model
 
     def unload(self) -> int:
@@ -72,6 +76,7 @@ class ModelSlot:
             return 0
         freed = self.model.unload()
         self.model = None
+        events.model_unloaded.send(sender=self.name, model=self.name, freed_bytes=freed)
         log.info("%s unloaded, %.1f MB freed", self.name, freed / 2**20)
         return freed
 
@@ -188,6 +193,7 @@ def runtime(app: Celery) -> Runtime:
 @signals.celeryd_after_setup.connect
 def _warmup(sender: str, instance: Any, **_: Any) -> None:
     app: Celery = instance.app
+    install_log_filter()
     queues = sorted(app.amqp.queues.consume_from or {})
     families = [q for q in queues if q in FAMILIES]
     if len(families) != 1:

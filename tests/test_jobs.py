@@ -8,7 +8,14 @@ import pytest
 
 from ourvidz_tasks.errors import InvalidJob
 from ourvidz_tasks.jobs import (
-    exact_copy_schedule, frame_count, img2img_steps, parse_chat, parse_job, sdxl_params, usable_id, wan_params,
+    exact_copy_schedule,
+    frame_count,
+    img2img_steps,
+    parse_chat,
+    parse_job,
+    sdxl_params,
+    usable_id,
+    wan_params,
 )
 from ourvidz_tasks.settings import Settings
 

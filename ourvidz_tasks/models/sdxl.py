@@ -9,6 +9,7 @@ configs) and ``run_sdxl`` renders one image per seed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -186,7 +187,7 @@ def build_tiny(dest: Path) -> None:
         )
     )
     scheduler = EulerDiscreteScheduler.from_config(_SCHEDULER_CONFIG)
-    pipe = StableDiffusionXLPipeline(
+    pipe: Any = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,
@@ -223,9 +224,9 @@ def _write_tiny_tokenizer(folder: Path, *, pad_token: str) -> None:
     for word in _TINY_WORDS.split():
         # Tokenize with the merges so far (lowest rank first, as BPE does), then add
         # merges joining what is left, so each word ends as one token.
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = [*word[:-1], word[-1] + "</w>"]
         while len(pieces) > 1:
-            pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:], strict=False))]
+            pairs = [(ranks.get(pair), i) for i, pair in enumerate(itertools.pairwise(pieces))]
             known = [(rank, i) for rank, i in pairs if rank is not None]
             if known:
                 i = min(known)[1]
@@ -369,16 +370,17 @@ def _finish(t2i: StableDiffusionXLPipeline, device: torch.device, dtype: torch.d
     from diffusers import StableDiffusionXLImg2ImgPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    pipe: Any = t2i  # diffusers registers the components dynamically: untyped
     try:
-        t2i.to(device)
+        pipe.to(device)
     except torch.OutOfMemoryError as exc:
         release_memory(device)
         raise OutOfMemory(f"SDXL does not fit on {device}") from exc
     _quiet_diffusers()
     # diffusers' default on torch 2, made explicit: a checkpoint's config cannot turn it off.
-    t2i.unet.set_attn_processor(AttnProcessor2_0())
-    t2i.vae.set_attn_processor(AttnProcessor2_0())
-    t2i.set_progress_bar_config(disable=True)
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    pipe.vae.set_attn_processor(AttnProcessor2_0())
+    pipe.set_progress_bar_config(disable=True)
     # from_pipe casts the shared modules to ``dtype`` (float32 unless given): pass ours.
     i2i = StableDiffusionXLImg2ImgPipeline.from_pipe(t2i, dtype=dtype, add_watermarker=False)
     i2i.set_progress_bar_config(disable=True)
@@ -436,8 +438,10 @@ def run_sdxl(
         "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
         "output_type": "pil",
     }
+    pipe: Any  # diffusers pipelines are untyped where it matters (components, __call__)
+    _reset_vae(model)
     if image is None:
-        pipe: StableDiffusionXLPipeline | StableDiffusionXLImg2ImgPipeline = model.t2i
+        pipe = model.t2i
         kwargs.update(width=width, height=height)
     else:
         pipe = model.i2i
@@ -458,6 +462,19 @@ def run_sdxl(
             raise
         raise _oom(model, width, height, len(seeds)) from exc
     return [img if img.mode == "RGB" else img.convert("RGB") for img in images]
+
+
+def _reset_vae(model: SdxlModel) -> None:
+    """Put the VAE back in the model's dtype if a failed run left it upcast.
+
+    With ``force_upcast`` the pipelines move the shared VAE to float32 to
+    decode (and img2img to encode) and back afterwards; an error in between
+    (out of memory) would leave it in float32, and every later run would then
+    fail on half-precision latents.
+    """
+    vae: Any = getattr(model.t2i, "vae", None)
+    if vae is not None and vae.dtype != model.dtype:
+        vae.to(dtype=model.dtype)
 
 
 def _check_args(*, width: int, height: int, steps: int, guidance_scale: float, seeds: list[int]) -> None:

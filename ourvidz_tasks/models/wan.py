@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard, get_args
 
 import numpy as np
 import PIL.Image
@@ -99,14 +99,7 @@ dark red blue green yellow white black gold silver pink purple orange brown
 walking running flying dancing smiling looking sitting standing turning swimming
 slow motion camera close up wide shot cinematic realistic portrait style video frame
 beautiful bright soft warm cold high low quality detailed blurry static
-""".split()
-_TINY_TEXT = {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}
-_TINY_VAE = {"base_dim": 4, "z_dim": 16, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
-             "temperal_downsample": [False, True, True]}
-_TINY_TRANSFORMER = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 16,
-                     "in_channels": 16, "out_channels": 16, "text_dim": 32, "freq_dim": 256,
-                     "ffn_dim": 64, "num_layers": 2, "cross_attn_norm": True,
-                     "qk_norm": "rms_norm_across_heads", "vace_layers": [0], "vace_in_channels": 96}
+"""
 
 
 def _tiny_tokenizer() -> Any:
@@ -115,7 +108,7 @@ def _tiny_tokenizer() -> Any:
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [(char, -8.0) for char in string.ascii_letters + string.digits + string.punctuation]
-    vocab += [("\u2581" + word, -4.0) for word in dict.fromkeys(_TINY_WORDS)]
+    vocab += [("\u2581" + word, -4.0) for word in dict.fromkeys(_TINY_WORDS.split())]
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
@@ -142,13 +135,20 @@ def build_tiny(dest: Path) -> None:
         torch.manual_seed(0)
         tokenizer = _tiny_tokenizer()
         vocab_size = 64 * math.ceil(len(tokenizer) / 64)
-        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, **_TINY_TEXT)).eval()
-        vae = AutoencoderKLWan(**_TINY_VAE)
-        transformer = WanVACETransformer3DModel(**_TINY_TRANSFORMER)
+        config = UMT5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+        text_encoder = UMT5EncoderModel(config).eval()
+        vae = AutoencoderKLWan(
+            base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+        transformer = WanVACETransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+            text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", vace_layers=[0], vace_in_channels=96,
+        )
         scheduler = UniPCMultistepScheduler(
             prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
         )
-        pipe = WanVACEPipeline(
+        pipe: Any = WanVACEPipeline(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
         )
         with _quiet_progress():
@@ -307,7 +307,7 @@ def run_wan(
     """
     import torch
 
-    pipe = model.pipe
+    pipe: Any = model.pipe
     if getattr(pipe, "transformer", None) is None:
         raise ModelLoadError("the WAN model was unloaded")
     _check_mode(model, reference_mode)
@@ -343,7 +343,8 @@ def run_wan(
     frames = np.asarray(output.frames[0], dtype=np.float32)
     if frames.shape != (num_frames, height, width, 3):
         raise RuntimeError(f"WAN returned frames of shape {frames.shape}, expected {(num_frames, height, width, 3)}")
-    return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+    clip: np.ndarray = np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+    return clip
 
 
 def _check_mode(model: WanModel, reference_mode: str) -> None:
@@ -366,12 +367,12 @@ def _check_args(
         raise ValueError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
     base = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
     for name, value in (("width", width), ("height", height)):
-        if not _is_int(value) or value < base or value % base:  # type: ignore[operator]
+        if not _is_int(value) or value < base or value % base:
             raise ValueError(f"{name} must be a positive multiple of {base}, got {value!r}")
     temporal = pipe.vae_scale_factor_temporal
-    if not _is_int(num_frames) or num_frames < 1 or (num_frames - 1) % temporal:  # type: ignore[operator]
+    if not _is_int(num_frames) or num_frames < 1 or (num_frames - 1) % temporal:
         raise ValueError(f"num_frames must be {temporal}k+1 (1, 5, ..., 81), got {num_frames!r}")
-    if not _is_int(steps) or steps < 1:  # type: ignore[operator]
+    if not _is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if (
         isinstance(guidance_scale, bool)
@@ -380,11 +381,11 @@ def _check_args(
         or guidance_scale < 0
     ):
         raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    if not _is_int(seed) or not 0 <= seed < 2**64:  # type: ignore[operator]
+    if not _is_int(seed) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

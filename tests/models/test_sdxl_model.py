@@ -76,27 +76,29 @@ def test_tiny_builds_and_loads_offline(tmp_path: Path, monkeypatch: pytest.Monke
         assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
         assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
 
+        t2i: Any = loaded.t2i  # diffusers pipelines' components are untyped
+        i2i: Any = loaded.i2i
         assert loaded.source == f"tiny:{folder}"
         assert loaded.device == CPU and loaded.dtype == torch.float32
-        assert loaded.t2i.unet.dtype == torch.float32
+        assert t2i.unet.dtype == torch.float32
         assert loaded.nbytes() > 0
         # img2img shares the very same modules
         for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
-            assert getattr(loaded.i2i, name) is getattr(loaded.t2i, name), name
-        unet = loaded.t2i.unet
+            assert getattr(i2i, name) is getattr(t2i, name), name
+        unet = t2i.unet
         assert unet.config.addition_embed_type == "text_time"
         assert unet.config.projection_class_embeddings_input_dim == (
-            6 * unet.config.addition_time_embed_dim + loaded.t2i.text_encoder_2.config.projection_dim
+            6 * unet.config.addition_time_embed_dim + t2i.text_encoder_2.config.projection_dim
         )
         assert unet.config.cross_attention_dim == (
-            loaded.t2i.text_encoder.config.hidden_size + loaded.t2i.text_encoder_2.config.hidden_size
+            t2i.text_encoder.config.hidden_size + t2i.text_encoder_2.config.hidden_size
         )
-        assert not loaded.t2i.vae.config.mid_block_add_attention
-        assert loaded.t2i.vae_scale_factor == 8 and loaded.t2i.vae.config.latent_channels == 4
+        assert not t2i.vae.config.mid_block_add_attention
+        assert t2i.vae_scale_factor == 8 and t2i.vae.config.latent_channels == 4
         assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
-        assert loaded.t2i._progress_bar_config == {"disable": True}
-        assert loaded.i2i._progress_bar_config == {"disable": True}
-        assert loaded.t2i.watermark is None
+        assert t2i._progress_bar_config == {"disable": True}
+        assert i2i._progress_bar_config == {"disable": True}
+        assert t2i.watermark is None
     finally:
         loaded.unload()
 
@@ -111,7 +113,8 @@ def test_tiny_build_is_reproducible(tmp_path: Path, tiny_settings: Settings, mod
 
 
 def test_tiny_tokenizers_are_clip_bpe(model: SdxlModel) -> None:
-    tokenizer, tokenizer_2 = model.t2i.tokenizer, model.t2i.tokenizer_2
+    t2i: Any = model.t2i
+    tokenizer, tokenizer_2 = t2i.tokenizer, t2i.tokenizer_2
     assert type(tokenizer).__name__ == "CLIPTokenizer"
     assert tokenizer.model_max_length == 77
     ids = tokenizer("A photo of a CAT").input_ids
@@ -120,7 +123,7 @@ def test_tiny_tokenizers_are_clip_bpe(model: SdxlModel) -> None:
     # a word without merges falls back to byte-level characters
     assert tokenizer.convert_ids_to_tokens(tokenizer("zq").input_ids[1:-1]) == ["z", "q</w>"]
     assert tokenizer.pad_token == "<|endoftext|>" and tokenizer_2.pad_token == "!"
-    assert model.t2i.text_encoder.config.vocab_size == len(tokenizer)
+    assert t2i.text_encoder.config.vocab_size == len(tokenizer)
 
 
 def test_unload_drops_every_reference(tiny_settings: Settings) -> None:
@@ -143,12 +146,12 @@ def test_from_pipe_keeps_half_precision(tiny_settings: Settings, model: SdxlMode
     from ourvidz_tasks.models.sdxl import _finish
 
     folder = tiny_settings.tiny_cache / "sdxl"
-    half = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float16, local_files_only=True)
+    half: Any = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float16, local_files_only=True)
     loaded = _finish(half, CPU, torch.float16, "test")
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         assert getattr(loaded.t2i, name).dtype == torch.float16, name
         assert getattr(loaded.i2i, name) is getattr(loaded.t2i, name)
-    assert loaded.t2i.vae.config.force_upcast  # decoded in float32 by the pipeline
+    assert half.vae.config.force_upcast  # the pipeline decodes in float32
     loaded.unload()
 
 
@@ -223,7 +226,7 @@ def test_corrupt_files_are_model_load_errors(tmp_path: Path, tiny_settings: Sett
     shutil.copytree(folder, config, ignore=shutil.ignore_patterns("*.safetensors", ".complete"))
     checkpoint = tmp_path / "broken.safetensors"
     checkpoint.write_bytes(b"\x00" * 64)
-    with pytest.raises(ModelLoadError, match="broken.safetensors"):
+    with pytest.raises(ModelLoadError, match=r"broken\.safetensors"):
         load_sdxl(load_settings(model_source="local", sdxl_model=checkpoint, sdxl_config=config), CPU)
 
     broken = tmp_path / "folder"

@@ -175,7 +175,7 @@ def test_wan_model_missing_folder_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_broken_folder_is_a_model_load_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="model_index.json"):
+    with pytest.raises(ModelLoadError, match=r"model_index\.json"):
         load_wan(load_settings(model_source="local", wan_model=tmp_path, wan_kind="auto"), CPU)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanImageToVideoPipeline"}))
     with pytest.raises(ModelLoadError, match="WanImageToVideoPipeline"):
