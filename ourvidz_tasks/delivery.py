@@ -31,7 +31,7 @@ import redis
 
 from . import events
 from .errors import DeliveryError
-from .media import EncodedAsset, Output, encode_output
+from .media import EncodedAsset, Output, encode_output, encode_thumbnail
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -164,27 +164,36 @@ class Delivery:
 
     # -- storage ----------------------------------------------------------------
     def publish(self, user_id: str, job_id: str, outputs: Sequence[Output]) -> list[dict[str, Any]]:
-        """Encode and upload every output (in parallel); return the callback's assets."""
+        """Encode and upload every output and its thumbnail, all in parallel; return the assets.
+
+        A thumbnail that can't be made or stored is reported in the asset's
+        metadata (``THUMBNAIL_GENERATION_ERROR``) and never fails the job.
+        """
         prefix = f"{BUCKET}/{user_id}/{job_id}"
         level = self.settings.png_compress_level
-        futures = [
-            self._uploads.submit(self._publish_one, prefix, encode_output, output, index, level)
-            for index, output in enumerate(outputs)
-        ]
-        return [future.result() for future in futures]
+        mains = [self._uploads.submit(self._main, prefix, output, i, level) for i, output in enumerate(outputs)]
+        thumbs = [self._uploads.submit(self._thumb, prefix, output, i) for i, output in enumerate(outputs)]
+        assets = []
+        for index, (main, thumb) in enumerate(zip(mains, thumbs, strict=True)):
+            asset = main.result()
+            metadata = {**asset.metadata, "asset_index": index}
+            try:
+                thumb_url: str | None = thumb.result()
+            except Exception as exc:
+                thumb_url = None
+                metadata["thumbnail_error"] = {"code": "THUMBNAIL_GENERATION_ERROR", "message": f"{type(exc).__name__}"}
+                log.warning("job %s: thumbnail %d failed: %s", job_id, index, type(exc).__name__)
+            assets.append({"type": asset.kind, "url": f"{prefix}/{asset.name}", "thumbnail_url": thumb_url,
+                           "metadata": metadata})
+        return assets
 
-    def _publish_one(
-        self, prefix: str, encode: Callable[[Output, int, int], EncodedAsset], output: Output, index: int, level: int
-    ) -> dict[str, Any]:
-        asset = encode(output, index, level)
-        url = self.storage.upload(f"{prefix}/{asset.name}", asset.data, asset.content_type)
-        thumb_url = None
-        metadata = {**asset.metadata, "asset_index": index}
-        if asset.thumbnail is not None:
-            thumb_url = self.storage.upload(f"{prefix}/{index}.thumb.webp", asset.thumbnail, "image/webp")
-        else:
-            metadata["thumbnail_error"] = {"code": "THUMBNAIL_GENERATION_ERROR", "message": asset.thumbnail_error}
-        return {"type": asset.kind, "url": url, "thumbnail_url": thumb_url, "metadata": metadata}
+    def _main(self, prefix: str, output: Output, index: int, level: int) -> EncodedAsset:
+        asset = encode_output(output, index, level)
+        self.storage.upload(f"{prefix}/{asset.name}", asset.data, asset.content_type)
+        return asset
+
+    def _thumb(self, prefix: str, output: Output, index: int) -> str:
+        return self.storage.upload(f"{prefix}/{index}.thumb.webp", encode_thumbnail(output), "image/webp")
 
     # -- callbacks --------------------------------------------------------------
     def processing(self, job_id: str, attempt: int, metadata: dict[str, Any] | None = None) -> None:

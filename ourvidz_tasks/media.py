@@ -40,17 +40,12 @@ Output = ImageOutput | VideoOutput
 
 @dataclass
 class EncodedAsset:
-    """Bytes ready for storage, with what the callback reports about them."""
+    """The main file of one output, ready for storage, with its asset metadata."""
 
     kind: Literal["image", "video"]
     name: str
     data: bytes
     content_type: str
-    format: str
-    width: int
-    height: int
-    thumbnail: bytes | None
-    thumbnail_error: str | None
     metadata: dict[str, Any]
 
 
@@ -110,23 +105,22 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
 
 
 def encode_output(output: Output, index: int, png_level: int = 1) -> EncodedAsset:
-    """Encode one output and its thumbnail; a thumbnail failure is reported, not raised."""
+    """The main file: ``{index}.png`` for an image, ``{index}.mp4`` for a video."""
     if isinstance(output, ImageOutput):
-        image = output.image
-        data = encode_png(image, png_level)
+        data = encode_png(output.image, png_level)
         kind: Literal["image", "video"] = "image"
         name, content_type, fmt = f"{index}.png", "image/png", "png"
-        width, height = image.width, image.height
-        thumb_source = image
+        width, height = output.image.width, output.image.height
     else:
         data = encode_mp4(output.frames, output.fps)
         kind, name, content_type, fmt = "video", f"{index}.mp4", "video/mp4", "mp4"
-        count, height, width, _ = output.frames.shape
-        thumb_source = Image.fromarray(output.frames[count // 2])
-    thumbnail, error = None, None
-    try:
-        thumbnail = thumbnail_webp(thumb_source)
-    except Exception as exc:  # a thumbnail never fails the job
-        error = f"{type(exc).__name__}: {exc}"[:200]
+        _, height, width, _ = output.frames.shape
     metadata = {**output.metadata, "width": width, "height": height, "format": fmt, "file_size_bytes": len(data)}
-    return EncodedAsset(kind, name, data, content_type, fmt, width, height, thumbnail, error, metadata)
+    return EncodedAsset(kind, name, data, content_type, metadata)
+
+
+def encode_thumbnail(output: Output) -> bytes:
+    """The WEBP thumbnail of an image, or of a video's middle frame."""
+    if isinstance(output, ImageOutput):
+        return thumbnail_webp(output.image)
+    return thumbnail_webp(Image.fromarray(output.frames[len(output.frames) // 2]))

@@ -8,8 +8,9 @@ A real HTTP server (standard library only) for the demo and the tests:
 - ``POST /functions/v1/job-callback``: checks the key and the HMAC signature,
   records the call
 - ``GET /_sink/callbacks``, ``GET /_sink/requests``: what was received
-- ``POST /_sink/faults`` ``{"callback": 503, "storage": 503}``: answer those
-  statuses until reset with ``{}`` (outage drills)
+- ``POST /_sink/faults`` ``{"callback": 503, "storage": 503, "thumbnail": 500}``:
+  answer those statuses (``thumbnail``: thumbnail uploads only) until reset
+  with ``{}`` (outage drills)
 
 Run it alone with ``python -m ourvidz_tasks.sink --root DIR --port N``; the key
 and secret come from ``SUPABASE_SERVICE_KEY`` and ``JOB_CALLBACK_SECRET``.
@@ -147,7 +148,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._record(size=len(body), content_type=self.headers.get("Content-Type"))
         if not self._authorized():
             return self._json(401, {"error": "unauthorized"})
-        if (status := self.state.faults.get("storage")) is not None:
+        status = self.state.faults.get("storage")
+        if rel.endswith(".thumb.webp"):
+            status = self.state.faults.get("thumbnail", status)
+        if status is not None:
             return self._json(status, {"error": "injected fault"})
         target = self.state.object_path(rel)
         if target is None:

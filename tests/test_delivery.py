@@ -108,3 +108,11 @@ def test_sink_rejects_bad_signature(sink: Sink) -> None:
     r = httpx.post(f"{sink.url}/functions/v1/job-callback", content=body,
                    headers={"Authorization": f"Bearer {KEY}", "X-Callback-Signature": good})
     assert r.status_code == 200
+
+
+def test_a_thumbnail_failure_never_fails_the_asset(delivery: Delivery, sink: Sink) -> None:
+    sink.faults(thumbnail=500)
+    (asset,) = delivery.publish("user_1", new_id(), [ImageOutput(Image.new("RGB", (64, 64)), {})])
+    assert asset["thumbnail_url"] is None
+    assert asset["metadata"]["thumbnail_error"]["code"] == "THUMBNAIL_GENERATION_ERROR"
+    assert asset["url"].endswith("/0.png")

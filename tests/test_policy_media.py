@@ -77,7 +77,8 @@ def test_mp4_is_h264_yuv420p_with_the_frame_count() -> None:
 def test_mid_frame_thumbnail() -> None:
     frames = np.zeros((9, 32, 32, 3), dtype=np.uint8)
     frames[4] = 200
-    asset = media.encode_output(media.VideoOutput(frames, 8, {}), 0)
-    thumb = np.asarray(Image.open(io.BytesIO(asset.thumbnail)))
+    output = media.VideoOutput(frames, 8, {})
+    asset = media.encode_output(output, 0)
+    thumb = np.asarray(Image.open(io.BytesIO(media.encode_thumbnail(output))))
     assert thumb.mean() > 150
     assert asset.metadata["width"] == 32 and asset.kind == "video" and asset.name == "0.mp4"

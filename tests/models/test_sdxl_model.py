@@ -139,8 +139,13 @@ def test_unload_drops_every_reference(tiny_settings: Settings) -> None:
         run_sdxl(loaded, prompt=PROMPT, seeds=[1], **SMALL)
 
 
-def test_from_pipe_keeps_half_precision(tiny_settings: Settings, model: SdxlModel) -> None:
-    """The CUDA path in miniature: img2img must not cast the shared fp16 modules back to float32."""
+def test_half_precision_path(tiny_settings: Settings, model: SdxlModel) -> None:
+    """The CUDA dtype path, run on CPU (fp16 convolutions work there, slowly).
+
+    img2img must not cast the shared fp16 modules back to float32 (``from_pipe``
+    does unless given the dtype); the VAE is upcast to decode (``force_upcast``)
+    and back; a VAE left in float32 by an interrupted run is put back.
+    """
     from diffusers import StableDiffusionXLPipeline
 
     from ourvidz_tasks.models.sdxl import _finish
@@ -148,11 +153,22 @@ def test_from_pipe_keeps_half_precision(tiny_settings: Settings, model: SdxlMode
     folder = tiny_settings.tiny_cache / "sdxl"
     half: Any = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float16, local_files_only=True)
     loaded = _finish(half, CPU, torch.float16, "test")
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        assert getattr(loaded.t2i, name).dtype == torch.float16, name
-        assert getattr(loaded.i2i, name) is getattr(loaded.t2i, name)
-    assert half.vae.config.force_upcast  # the pipeline decodes in float32
-    loaded.unload()
+    try:
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            assert getattr(loaded.t2i, name).dtype == torch.float16, name
+            assert getattr(loaded.i2i, name) is getattr(loaded.t2i, name)
+        assert half.vae.config.force_upcast
+        kwargs: dict[str, Any] = {"prompt": PROMPT, "seeds": [0], **{**SMALL, "width": 64, "height": 64, "steps": 2}}
+        assert run_sdxl(loaded, **kwargs)[0].size == (64, 64)
+        assert half.vae.dtype == torch.float16
+        reference = Image.new("RGB", (64, 64), "red")
+        assert run_sdxl(loaded, image=reference, strength=0.5, **{**kwargs, "steps": 4})[0].size == (64, 64)
+        assert half.vae.dtype == torch.float16
+        half.vae.to(torch.float32)  # as an out-of-memory error mid-decode leaves it
+        assert run_sdxl(loaded, **kwargs)[0].size == (64, 64)
+        assert half.vae.dtype == torch.float16
+    finally:
+        loaded.unload()
 
 
 # -- configuration errors --------------------------------------------------------
@@ -342,6 +358,17 @@ def test_compel(model: SdxlModel) -> None:
     # longer than 77 tokens, against a short negative: not truncated, padded
     long = run_sdxl(model, prompt=", ".join(["a red cat on the sea"] * 20), compel=True, **kwargs)[0]
     assert long.size == (256, 256)
+
+
+def test_out_of_memory_becomes_job_error(model: SdxlModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ourvidz_tasks.errors import OutOfMemory
+
+    def exhausted(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(type(model.t2i), "__call__", exhausted)
+    with pytest.raises(OutOfMemory, match="256x256"):
+        run_sdxl(model, prompt=PROMPT, seeds=[0, 1], **SMALL)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,871 @@
+"""The per-GPU memory ledger: who holds how much of one device, shared through Redis.
+
+Every pool on a GPU (``sdxl``, ``chat``, ``wan``; one solo worker each) asks
+the ledger before it loads a model and tells it when it unloads. Nothing here
+touches a model: the ledger only keeps the accounts and says who should make
+room; the worker acts (between jobs, see :mod:`ourvidz_tasks.control`).
+
+Keys: ``ourvidz:ledger:{host}:{device}:*`` (device ``cuda:0``, ``cpu``...), so
+many GPU hosts share one Redis. Every key has a TTL, renewed while in use.
+
+Reserving (:meth:`Ledger.reserve`) is one Lua script: reclaim expired leases,
+then grant if the reservation fits the budget *and* nobody waits ahead of it.
+Otherwise the caller takes a ticket and polls; tickets are served strictly
+first in, first out, so a large WAN load is never starved by small ones.
+After ``timeout`` the ticket is withdrawn and :class:`WorkerUnavailable`
+(retryable) is raised.
+
+Making room: for the waiter at the head of the queue the script addresses
+unload requests to idle holders (never a busy one, never the waiter's own
+pool) until the requests cover the shortfall, least needed first:
+
+1. *need* of a pool = depth of its Celery queue + its waiting tickets + its
+   live :meth:`~Ledger.want` registrations; fewer first (AI Horde style);
+2. the preferred resident (``sdxl``, DECISIONS.md) last among equals;
+3. then the longest idle first.
+
+A holder whose pool has queued work is only asked once the waiter has waited
+``patience`` seconds, so switches stay rare but nothing waits forever. The
+plan is re-run on every ledger call (a pool going idle, a release, a poll),
+so a holder that is busy now is asked as soon as it is idle. A request lives
+as long as its reason (the ticket, the want); a release that answers one
+counts as a *switch* (one unload plus the load it makes room for).
+
+Leases: a reservation expires ``lease_seconds`` after its last refresh; a
+:class:`Heartbeat` thread refreshes every reservation of the process. An
+expired lease (a killed worker) is reclaimed by whichever ledger call comes
+next. A live holder that was reclaimed anyway (stalled past its lease) is
+reinstated at its next refresh, even over the budget: the memory is really
+held, and the accounts say so.
+
+Sizes: a reservation is the model's weights plus the peak working memory of
+the largest job shape seen (:meth:`~Ledger.record_peak`, measured with
+:func:`measure_peak`); before the first measurement, a configured estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from .errors import WorkerUnavailable
+
+if TYPE_CHECKING:
+    import torch
+
+    from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+MB = 2**20
+POOLS = ("sdxl", "chat", "wan")
+#: configured estimates (MB) before the first measurement: the seeds' figures
+DEFAULT_ESTIMATES_MB: dict[str, int] = {"sdxl": 10240, "qwen_instruct": 15360, "qwen_base": 15360, "wan": 30720}
+#: ``used / budget`` below each bound; above the last one: ``critical``
+PRESSURE = ((0.6, "low"), (0.8, "medium"), (0.95, "high"))
+STATE_TTL = 24 * 3600
+SIZES_TTL = 30 * 24 * 3600
+_STATE = ("held", "token", "lease", "pools", "tickets", "tlease", "tinfo", "seq",
+          "requests", "wants", "wantmb", "stats", "switches", "meta")
+
+# KEYS: the _STATE keys in order. ARGV[1..5]: budget, preferred, depths (JSON),
+# patience (ms), ttl (s); each operation's own arguments follow from ARGV[6].
+_PRELUDE = """
+local K = {}
+local names = {'held','token','lease','pools','tickets','tlease','tinfo','seq',
+               'requests','wants','wantmb','stats','switches','meta'}
+for i, n in ipairs(names) do K[n] = KEYS[i] end
+local budget = tonumber(ARGV[1])
+local preferred = ARGV[2]
+local depths = cjson.decode(ARGV[3])
+local patience = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local function pool_of(m) return string.match(m, '^([^/]*)/') end
+local function model_of(m) return string.match(m, '/(.*)$') end
+
+local function touch()
+  redis.call('HSET', K.meta, 'budget', budget, 'seen', now)
+  for i = 1, #KEYS do
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ttl) end
+  end
+end
+
+local function used()
+  local total = 0
+  for _, v in ipairs(redis.call('HVALS', K.held)) do total = total + tonumber(v) end
+  return total
+end
+
+local function drop_ticket(tk)
+  redis.call('ZREM', K.tickets, tk)
+  redis.call('ZREM', K.tlease, tk)
+  redis.call('HDEL', K.tinfo, tk)
+end
+
+local function reclaim()
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', K.lease, '-inf', now)) do
+    redis.call('HDEL', K.held, m)
+    redis.call('HDEL', K.token, m)
+    redis.call('ZREM', K.lease, m)
+    redis.call('HINCRBY', K.stats, 'reclaimed', 1)
+  end
+  for _, tk in ipairs(redis.call('ZRANGEBYSCORE', K.tlease, '-inf', now)) do
+    drop_ticket(tk)
+    redis.call('HINCRBY', K.stats, 'abandoned', 1)
+  end
+  redis.call('ZREMRANGEBYSCORE', K.wants, '-inf', now)
+  for _, m in ipairs(redis.call('HKEYS', K.wantmb)) do
+    if not redis.call('ZSCORE', K.wants, m) then redis.call('HDEL', K.wantmb, m) end
+  end
+  local req = redis.call('HGETALL', K.requests)
+  for i = 1, #req, 2 do
+    local r = cjson.decode(req[i + 1])
+    local held = redis.call('HEXISTS', K.held, r.pool .. '/' .. r.model) == 1
+    local alive = not (r.expires and r.expires <= now)
+    if r.ticket and not redis.call('ZSCORE', K.tickets, r.ticket) then alive = false end
+    if r.want and not redis.call('ZSCORE', K.wants, r.want) then alive = false end
+    if r.action == 'unload' and not held then alive = false end
+    if r.action == 'load' and held then alive = false end
+    if not alive then redis.call('HDEL', K.requests, req[i]) end
+  end
+  redis.call('ZREMRANGEBYSCORE', K.switches, '-inf', now - 3600000)
+end
+
+local function needs()
+  local n = {}
+  for p, d in pairs(depths) do n[p] = tonumber(d) end
+  for _, tk in ipairs(redis.call('ZRANGE', K.tickets, 0, -1)) do
+    local info = cjson.decode(redis.call('HGET', K.tinfo, tk))
+    n[info.pool] = (n[info.pool] or 0) + 1
+  end
+  for _, m in ipairs(redis.call('ZRANGE', K.wants, 0, -1)) do
+    local p = pool_of(m)
+    n[p] = (n[p] or 0) + 1
+  end
+  return n
+end
+
+-- ask idle holders of other pools to unload until `shortfall` MB is covered
+local function make_room(pool, model, shortfall, cause, cause_id, allow_needed)
+  local covered, asked = 0, {}
+  local req = redis.call('HGETALL', K.requests)
+  for i = 1, #req, 2 do
+    local r = cjson.decode(req[i + 1])
+    if r.action == 'unload' then
+      covered = covered + (r.mb or 0)
+      asked[r.pool .. '/' .. r.model] = true
+    end
+  end
+  if covered >= shortfall then return end
+  local need = needs()
+  local cands = {}
+  local held = redis.call('HGETALL', K.held)
+  for i = 1, #held, 2 do
+    local m = held[i]
+    local p = pool_of(m)
+    local state = redis.call('HGET', K.pools, p)
+    local nd = need[p] or 0
+    if p ~= pool and state ~= 'busy' and not asked[m] and (nd == 0 or allow_needed) then
+      table.insert(cands, {m = m, p = p, mb = tonumber(held[i + 1]), need = nd,
+                           pref = (p == preferred) and 1 or 0, since = tonumber(state) or 0})
+    end
+  end
+  table.sort(cands, function(a, b)
+    if a.need ~= b.need then return a.need < b.need end
+    if a.pref ~= b.pref then return a.pref < b.pref end
+    if a.since ~= b.since then return a.since < b.since end
+    return a.m < b.m
+  end)
+  for _, c in ipairs(cands) do
+    if covered >= shortfall then break end
+    local r = {action = 'unload', pool = c.p, model = model_of(c.m), mb = c.mb, reason = cause,
+               for_pool = pool, for_model = model, at = now}
+    if cause == 'evict' then r.ticket = cause_id else r.want = cause_id end
+    redis.call('HSET', K.requests, 'unload|' .. c.m, cjson.encode(r))
+    covered = covered + c.mb
+  end
+end
+
+local function plan()
+  local head = redis.call('ZRANGE', K.tickets, 0, 0)[1]
+  if head then
+    local info = cjson.decode(redis.call('HGET', K.tinfo, head))
+    local m = info.pool .. '/' .. info.model
+    local short = used() + info.mb - (tonumber(redis.call('HGET', K.held, m)) or 0) - budget
+    if short > 0 then
+      make_room(info.pool, info.model, short, 'evict', head, now - info.at >= patience)
+    end
+    return
+  end
+  local extra = 0
+  for _, m in ipairs(redis.call('ZRANGE', K.wants, 0, -1)) do
+    if redis.call('HEXISTS', K.held, m) == 0 then
+      extra = extra + tonumber(redis.call('HGET', K.wantmb, m) or 0)
+      local short = used() + extra - budget
+      if short > 0 then make_room(pool_of(m), model_of(m), short, 'predict', m, false) end
+    end
+  end
+end
+
+reclaim()
+"""
+
+_OPS = {
+    # pool, model, mb, ticket, token, lease_ms, enqueue -> {status, ticket, free, position}
+    "reserve": """
+local pool, model, mb, ticket, token = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10]
+local lease_ms, enqueue = tonumber(ARGV[11]), ARGV[12] == '1'
+local m = pool .. '/' .. model
+if ticket ~= '' and not redis.call('ZSCORE', K.tickets, ticket) then ticket = '' end
+local holder = redis.call('HGET', K.token, m)
+local cur = 0
+if holder == token then cur = tonumber(redis.call('HGET', K.held, m)) or 0 end
+local head = redis.call('ZRANGE', K.tickets, 0, 0)[1]
+local first = (not head) or head == ticket
+local shrink = holder == token and mb <= cur
+if shrink or (first and (not holder or holder == token) and used() + mb - cur <= budget) then
+  redis.call('HSET', K.held, m, mb)
+  redis.call('HSET', K.token, m, token)
+  redis.call('ZADD', K.lease, now + lease_ms, m)
+  if cur == 0 then redis.call('HINCRBY', K.stats, 'grants', 1) end
+  if ticket ~= '' then drop_ticket(ticket) end
+  plan()
+  touch()
+  return {'granted', ticket, budget - used(), 0}
+end
+if not enqueue then
+  touch()
+  return {'busy', '', budget - used(), redis.call('ZCARD', K.tickets)}
+end
+if ticket == '' then
+  ticket = tostring(redis.call('INCR', K.seq))
+  redis.call('ZADD', K.tickets, tonumber(ticket), ticket)
+  redis.call('HSET', K.tinfo, ticket, cjson.encode({pool = pool, model = model, mb = mb, at = now}))
+  redis.call('HINCRBY', K.stats, 'waits', 1)
+end
+redis.call('ZADD', K.tlease, now + lease_ms, ticket)
+plan()
+touch()
+return {'wait', ticket, budget - used(), redis.call('ZRANK', K.tickets, ticket)}
+""",
+    # ticket, timed_out -> 1
+    "cancel": """
+drop_ticket(ARGV[6])
+if ARGV[7] == '1' then redis.call('HINCRBY', K.stats, 'timeouts', 1) end
+reclaim()
+plan()
+touch()
+return 1
+""",
+    # member, token, lease_ms, mb -> 1 refreshed, 2 reinstated, 0 held by another
+    "refresh": """
+local m, token, lease_ms, mb = ARGV[6], ARGV[7], tonumber(ARGV[8]), tonumber(ARGV[9])
+local holder = redis.call('HGET', K.token, m)
+local code = 1
+if holder and holder ~= token then touch() return 0 end
+if not holder then
+  redis.call('HSET', K.held, m, mb)
+  redis.call('HSET', K.token, m, token)
+  redis.call('HINCRBY', K.stats, 'reinstated', 1)
+  code = 2
+end
+redis.call('ZADD', K.lease, now + lease_ms, m)
+touch()
+return code
+""",
+    # member, token -> MB released
+    "release": """
+local m, token = ARGV[6], ARGV[7]
+if redis.call('HGET', K.token, m) ~= token then touch() return 0 end
+local mb = tonumber(redis.call('HGET', K.held, m)) or 0
+redis.call('HDEL', K.held, m)
+redis.call('HDEL', K.token, m)
+redis.call('ZREM', K.lease, m)
+redis.call('HINCRBY', K.stats, 'releases', 1)
+local r = redis.call('HGET', K.requests, 'unload|' .. m)
+if r then
+  local reason = cjson.decode(r).reason
+  if reason == 'evict' or reason == 'predict' then
+    redis.call('HINCRBY', K.stats, 'switches', 1)
+    redis.call('ZADD', K.switches, now, now .. ':' .. m .. ':' .. redis.call('INCR', K.seq))
+  else
+    redis.call('HINCRBY', K.stats, 'forced', 1)
+  end
+  redis.call('HDEL', K.requests, 'unload|' .. m)
+end
+plan()
+touch()
+return mb
+""",
+    # pool, state ('busy' | 'idle')
+    "set_busy": """
+local pool = ARGV[6]
+if ARGV[7] == 'busy' then
+  redis.call('HSET', K.pools, pool, 'busy')
+elseif redis.call('HGET', K.pools, pool) == 'busy' or not redis.call('HGET', K.pools, pool) then
+  redis.call('HSET', K.pools, pool, now)
+end
+plan()
+touch()
+return 1
+""",
+    # pool, model, mb, ttl_ms
+    "want": """
+local m = ARGV[6] .. '/' .. ARGV[7]
+redis.call('ZADD', K.wants, now + tonumber(ARGV[9]), m)
+redis.call('HSET', K.wantmb, m, tonumber(ARGV[8]))
+plan()
+touch()
+return 1
+""",
+    # action, pool, model, mb, reason, ttl_ms -> 1 recorded, 0 pointless
+    "request": """
+local action, pool, model = ARGV[6], ARGV[7], ARGV[8]
+local held = redis.call('HEXISTS', K.held, pool .. '/' .. model) == 1
+if (action == 'unload') ~= held then touch() return 0 end
+redis.call('HSET', K.requests, action .. '|' .. pool .. '/' .. model, cjson.encode({
+  action = action, pool = pool, model = model, mb = tonumber(ARGV[9]), reason = ARGV[10],
+  at = now, expires = now + tonumber(ARGV[11])}))
+touch()
+return 1
+""",
+    # field
+    "done": """
+redis.call('HDEL', K.requests, ARGV[6])
+touch()
+return 1
+""",
+    # -> JSON snapshot of the whole ledger
+    "snapshot": """
+plan()
+touch()
+local function map(key)
+  local out, raw = {}, redis.call('HGETALL', key)
+  for i = 1, #raw, 2 do out[raw[i]] = raw[i + 1] end
+  return out
+end
+local tickets = {}
+for _, tk in ipairs(redis.call('ZRANGE', K.tickets, 0, -1)) do
+  table.insert(tickets, cjson.decode(redis.call('HGET', K.tinfo, tk)))
+end
+return cjson.encode({now = now, held = map(K.held), pools = map(K.pools), tickets = tickets,
+  wants = map(K.wantmb), requests = map(K.requests), stats = map(K.stats),
+  switches = redis.call('ZCARD', K.switches)})
+""",
+}
+
+_MAX_SCRIPT = """
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1])) or 0
+local mb = tonumber(ARGV[2])
+if mb > cur then redis.call('HSET', KEYS[1], ARGV[1], mb) cur = mb end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return cur
+"""
+
+
+def mb_of(nbytes: int) -> int:
+    """Bytes as whole MB, rounded up."""
+    return max(0, math.ceil(nbytes / MB))
+
+
+def pressure_of(used_mb: float, budget_mb: float) -> str:
+    """``low``/``medium``/``high``/``critical`` by ``used / budget`` (:data:`PRESSURE`)."""
+    ratio = used_mb / budget_mb if budget_mb > 0 else 1.0
+    for bound, level in PRESSURE:
+        if ratio < bound:
+            return level
+    return "critical"
+
+
+@dataclass(frozen=True)
+class Request:
+    """Something a pool is asked to do between jobs.
+
+    ``action`` is ``unload`` or ``load``; ``reason`` is ``evict`` (a waiter
+    needs the room), ``predict`` (queued work wants the room, :meth:`Ledger.want`),
+    ``control`` or ``force`` (a remote-control command).
+    """
+
+    action: str
+    pool: str
+    model: str
+    mb: int
+    reason: str
+    for_pool: str | None = None
+    for_model: str | None = None
+    at: float = 0.0
+
+    @property
+    def field(self) -> str:
+        return f"{self.action}|{self.pool}/{self.model}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "pool": self.pool, "model": self.model, "mb": self.mb,
+                "reason": self.reason, "for_pool": self.for_pool, "for_model": self.for_model, "at": self.at}
+
+    @classmethod
+    def parse(cls, raw: str | bytes) -> Request:
+        r = json.loads(raw)
+        return cls(action=r["action"], pool=r["pool"], model=r["model"], mb=int(r.get("mb") or 0),
+                   reason=r.get("reason", "control"), for_pool=r.get("for_pool"), for_model=r.get("for_model"),
+                   at=float(r.get("at", 0)) / 1000)
+
+
+@dataclass(frozen=True)
+class Wait:
+    """What :meth:`Ledger.reserve` passes to ``on_wait`` at every poll while it waits."""
+
+    pool: str
+    model: str
+    mb: int
+    position: int
+    free_mb: int
+    waited: float
+
+
+class Reservation:
+    """MB of the budget held for one model of one pool; refresh its lease, release it once."""
+
+    def __init__(self, ledger: Ledger, pool: str, model: str, mb: int, token: str, waited: float) -> None:
+        self.ledger, self.pool, self.model, self.mb = ledger, pool, model, mb
+        self.token, self.waited = token, waited
+        self.released = False
+        self._lock = threading.Lock()
+
+    @property
+    def member(self) -> str:
+        return f"{self.pool}/{self.model}"
+
+    def refresh(self) -> bool:
+        """Renew the lease; False once released or when another holder took the slot."""
+        with self._lock:
+            if self.released:
+                return False
+            code = self.ledger._op("refresh", self.member, self.token, self.ledger.lease_ms, self.mb)
+        if code == 2:
+            log.warning("%s: lease had expired and was reclaimed; reinstated (%d MB)", self.member, self.mb)
+        return bool(code)
+
+    def resize(self, mb: int) -> bool:
+        """Hold ``mb`` instead (grow only when it fits now, nobody waiting); True when done."""
+        with self._lock:
+            if self.released:
+                return False
+            status, *_ = self.ledger._reserve_once(self.pool, self.model, mb, "", self.token, enqueue=False)
+            if status == "granted":
+                self.mb = mb
+                return True
+            return False
+
+    def release(self) -> int:
+        """Give the MB back (idempotent); returns the MB released."""
+        with self._lock:
+            if self.released:
+                return 0
+            self.released = True
+            return int(self.ledger._op("release", self.member, self.token))
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"Reservation({self.member!r}, {self.mb} MB{', released' if self.released else ''})"
+
+
+class Ledger:
+    """The accounts of one device's memory, shared by every pool on it through Redis.
+
+    ``budget_mb``: what the pools may hold together (``OURVIDZ_VRAM_BUDGET_MB``).
+    ``lease_seconds``: a reservation not refreshed for this long is reclaimed.
+    ``preferred``: the pool kept resident among equals (DECISIONS.md: ``sdxl``).
+    ``patience``: seconds a waiter waits before holders with queued work are asked.
+    ``poll``: seconds between two tries of a waiting :meth:`reserve`.
+    ``queue_depth(pool)``: jobs queued for a pool; default: the length of the
+    Celery queue ``pool`` in ``store`` (the broker, when it is that Redis).
+    """
+
+    def __init__(
+        self, store: redis.Redis, host: str, device: str, budget_mb: int, *,
+        lease_seconds: float = 15, pools: Sequence[str] = POOLS, preferred: str | None = "sdxl",
+        patience: float = 30.0, poll: float = 0.1, queue_depth: Callable[[str], int] | None = None,
+    ) -> None:
+        if budget_mb <= 0:
+            raise ValueError(f"`budget_mb` must be positive, got {budget_mb}")
+        if lease_seconds <= 0:
+            raise ValueError(f"`lease_seconds` must be positive, got {lease_seconds}")
+        self.redis, self.host, self.device, self.budget_mb = store, host, device, int(budget_mb)
+        self.lease_seconds, self.pools, self.preferred = lease_seconds, tuple(pools), preferred or ""
+        self.patience, self.poll = patience, poll
+        self.prefix = f"ourvidz:ledger:{host}:{device}"
+        self.keys = [f"{self.prefix}:{name}" for name in _STATE]
+        self.sizes_key = f"{self.prefix}:sizes"
+        self._queue_depth = queue_depth or self._broker_depth
+        self._scripts = {name: store.register_script(_PRELUDE + body) for name, body in _OPS.items()}
+        self._max = store.register_script(_MAX_SCRIPT)
+
+    @classmethod
+    def for_settings(cls, store: redis.Redis, settings: Settings, device: torch.device | str,
+                     **options: Any) -> Ledger:
+        """The ledger of ``device`` on this host, budget from settings (else :func:`default_budget_mb`)."""
+        host = settings.hostname or socket.gethostname()
+        budget = settings.vram_budget_mb or default_budget_mb(device)
+        return cls(store, host, str(device), budget, **options)
+
+    @property
+    def lease_ms(self) -> int:
+        return int(self.lease_seconds * 1000)
+
+    # -- reserving -------------------------------------------------------------
+
+    def reserve(self, pool: str, model: str, mb: int, *, timeout: float,
+                on_wait: Callable[[Wait], None] | None = None) -> Reservation:
+        """Hold ``mb`` MB for ``model`` of ``pool``, waiting in line up to ``timeout`` seconds.
+
+        Raises :class:`WorkerUnavailable` (retryable) when it does not fit in
+        time; ``timeout=0`` tries once without queueing. ``on_wait`` is called
+        at every poll while waiting (it may raise to give up).
+        """
+        if mb < 0:
+            raise ValueError(f"`mb` must be >= 0, got {mb}")
+        token, ticket = uuid.uuid4().hex, ""
+        started = time.monotonic()
+        try:
+            while True:
+                status, ticket, free, position = self._reserve_once(pool, model, mb, ticket, token,
+                                                                    enqueue=timeout > 0)
+                waited = time.monotonic() - started
+                if status == "granted":
+                    ticket = ""
+                    if waited > self.poll:
+                        log.info("%s/%s: %d MB granted after %.1fs", pool, model, mb, waited)
+                    return Reservation(self, pool, model, mb, token, waited)
+                if status == "busy" or waited >= timeout:
+                    raise WorkerUnavailable(
+                        f"{pool}: {mb} MB for {model} did not fit the {self.budget_mb} MB budget of "
+                        f"{self.host} {self.device} within {timeout:g}s ({free} MB free, {position} waiting ahead)")
+                if on_wait is not None:
+                    on_wait(Wait(pool, model, mb, position, free, waited))
+                time.sleep(max(0.0, min(self.poll, timeout - waited)))
+        finally:
+            if ticket:
+                self._op("cancel", ticket, int(time.monotonic() - started >= timeout))
+
+    def _reserve_once(self, pool: str, model: str, mb: int, ticket: str, token: str,
+                      *, enqueue: bool) -> tuple[str, str, int, int]:
+        status, ticket_out, free, position = self._op(
+            "reserve", pool, model, int(mb), ticket, token, self.lease_ms, int(enqueue))
+        return _s(status), _s(ticket_out), int(free), int(position or 0)
+
+    def keepalive(self, interval: float | None = None,
+                  on_lost: Callable[[Reservation], None] | None = None) -> Heartbeat:
+        """A started :class:`Heartbeat` (default: refresh every third of the lease)."""
+        return Heartbeat(interval or self.lease_seconds / 3, on_lost).start()
+
+    # -- who does what -----------------------------------------------------------
+
+    def set_busy(self, pool: str, busy: bool) -> None:
+        """Mark ``pool`` busy (in a job: never asked to unload) or idle (since now)."""
+        self._op("set_busy", pool, "busy" if busy else "idle")
+
+    def want(self, pool: str, model: str, mb: int, *, ttl: float = 60.0) -> list[Request]:
+        """Queued work will need ``model`` of ``pool``: ask idle holders nobody needs to make room.
+
+        Lasts ``ttl`` seconds (call again to extend); returns the unload
+        requests standing for it.
+        """
+        self._op("want", pool, model, int(mb), int(ttl * 1000))
+        return [r for r in self.requests() if r.reason == "predict" and (r.for_pool, r.for_model) == (pool, model)]
+
+    def request(self, action: str, pool: str, model: str, mb: int = 0, *,
+                reason: str = "control", ttl: float = 600.0) -> bool:
+        """Ask ``pool`` to ``load`` or ``unload`` ``model`` between jobs; False when already so."""
+        if action not in ("load", "unload"):
+            raise ValueError(f"`action` must be 'load' or 'unload', got {action!r}")
+        return bool(self._op("request", action, pool, model, int(mb), reason, int(ttl * 1000)))
+
+    def requests(self) -> list[Request]:
+        """Every live request on this device."""
+        return self._snapshot()["requests"]
+
+    def pending_requests(self, pool: str) -> list[Request]:
+        """What ``pool`` is asked to do, unloads first; act between jobs, then :meth:`done`."""
+        mine = [r for r in self.requests() if r.pool == pool]
+        return sorted(mine, key=lambda r: (r.action != "unload", r.at))
+
+    def done(self, request: Request) -> None:
+        """Forget a request that was carried out (a release answers unloads by itself)."""
+        self._op("done", request.field)
+
+    def holders(self, pool: str | None = None) -> dict[str, int]:
+        """``{"pool/model": MB}`` of live reservations (of ``pool`` only, if given)."""
+        held = self._snapshot()["held"]
+        return {m: mb for m, mb in held.items() if pool is None or m.split("/", 1)[0] == pool}
+
+    # -- sizes -------------------------------------------------------------------
+
+    def record_peak(self, model: str, shape_key: str, mb: int) -> int:
+        """Working memory of one job shape (MB above the weights); returns the largest kept for it."""
+        return int(self._max(keys=[self.sizes_key], args=[f"peak:{model}:{shape_key}", int(mb), SIZES_TTL]))
+
+    def record_weights(self, model: str, mb: int) -> None:
+        """The model's weights as loaded (MB)."""
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.sizes_key, f"weights:{model}", int(mb))
+            pipe.expire(self.sizes_key, SIZES_TTL)
+            pipe.execute()
+
+    def estimate(self, model: str, default_mb: int) -> int:
+        """What to reserve for ``model``: weights + the largest peak seen, else ``default_mb``."""
+        sizes = {_s(k): int(v) for k, v in self.redis.hgetall(self.sizes_key).items()}
+        peaks = [v for k, v in sizes.items() if k.startswith(f"peak:{model}:")]
+        weights = sizes.get(f"weights:{model}")
+        if not peaks:
+            return max(default_mb, weights or 0)
+        return (weights if weights is not None else default_mb) + max(peaks)
+
+    # -- reading -----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The device at a glance: pools, reserved, free, pressure, waiters, switches."""
+        snap = self._snapshot()
+        used = sum(snap["held"].values())
+        pools: dict[str, dict[str, Any]] = {}
+        for name in dict.fromkeys([*self.pools, *(m.split("/", 1)[0] for m in snap["held"])]):
+            models = {m.split("/", 1)[1]: mb for m, mb in snap["held"].items() if m.split("/", 1)[0] == name}
+            state = snap["pools"].get(name)
+            pools[name] = {
+                "loaded": bool(models), "reserved_mb": sum(models.values()), "models": models,
+                "busy": state == "busy", "queue_depth": snap["depths"].get(name, 0),
+                "idle_seconds": round((snap["now"] - float(state)) / 1000, 1) if state not in (None, "busy") else None,
+            }
+        return {
+            "host": self.host, "device": self.device, "budget_mb": self.budget_mb, "reserved_mb": used,
+            "free_mb": self.budget_mb - used, "pressure": pressure_of(used, self.budget_mb), "pools": pools,
+            "waiters": snap["tickets"], "pending_waiters": len(snap["tickets"]),
+            "wants": snap["wants"], "requests": [r.as_dict() for r in snap["requests"]],
+            "switches_last_hour": snap["switches"], "counters": snap["stats"],
+        }
+
+    def report(self) -> dict[str, Any]:
+        """The seeds' memory report: pressure, available MB, per-pool status, recommendations."""
+        st = self.status()
+        recs: list[str] = []
+        for req in st["requests"]:
+            if req["action"] == "unload" and req["for_pool"]:
+                recs.append(f"unload_{req['pool']}_for_{req['for_pool']}")
+        for name, pool in st["pools"].items():
+            waiting = any(w["pool"] == name for w in st["waiters"])
+            if not pool["loaded"] and pool["queue_depth"] and not waiting:
+                recs.append(f"load_{name}")
+        if st["pressure"] in ("medium", "high"):
+            recs.append("monitor_pressure")
+        elif st["pressure"] == "critical":
+            recs.append("free_memory")
+        if st["pending_waiters"]:
+            recs.append("memory_waiters")
+        return {
+            "pressure_level": st["pressure"], "available_vram": st["free_mb"], "budget_mb": st["budget_mb"],
+            "worker_status": {name: {"loaded": p["loaded"], "memory": p["reserved_mb"]} for name, p in st["pools"].items()},
+            "recommendations": list(dict.fromkeys(recs)),
+        }
+
+    def counters(self) -> dict[str, int]:
+        """Totals kept in Redis: grants, releases, waits, timeouts, switches, reclaimed..."""
+        return self._snapshot()["stats"]
+
+    def clear(self) -> None:
+        """Delete every key of this device's ledger (tests, benches)."""
+        self.redis.delete(*self.keys, self.sizes_key)
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _depths(self) -> dict[str, int]:
+        out = {}
+        for pool in self.pools:
+            try:
+                out[pool] = int(self._queue_depth(pool))
+            except Exception as exc:  # a broker hiccup must not stop the accounts
+                log.warning("queue depth of %s unavailable: %s", pool, type(exc).__name__)
+                out[pool] = 0
+        return out
+
+    def _broker_depth(self, pool: str) -> int:
+        # kombu's Redis transport: list ``pool``, plus ``pool\\x06\\x16N`` per priority step
+        with self.redis.pipeline(transaction=False) as pipe:
+            for suffix in ("", "\x06\x163", "\x06\x166", "\x06\x169"):
+                pipe.llen(pool + suffix)
+            return sum(pipe.execute())
+
+    def _op(self, name: str, *args: Any, depths: Mapping[str, int] | None = None) -> Any:
+        if depths is None:
+            depths = {} if name in ("refresh", "done", "request") else self._depths()
+        common = [self.budget_mb, self.preferred, json.dumps(depths), int(self.patience * 1000), STATE_TTL]
+        return self._scripts[name](keys=self.keys, args=[*common, *args])
+
+    def _snapshot(self) -> dict[str, Any]:
+        depths = self._depths()
+        snap = json.loads(self._op("snapshot", depths=depths))
+        return {
+            "now": snap["now"], "depths": depths,
+            "held": {m: int(mb) for m, mb in _obj(snap["held"]).items()},
+            "pools": _obj(snap["pools"]),
+            "tickets": [{"pool": t["pool"], "model": t["model"], "mb": t["mb"], "position": i,
+                         "waited_seconds": round((snap["now"] - t["at"]) / 1000, 1)}
+                        for i, t in enumerate(_list(snap["tickets"]))],
+            "wants": {m: int(mb) for m, mb in _obj(snap["wants"]).items()},
+            "requests": sorted((Request.parse(v) for v in _obj(snap["requests"]).values()), key=lambda r: r.at),
+            "stats": {k: int(v) for k, v in _obj(snap["stats"]).items()},
+            "switches": int(snap["switches"]),
+        }
+
+
+class Heartbeat:
+    """Refreshes the leases of the reservations it holds, from a daemon thread.
+
+    ``on_lost(reservation)`` is called when a reservation's slot was taken by
+    another holder (its refresh returned False while not released).
+    """
+
+    def __init__(self, interval: float, on_lost: Callable[[Reservation], None] | None = None) -> None:
+        if interval <= 0:
+            raise ValueError(f"`interval` must be positive, got {interval}")
+        self.interval, self.on_lost = interval, on_lost
+        self._held: set[Reservation] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, reservation: Reservation) -> None:
+        with self._lock:
+            self._held.add(reservation)
+
+    def discard(self, reservation: Reservation) -> None:
+        with self._lock:
+            self._held.discard(reservation)
+
+    def beat(self) -> None:
+        """One round of refreshes (the thread calls it every ``interval``)."""
+        with self._lock:
+            held = list(self._held)
+        for res in held:
+            try:
+                ok = res.refresh()
+            except redis.RedisError as exc:
+                log.warning("lease refresh of %s failed: %s", res.member, type(exc).__name__)
+                continue
+            if res.released:
+                self.discard(res)
+            elif not ok:
+                log.error("%s: reservation lost to another holder", res.member)
+                self.discard(res)
+                if self.on_lost is not None:
+                    self.on_lost(res)
+
+    def start(self) -> Heartbeat:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ledger-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.beat()
+
+
+# -- measuring -------------------------------------------------------------------
+
+
+@dataclass
+class Peak:
+    """Filled by :func:`measure_peak` when its block ends."""
+
+    bytes: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def mb(self) -> int:
+        return mb_of(self.bytes)
+
+
+@contextmanager
+def measure_peak(device: torch.device | str | None = None) -> Iterator[Peak]:
+    """Working memory of the block: bytes above what was allocated when it began.
+
+    CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``) minus the
+    allocation at the start. CPU has no allocator peak: the growth of the
+    process's maximum resident set, a lower bound (0 when the process was
+    already that large); CPU reservations are the weights
+    (:func:`~ourvidz_tasks.models.module_bytes`) plus this.
+    """
+    import torch
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    peak = Peak()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            yield peak
+        finally:
+            torch.cuda.synchronize(dev)
+            peak.bytes = max(0, torch.cuda.max_memory_allocated(dev) - base)
+            peak.extra = {"base": base}
+    else:
+        before = _max_rss()
+        try:
+            yield peak
+        finally:
+            peak.bytes = max(0, _max_rss() - before)
+
+
+def default_budget_mb(device: torch.device | str) -> int:
+    """No ``OURVIDZ_VRAM_BUDGET_MB``: the GPU's total memory, or the machine's RAM on CPU."""
+    import os
+
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return mb_of(torch.cuda.get_device_properties(dev.index or 0).total_memory)
+    return mb_of(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _max_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}  # cjson writes an empty table as {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
