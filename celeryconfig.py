@@ -45,6 +45,7 @@ _default = Exchange("", type="direct")
 task_queues = tuple(Queue(name, _default, routing_key=name) for name in QUEUES)
 task_routes = {f"ourvidz.{name}.*": {"queue": name, "exchange": "", "routing_key": name} for name in QUEUES}
 task_default_queue = "chat"
+task_default_exchange = "ourvidz"  # queues are bound here too; publishers use "" (the default exchange)
 task_create_missing_queues = False
 
 # where our own Redis bookkeeping lives (ledger, idempotency, dead letters)

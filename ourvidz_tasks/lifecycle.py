@@ -117,6 +117,10 @@ class JobTask(BaseTask):
             return recorded
 
         attempt = self.request.retries + 1
+        if rt.recovery is not None:
+            deliveries = rt.recovery.delivered(job_id, self.request.retries, rt.settings.idempotency_ttl)
+            if deliveries > rt.settings.max_deliveries:
+                return self._poison(rt, job_id, attempt, deliveries)
         started = time.perf_counter()
         rt.delivery.processing(job_id, attempt)
         metadata: dict[str, Any] = {}
@@ -154,6 +158,17 @@ class JobTask(BaseTask):
             delivery_time=metadata.get("delivery_time"),
         )
         return rt.delivery.finish(body)
+
+    def _poison(self, rt: Runtime, job_id: str, attempt: int, deliveries: int) -> dict[str, Any]:
+        log.error("job %s: delivered %d times, given up as poison", job_id, deliveries)
+        error = _poison_error(deliveries)
+        body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata={}, error=error)
+        return rt.delivery.finish(body)
+
+
+def _poison_error(deliveries: int) -> dict[str, Any]:
+    message = f"given up after {deliveries - 1} deliveries: the job stopped its worker each time"
+    return {"code": WorkerUnavailable.code, "message": message, "retryable": False}
 
 
 def _enhancement(job: Job) -> dict[str, Any]:

@@ -117,6 +117,20 @@ local function drop_ticket(tk)
   redis.call('HDEL', K.tinfo, tk)
 end
 
+local function needs()
+  local n = {}
+  for p, d in pairs(depths) do n[p] = tonumber(d) end
+  for _, tk in ipairs(redis.call('ZRANGE', K.tickets, 0, -1)) do
+    local info = cjson.decode(redis.call('HGET', K.tinfo, tk))
+    n[info.pool] = (n[info.pool] or 0) + 1
+  end
+  for _, m in ipairs(redis.call('ZRANGE', K.wants, 0, -1)) do
+    local p = pool_of(m)
+    n[p] = (n[p] or 0) + 1
+  end
+  return n
+end
+
 local function reclaim()
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', K.lease, '-inf', now)) do
     redis.call('HDEL', K.held, m)
@@ -132,7 +146,7 @@ local function reclaim()
   for _, m in ipairs(redis.call('HKEYS', K.wantmb)) do
     if not redis.call('ZSCORE', K.wants, m) then redis.call('HDEL', K.wantmb, m) end
   end
-  local req = redis.call('HGETALL', K.requests)
+  local req, need = redis.call('HGETALL', K.requests), nil
   for i = 1, #req, 2 do
     local r = cjson.decode(req[i + 1])
     local held = redis.call('HEXISTS', K.held, r.pool .. '/' .. r.model) == 1
@@ -141,23 +155,13 @@ local function reclaim()
     if r.want and not redis.call('ZSCORE', K.wants, r.want) then alive = false end
     if r.action == 'unload' and not held then alive = false end
     if r.action == 'load' and held then alive = false end
+    if r.action == 'unload' and r.reason == 'predict' and alive then
+      need = need or needs()
+      if (need[r.pool] or 0) > 0 then alive = false end  -- predictions never evict needed models
+    end
     if not alive then redis.call('HDEL', K.requests, req[i]) end
   end
   redis.call('ZREMRANGEBYSCORE', K.switches, '-inf', now - 3600000)
-end
-
-local function needs()
-  local n = {}
-  for p, d in pairs(depths) do n[p] = tonumber(d) end
-  for _, tk in ipairs(redis.call('ZRANGE', K.tickets, 0, -1)) do
-    local info = cjson.decode(redis.call('HGET', K.tinfo, tk))
-    n[info.pool] = (n[info.pool] or 0) + 1
-  end
-  for _, m in ipairs(redis.call('ZRANGE', K.wants, 0, -1)) do
-    local p = pool_of(m)
-    n[p] = (n[p] or 0) + 1
-  end
-  return n
 end
 
 -- ask idle holders of other pools to unload until `shortfall` MB is covered
@@ -717,7 +721,7 @@ class Ledger:
     def _op(self, name: str, *args: Any, depths: Mapping[str, int] | None = None) -> Any:
         if depths is None:
             depths = {} if name in ("refresh", "done", "request") else self._depths()
-        common = [self.budget_mb, self.preferred, json.dumps(depths), int(self.patience * 1000), STATE_TTL]
+        common: list[Any] = [self.budget_mb, self.preferred, json.dumps(depths), int(self.patience * 1000), STATE_TTL]
         return self._scripts[name](keys=self.keys, args=[*common, *args])
 
     def _snapshot(self) -> dict[str, Any]:

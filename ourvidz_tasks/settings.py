@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     max_retry_countdown: int = Field(600, gt=0)
     #: seconds a terminal record keeps a job id from being run twice
     idempotency_ttl: int = Field(7 * 24 * 3600, gt=0)
+    #: seconds a dead worker's heartbeat takes to expire; its job is requeued soon after
+    lease_seconds: float = Field(15.0, ge=1)
+    #: deliveries of one job attempt before it is given up as poison (it kills its worker)
+    max_deliveries: int = Field(3, ge=1)
     #: node name override (tests); default ``{family}@{hostname}``
     hostname: str | None = None
 

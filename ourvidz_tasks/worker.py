@@ -27,6 +27,7 @@ from .fetch import ReferenceFetcher
 from .guard import DeadLetters, hooks
 from .jobs import FAMILY_OF_TYPE, usable_id
 from .policy import PromptPolicy, load_policy
+from .recovery import Recovery
 from .redact import install_log_filter
 from .settings import Settings, load_settings
 
@@ -94,6 +95,7 @@ class Runtime:
     fetcher: ReferenceFetcher
     policy: PromptPolicy
     dead: DeadLetters
+    recovery: Recovery | None = None
     models: dict[str, ModelSlot] = field(default_factory=dict)
 
     def model(self, name: str) -> Any:
@@ -108,6 +110,8 @@ class Runtime:
             pipe.execute()
 
     def close(self) -> None:
+        if self.recovery is not None:
+            self.recovery.stop()
         for slot in self.models.values():
             slot.unload()
         self.delivery.close()
@@ -163,6 +167,11 @@ def build_runtime(app: Celery, family: str, worker_id: str, settings: Settings |
         delivery=Delivery(settings, worker_id, store), fetcher=ReferenceFetcher(settings),
         policy=load_policy(settings.prompt_policy), dead=dead,
     )
+    if settings.broker_is_redis:
+        runtime.recovery = Recovery(
+            redis.Redis.from_url(settings.broker_url), store, worker_id,
+            lease_seconds=settings.lease_seconds, owner_ttl=settings.visibility_timeout,
+        )
     runtime.models = {
         name: ModelSlot(name, loader, runtime.record_load)
         for name, loader in _loaders(family, settings, device).items()
@@ -208,7 +217,18 @@ def _warmup(sender: str, instance: Any, **_: Any) -> None:
         log.critical("warmup failed: %s", exc)
         raise SystemExit(3) from None
     app.ourvidz_runtime = rt  # type: ignore[attr-defined]
+    if rt.recovery is not None:
+        rt.recovery.start()
     log.info("%s ready: %s on %s", sender, ", ".join(warm_models(family, rt.settings)), rt.device)
+
+
+@signals.task_received.connect
+def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """Own every message this worker holds, so a crash hands it back quickly."""
+    rt: Runtime | None = getattr(getattr(sender, "app", None), "ourvidz_runtime", None)
+    tag = (getattr(request, "delivery_info", None) or {}).get("delivery_tag")
+    if rt is not None and rt.recovery is not None and tag:
+        rt.recovery.own(str(tag))
 
 
 @signals.worker_shutdown.connect

@@ -59,10 +59,21 @@ os.environ.setdefault("SUPABASE_URL", "http://127.0.0.1:9")  # replaced per work
 from ourvidz_tasks.sink import Sink  # noqa: E402
 
 
+_CLAIMED = [DB]
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    client = redis.Redis.from_url(BROKER)
     if not os.environ.get("OURVIDZ_TEST_DB"):
-        client.flushdb()
+        for db in _CLAIMED:
+            redis.Redis.from_url(f"{REDIS_HOST}/{db}").flushdb()
+
+
+@pytest.fixture()
+def isolated_broker() -> str:
+    """A second private database, for tests whose workers must not share queues with the session's."""
+    db = _claim_db()
+    _CLAIMED.append(db)
+    return f"{REDIS_HOST}/{db}"
 
 
 @pytest.fixture(scope="session")
@@ -94,10 +105,10 @@ class WorkerProcess:
         )
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.family} exited {self.proc.returncode}:\n{self.text()[-3000:]}")
             if f"{self.node} ready." in self.text():
                 return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.family} exited {self.proc.returncode}:\n{self.text()[-3000:]}")
             time.sleep(0.2)
         raise TimeoutError(f"worker {self.family} not ready in {timeout}s:\n{self.text()[-3000:]}")
 

@@ -214,7 +214,8 @@ def test_images_are_scaled_to_cover_and_center_cropped() -> None:
     wide.paste((0, 255, 0), (60, 0, 90, 30))  # green right third: cropped away
     fitted = wan._fit(wide, 32, 32)
     assert fitted.size == (32, 32) and fitted.mode == "RGB"
-    assert np.asarray(fitted)[:, 2:-2].reshape(-1, 3).tolist() == [[0, 0, 255]] * (32 * 28)
+    middle = np.asarray(fitted).astype(int)[:, 3:-3]  # (Lanczos rings a little at the seams)
+    assert np.abs(middle - [0, 0, 255]).max() <= 8
     tall = wan._fit(PIL.Image.new("RGBA", (10, 100), (9, 9, 9, 0)), 48, 16)
     assert tall.size == (48, 16) and tall.mode == "RGB"
 

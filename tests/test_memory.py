@@ -1,0 +1,453 @@
+"""The memory ledger against a real Redis: budget, FIFO, leases, evictions, sizes, TTLs.
+
+No models: reservations are small fake MB numbers. Each test has its own
+host name, so its keys are its own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from ourvidz_tasks.errors import WorkerUnavailable
+from ourvidz_tasks.memory import Heartbeat, Ledger, Reservation, measure_peak, pressure_of
+
+from .conftest import BROKER
+
+MakeLedger = Callable[..., Ledger]
+
+
+@pytest.fixture
+def make(store: redis.Redis) -> Iterator[MakeLedger]:
+    host = f"test-{uuid.uuid4().hex[:8]}"
+    made: list[Ledger] = []
+
+    def make(budget: int = 100, **options: Any) -> Ledger:
+        options.setdefault("queue_depth", lambda pool: 0)
+        options.setdefault("poll", 0.02)
+        ledger = Ledger(store, host, "cuda:0", budget, **options)
+        made.append(ledger)
+        return ledger
+
+    yield make
+    for ledger in made:
+        ledger.clear()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise TimeoutError("condition not met")
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+        out["at"] = time.monotonic()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_reserve_release_and_status(make: MakeLedger) -> None:
+    ledger = make(100)
+    res = ledger.reserve("sdxl", "sdxl", 40, timeout=1)
+    st = ledger.status()
+    assert (st["reserved_mb"], st["free_mb"], st["budget_mb"]) == (40, 60, 100)
+    assert st["pools"]["sdxl"]["loaded"] and st["pools"]["sdxl"]["models"] == {"sdxl": 40}
+    assert not st["pools"]["wan"]["loaded"]
+    assert res.release() == 40
+    assert res.release() == 0  # idempotent
+    assert ledger.status()["reserved_mb"] == 0
+    assert ledger.counters()["grants"] == 1 and ledger.counters()["releases"] == 1
+
+
+def test_timeout_is_worker_unavailable(make: MakeLedger) -> None:
+    ledger = make(100)
+    ledger.reserve("sdxl", "sdxl", 80, timeout=1)
+    started = time.monotonic()
+    with pytest.raises(WorkerUnavailable) as info:
+        ledger.reserve("wan", "wan", 30, timeout=0.3)
+    assert 0.3 <= time.monotonic() - started < 2
+    assert info.value.retryable and info.value.code == "WORKER_UNAVAILABLE"
+    assert "30 MB for wan" in str(info.value)
+    st = ledger.status()
+    assert st["pending_waiters"] == 0  # the ticket was withdrawn
+    assert st["counters"]["waits"] == 1 and st["counters"]["timeouts"] == 1
+
+
+def test_timeout_zero_tries_once_without_queueing(make: MakeLedger) -> None:
+    ledger = make(100)
+    ledger.reserve("sdxl", "sdxl", 80, timeout=1)
+    with pytest.raises(WorkerUnavailable):
+        ledger.reserve("wan", "wan", 30, timeout=0)
+    assert ledger.counters().get("waits", 0) == 0
+    assert ledger.reserve("chat", "qwen_instruct", 20, timeout=0).mb == 20
+
+
+def test_fifo_small_request_does_not_overtake(make: MakeLedger) -> None:
+    ledger = make(100)
+    holder = ledger.reserve("sdxl", "sdxl", 60, timeout=1)
+    big, big_out = in_thread(lambda: ledger.reserve("wan", "wan", 50, timeout=10))
+    wait_until(lambda: ledger.status()["pending_waiters"] == 1)
+    small, small_out = in_thread(lambda: ledger.reserve("chat", "qwen_instruct", 30, timeout=10))
+    wait_until(lambda: ledger.status()["pending_waiters"] == 2)
+    time.sleep(0.3)  # 30 MB would fit now, but the 50 MB waiter is first
+    assert "value" not in small_out
+    assert [w["pool"] for w in ledger.status()["waiters"]] == ["wan", "chat"]
+    holder.release()
+    big.join(5)
+    small.join(5)
+    assert isinstance(big_out["value"], Reservation) and isinstance(small_out["value"], Reservation)
+    assert big_out["at"] <= small_out["at"]
+    assert ledger.status()["reserved_mb"] == 80
+
+
+def test_fifo_order_of_many_waiters(make: MakeLedger) -> None:
+    ledger = make(10)
+    holder = ledger.reserve("sdxl", "sdxl", 10, timeout=1)
+    order: list[int] = []
+    lock = threading.Lock()
+
+    def waiter(i: int) -> None:
+        res = ledger.reserve("chat", f"m{i}", 10, timeout=20)
+        with lock:
+            order.append(i)
+        time.sleep(0.05)
+        res.release()
+
+    threads = []
+    for i in range(5):
+        thread, _ = in_thread(lambda i=i: waiter(i))
+        threads.append(thread)
+        wait_until(lambda i=i: ledger.status()["pending_waiters"] == i + 1)
+    holder.release()
+    for thread in threads:
+        thread.join(20)
+    assert order == [0, 1, 2, 3, 4]
+
+
+def test_expired_lease_is_reclaimed(make: MakeLedger) -> None:
+    ledger = make(100, lease_seconds=0.4)
+    ledger.reserve("wan", "wan", 80, timeout=1)  # a holder that dies: never refreshed
+    started = time.monotonic()
+    res = ledger.reserve("sdxl", "sdxl", 50, timeout=5)
+    assert 0.2 <= time.monotonic() - started < 3
+    assert res.mb == 50
+    st = ledger.status()
+    assert st["pools"]["wan"]["loaded"] is False and st["counters"]["reclaimed"] == 1
+
+
+def test_refreshed_lease_survives_and_stalled_one_is_reinstated(make: MakeLedger) -> None:
+    ledger = make(100, lease_seconds=0.3)
+    live = ledger.reserve("sdxl", "sdxl", 60, timeout=1)
+    beat = ledger.keepalive(0.05)
+    beat.add(live)
+    with pytest.raises(WorkerUnavailable):
+        ledger.reserve("wan", "wan", 50, timeout=1.0)
+    beat.stop()
+    assert ledger.holders() == {"sdxl/sdxl": 60}
+    time.sleep(0.5)
+    assert ledger.holders() == {}  # reclaimed by that call
+    assert live.refresh() is True  # the holder was alive after all: reinstated
+    assert ledger.holders() == {"sdxl/sdxl": 60} and ledger.counters()["reinstated"] == 1
+
+
+def test_heartbeat_reports_a_slot_taken_by_another_holder(make: MakeLedger) -> None:
+    ledger = make(100, lease_seconds=0.2)
+    old = ledger.reserve("wan", "wan", 40, timeout=1)
+    time.sleep(0.3)
+    new = ledger.reserve("wan", "wan", 40, timeout=1)  # a restarted worker, same pool and model
+    lost: list[Reservation] = []
+    beat = Heartbeat(10, on_lost=lost.append)
+    beat.add(old)
+    beat.add(new)
+    beat.beat()
+    assert lost == [old]
+    new.release()
+    beat.beat()
+    assert beat._held == set()
+
+
+def test_eviction_goes_to_least_needed_idle_holder(make: MakeLedger) -> None:
+    depths = {"sdxl": 0, "chat": 0, "wan": 0}
+    ledger = make(100, queue_depth=depths.__getitem__)
+    ledger.reserve("sdxl", "sdxl", 40, timeout=1)
+    ledger.reserve("chat", "qwen_instruct", 40, timeout=1)
+    for pool in ("sdxl", "chat"):
+        ledger.set_busy(pool, False)
+    waiter, out = in_thread(lambda: ledger.reserve("wan", "wan", 50, timeout=0.5))
+    # both idle and unneeded: sdxl is the preferred resident, so chat is asked
+    reqs = wait_until(lambda: ledger.requests())
+    assert [(r.action, r.pool, r.model, r.reason, r.for_pool) for r in reqs] == [
+        ("unload", "chat", "qwen_instruct", "evict", "wan")]
+    assert ledger.pending_requests("chat") == reqs and ledger.pending_requests("sdxl") == []
+    assert "unload_chat_for_wan" in ledger.report()["recommendations"]
+    waiter.join(5)
+    assert isinstance(out["error"], WorkerUnavailable)
+    assert ledger.requests() == []  # the waiter gave up: its request is gone with it
+
+    depths["chat"] = 3  # chat has queued work, sdxl none: sdxl is least needed now
+    waiter, out = in_thread(lambda: ledger.reserve("wan", "wan", 50, timeout=0.5))
+    reqs = wait_until(lambda: ledger.requests())
+    assert [r.pool for r in reqs] == ["sdxl"]
+    waiter.join(5)
+
+
+def test_eviction_never_asks_a_busy_holder(make: MakeLedger) -> None:
+    ledger = make(100)
+    sdxl = ledger.reserve("sdxl", "sdxl", 40, timeout=1)
+    ledger.reserve("chat", "qwen_instruct", 40, timeout=1)
+    ledger.set_busy("sdxl", True)
+    ledger.set_busy("chat", True)
+    seen: list[int] = []
+    with pytest.raises(WorkerUnavailable):
+        ledger.reserve("wan", "wan", 50, timeout=0.4, on_wait=lambda w: seen.append(len(ledger.requests())))
+    assert seen and set(seen) == {0}
+    # a pool going idle is asked right away (the plan runs on every ledger call)
+    waiter, out = in_thread(lambda: ledger.reserve("wan", "wan", 50, timeout=5))
+    wait_until(lambda: ledger.status()["pending_waiters"] == 1)
+    ledger.set_busy("sdxl", False)
+    assert [r.pool for r in ledger.pending_requests("sdxl")] == ["sdxl"]
+    assert ledger.pending_requests("chat") == []
+    ledger.set_busy("chat", False)  # sdxl's request already covers the shortfall
+    assert ledger.pending_requests("chat") == []
+    sdxl.release()
+    waiter.join(5)
+    assert isinstance(out["value"], Reservation)
+    assert ledger.counters()["switches"] == 1
+
+
+def test_longest_idle_first_and_needed_holders_only_after_patience(make: MakeLedger) -> None:
+    depths = {"sdxl": 0, "chat": 0, "wan": 0}
+    ledger = make(100, queue_depth=depths.__getitem__, patience=0.5)
+    ledger.reserve("wan", "wan", 30, timeout=1)
+    ledger.set_busy("wan", False)
+    time.sleep(0.05)
+    ledger.reserve("chat", "qwen_instruct", 30, timeout=1)
+    ledger.set_busy("chat", False)
+    ledger.reserve("sdxl", "sdxl", 30, timeout=1)
+    ledger.set_busy("sdxl", True)
+    # a 20 MB model of a fourth pool: wan has been idle longest
+    waiter, _ = in_thread(lambda: ledger.reserve("extra", "x", 20, timeout=0.5))
+    assert [r.pool for r in wait_until(ledger.requests)] == ["wan"]
+    waiter.join(5)
+
+    depths.update(wan=2, chat=1)  # both needed: asked only after `patience`, the least needed first
+    started = time.monotonic()
+    waiter, _ = in_thread(lambda: ledger.reserve("extra", "x", 20, timeout=1.5))
+    reqs = wait_until(ledger.requests, timeout=3)
+    assert time.monotonic() - started >= 0.45
+    assert [r.pool for r in reqs] == ["chat"]
+    waiter.join(5)
+
+
+def test_switch_through_a_pool_that_serves_requests(make: MakeLedger) -> None:
+    ledger = make(100)
+    chat = ledger.reserve("chat", "qwen_instruct", 70, timeout=1)
+    ledger.set_busy("chat", False)
+    stop = threading.Event()
+
+    def chat_pool() -> None:  # what a worker does between jobs
+        while not stop.is_set():
+            for req in ledger.pending_requests("chat"):
+                if req.action == "unload":
+                    chat.release()
+            time.sleep(0.02)
+
+    server, _ = in_thread(chat_pool)
+    wan = ledger.reserve("wan", "wan", 60, timeout=5)
+    stop.set()
+    server.join(5)
+    assert wan.waited > 0
+    st = ledger.status()
+    assert st["switches_last_hour"] == 1 and st["counters"]["switches"] == 1
+    assert st["counters"]["waits"] == 1 and st["requests"] == []
+    assert st["pools"]["chat"]["loaded"] is False and st["pools"]["wan"]["models"] == {"wan": 60}
+
+
+def test_want_asks_only_unneeded_idle_holders(make: MakeLedger) -> None:
+    depths = {"sdxl": 0, "chat": 0, "wan": 0}
+    ledger = make(100, queue_depth=depths.__getitem__)
+    ledger.reserve("chat", "qwen_instruct", 70, timeout=1)
+    ledger.set_busy("chat", True)
+    assert ledger.want("wan", "wan", 50) == []  # busy
+    ledger.set_busy("chat", False)  # idle and unneeded: asked at once for the standing want
+    assert [r.pool for r in ledger.requests()] == ["chat"]
+    depths["chat"] = 1
+    assert ledger.want("wan", "wan", 50) == []  # needed now: the prediction is withdrawn
+    depths["chat"] = 0
+    reqs = ledger.want("wan", "wan", 50, ttl=0.3)
+    assert [(r.pool, r.reason, r.for_pool) for r in reqs] == [("chat", "predict", "wan")]
+    assert ledger.status()["wants"] == {"wan/wan": 50}
+    time.sleep(0.4)
+    assert ledger.requests() == [] and ledger.status()["wants"] == {}  # the want expired
+
+
+def test_control_requests(make: MakeLedger) -> None:
+    ledger = make(100)
+    assert ledger.request("unload", "chat", "qwen_base") is False  # not loaded
+    assert ledger.request("load", "chat", "qwen_base", 30) is True
+    res = ledger.reserve("chat", "qwen_instruct", 20, timeout=1)
+    assert ledger.request("unload", "chat", "qwen_instruct", reason="force") is True
+    reqs = ledger.pending_requests("chat")
+    assert [(r.action, r.model, r.reason) for r in reqs] == [("unload", "qwen_instruct", "force"),
+                                                               ("load", "qwen_base", "control")]
+    res.release()  # answers the unload by itself
+    assert [r.action for r in ledger.pending_requests("chat")] == ["load"]
+    ledger.done(ledger.pending_requests("chat")[0])
+    assert ledger.pending_requests("chat") == []
+    assert ledger.counters()["forced"] == 1
+    with pytest.raises(ValueError, match="`action` must be"):
+        ledger.request("evict", "chat", "x")
+
+
+def test_resize_grows_only_when_it_fits(make: MakeLedger) -> None:
+    ledger = make(100)
+    res = ledger.reserve("sdxl", "sdxl", 40, timeout=1)
+    other = ledger.reserve("wan", "wan", 40, timeout=1)
+    assert res.resize(60) is True and ledger.holders("sdxl") == {"sdxl/sdxl": 60}
+    assert res.resize(70) is False and res.mb == 60
+    assert res.resize(10) is True
+    other.release()
+    assert ledger.status()["reserved_mb"] == 10
+
+
+def test_peak_estimate_grows(make: MakeLedger) -> None:
+    ledger = make()
+    assert ledger.estimate("sdxl", 500) == 500  # nothing measured: the configured estimate
+    ledger.record_weights("sdxl", 300)
+    assert ledger.estimate("sdxl", 500) == 500
+    assert ledger.record_peak("sdxl", "1024x1024", 120) == 120
+    assert ledger.estimate("sdxl", 500) == 420  # weights + largest peak, now measured
+    ledger.record_peak("sdxl", "1536x1536", 250)
+    assert ledger.estimate("sdxl", 500) == 550
+    assert ledger.record_peak("sdxl", "1024x1024", 50) == 120  # a peak is the largest seen
+    assert ledger.estimate("sdxl", 500) == 550
+    assert ledger.estimate("wan", 700) == 700  # per model
+
+
+def test_pressure_levels(make: MakeLedger) -> None:
+    assert [pressure_of(x, 100) for x in (0, 59, 60, 79, 80, 94, 95, 120)] == [
+        "low", "low", "medium", "medium", "high", "high", "critical", "critical"]
+    assert pressure_of(18432, 24576) == "medium"  # the seeds' example
+    ledger = make(100)
+    ledger.reserve("sdxl", "sdxl", 85, timeout=1)
+    report = ledger.report()
+    assert report["pressure_level"] == "high" and report["available_vram"] == 15
+    assert report["worker_status"]["sdxl"] == {"loaded": True, "memory": 85}
+    assert report["worker_status"]["wan"] == {"loaded": False, "memory": 0}
+    assert "monitor_pressure" in report["recommendations"]
+
+
+def test_every_key_has_a_ttl(make: MakeLedger, store: redis.Redis) -> None:
+    ledger = make(100)
+    a = ledger.reserve("sdxl", "sdxl", 60, timeout=1)
+    ledger.set_busy("sdxl", False)
+    ledger.record_peak("sdxl", "512x512", 10)
+    ledger.record_weights("sdxl", 50)
+    ledger.want("wan", "wan", 80)
+    ledger.request("load", "chat", "qwen_instruct", 10)
+    waiter, _ = in_thread(lambda: ledger.reserve("wan", "wan", 60, timeout=1))
+    wait_until(lambda: ledger.status()["pending_waiters"] == 1)
+    keys = list(store.scan_iter(match=f"{ledger.prefix}:*"))
+    assert len(keys) >= 10
+    assert {k: store.ttl(k) for k in keys if store.ttl(k) <= 0} == {}
+    a.release()
+    waiter.join(5)
+    keys = list(store.scan_iter(match=f"{ledger.prefix}:*"))
+    assert {k: store.ttl(k) for k in keys if store.ttl(k) <= 0} == {}
+
+
+def test_measure_peak_on_cpu() -> None:
+    import torch
+
+    with measure_peak("cpu") as peak:
+        block = torch.ones(64, 2**20 // 4)  # 64 MB, likely above the high-water mark
+        block.add_(1)
+    assert peak.bytes >= 0 and peak.mb == -(-peak.bytes // 2**20)
+    del block
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()")
+def test_measure_peak_on_cuda() -> None:
+    import torch
+
+    keep = torch.ones(2**20, device="cuda")  # 4 MB held before: not counted
+    with measure_peak("cuda:0") as peak:
+        tmp = torch.ones(16 * 2**20 // 4, device="cuda")
+        del tmp
+    assert 16 * 2**20 <= peak.bytes < 20 * 2**20
+    del keep
+
+
+def _contender(url: str, host: str, seed: int, rounds: int, out: Any) -> None:
+    store = redis.Redis.from_url(url)
+    ledger = Ledger(store, host, "cuda:0", 100, poll=0.01, queue_depth=lambda pool: 0)
+    rng = random.Random(seed)
+    done = 0
+    for i in range(rounds):
+        mb = rng.randint(10, 60)
+        try:
+            with ledger.reserve(f"p{seed}", f"m{i % 3}", mb, timeout=10):
+                time.sleep(rng.uniform(0, 0.02))
+            done += 1
+        except WorkerUnavailable:
+            pass
+    out.put(done)
+
+
+def test_concurrent_reservations_never_exceed_the_budget(make: MakeLedger, store: redis.Redis) -> None:
+    ledger = make(100)
+    held_key = f"{ledger.prefix}:held"
+    peak, samples = 0, 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak, samples
+        while not stop.is_set():
+            peak = max(peak, sum(int(v) for v in store.hvals(held_key)))
+            samples += 1
+            time.sleep(0.002)
+
+    sampler, _ = in_thread(sample)
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_contender, args=(BROKER, ledger.host, seed, 25, results)) for seed in range(3)]
+    for proc in procs:
+        proc.start()
+    threads = [threading.Thread(target=_contender, args=(BROKER, ledger.host, 10 + n, 25, results))
+               for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for proc in procs:
+        proc.join(60)
+    stop.set()
+    sampler.join(5)
+    finished = sum(results.get(timeout=5) for _ in range(5))
+    assert finished == 5 * 25
+    print(f"peak {peak} MB over {samples} samples")
+    assert samples > 50 and 60 < peak <= 100
+    counters = ledger.counters()
+    assert counters["grants"] == 125 and counters["waits"] > 0
+    assert ledger.status()["reserved_mb"] == 0
