@@ -245,12 +245,16 @@ def load_counters(store: redis.Redis, timeout: float) -> list[dict[str, Any]]:
     rows = []
     seen = set()
     for key in sorted(store.scan_iter(match="ourvidz:loads:*", count=1000)):
-        node = key.decode().removeprefix("ourvidz:loads:")
+        node = _text(key).removeprefix("ourvidz:loads:")
         seen.add(node)
         for model, loads in sorted(store.hgetall(key).items()):
-            rows.append({"worker": node, "online": node in online, "model": model.decode(), "loads": int(loads)})
+            rows.append({"worker": node, "online": node in online, "model": _text(model), "loads": int(loads)})
     rows += [{"worker": node, "online": True, "model": "-", "loads": 0} for node in sorted(online - seen)]
     return rows
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def table(rows: Sequence[dict[str, Any]], stream: TextIO) -> None:

@@ -19,7 +19,7 @@ and one pool cannot touch another pool's models at all. So the commands
 that change memory only record a request in the ledger (Redis) and reply at
 once with ``{"ok": ..., "requests": [...]}``. The pool the request names
 carries it out between jobs (:func:`serve_requests`: after every job, and
-every second while idle), and ``memory_status`` lists it as pending until
+every quarter second while idle), and ``memory_status`` lists it as pending until
 then. ``memory_status`` and ``pressure_check`` answer from the ledger, so
 any idle pool of a GPU reports for all of it; a worker in the middle of a
 long job answers only when the job ends (ask another pool of that GPU, or
@@ -52,7 +52,7 @@ DEFAULT_MODEL = {"sdxl": "sdxl", "chat": "qwen_instruct", "wan": "wan"}
 #: seconds a load/unload request waits for its pool before it lapses
 REQUEST_TTL = 600.0
 #: seconds between two looks at the ledger while the worker is idle
-SERVE_INTERVAL = 1.0
+SERVE_INTERVAL = 0.25
 
 
 class Slot(Protocol):
@@ -214,11 +214,13 @@ def _job_ended(sender: Any = None, **_: Any) -> None:
 
 def serve_idle(app: Celery) -> None:
     """The idle timer's tick: serve requests unless a job is running."""
-    if _own_ledger(app) is None or not _job_lock.acquire(blocking=False):
+    rt: Any = getattr(app, "ourvidz_runtime", None)
+    ledger = _own_ledger(app)
+    if ledger is None or not _quietly(ledger.has_requests, rt.family) or not _job_lock.acquire(blocking=False):
         return
     try:
         if _depth == 0:
-            _quietly(serve_requests, app.ourvidz_runtime)  # type: ignore[attr-defined]
+            _quietly(serve_requests, rt)
     finally:
         _job_lock.release()
 

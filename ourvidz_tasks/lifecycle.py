@@ -17,11 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from celery import Task
 
 from . import events
 from .delivery import callback_body
-from .errors import DeliveryError, JobError, OutOfMemory, WorkerUnavailable
+from .errors import Cancelled, DeliveryError, JobError, OutOfMemory, WorkerUnavailable
 from .jobs import Job, parse_job, usable_id
 from .media import Output
 from .worker import Runtime, runtime
@@ -47,6 +48,8 @@ class Progress:
         self.stage = "generating"
 
     def __call__(self, step: int, total: int) -> None:
+        if self.rt.redis.exists(cancel_key(self.job_id)):
+            raise Cancelled("the job was cancelled")
         now = time.monotonic()
         if step < total and now - self._last < self.interval:
             return
@@ -61,6 +64,21 @@ class Progress:
 
 
 Work = Callable[[Runtime, Job, Progress], Generated]
+CANCEL_TTL = 24 * 3600
+
+
+def cancel_key(job_id: str) -> str:
+    return f"ourvidz:cancel:{job_id}"
+
+
+def cancel(store: redis.Redis, job_id: str) -> None:
+    """Ask the worker running ``job_id`` to stop at its next step (``failed``, ``CANCELLED``).
+
+    Celery's revoke reaches a solo worker only between jobs; this flag is read
+    at every denoising step. A job cancelled before it starts also ends with
+    ``CANCELLED`` when it is picked up.
+    """
+    store.set(cancel_key(job_id), "1", ex=CANCEL_TTL)
 
 
 def backoff(retries: int, base: float = 2.0, cap: float = 600.0) -> float:
@@ -125,6 +143,8 @@ class JobTask(BaseTask):
         rt.delivery.processing(job_id, attempt)
         metadata: dict[str, Any] = {}
         try:
+            if rt.redis.exists(cancel_key(job_id)):
+                raise Cancelled("the job was cancelled before it started")
             job = parse_job(payload, rt.settings, family)
             metadata.update(_enhancement(job))
             rt.policy(job.prompt)

@@ -509,7 +509,7 @@ class Ledger:
     def __init__(
         self, store: redis.Redis, host: str, device: str, budget_mb: int, *,
         lease_seconds: float = 15, pools: Sequence[str] = POOLS, preferred: str | None = "sdxl",
-        patience: float = 30.0, poll: float = 0.1, queue_depth: Callable[[str], int] | None = None,
+        patience: float = 30.0, poll: float = 0.05, queue_depth: Callable[[str], int] | None = None,
     ) -> None:
         if budget_mb <= 0:
             raise ValueError(f"`budget_mb` must be positive, got {budget_mb}")
@@ -520,6 +520,7 @@ class Ledger:
         self.patience, self.poll = patience, poll
         self.prefix = f"ourvidz:ledger:{host}:{device}"
         self.keys = [f"{self.prefix}:{name}" for name in _STATE]
+        self.key = dict(zip(_STATE, self.keys, strict=True))
         self.sizes_key = f"{self.prefix}:sizes"
         self._queue_depth = queue_depth or self._broker_depth
         self._scripts = {name: store.register_script(_PRELUDE + body) for name, body in _OPS.items()}
@@ -613,6 +614,10 @@ class Ledger:
         """What ``pool`` is asked to do, unloads first; act between jobs, then :meth:`done`."""
         mine = [r for r in self.requests() if r.pool == pool]
         return sorted(mine, key=lambda r: (r.action != "unload", r.at))
+
+    def has_requests(self, pool: str) -> bool:
+        """A cheap look (one HKEYS, no script): might ``pool`` have requests? Then :meth:`pending_requests`."""
+        return any(_s(f).split("|", 1)[1].startswith(f"{pool}/") for f in self.redis.hkeys(self.key["requests"]))
 
     def done(self, request: Request) -> None:
         """Forget a request that was carried out (a release answers unloads by itself)."""

@@ -24,31 +24,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import jobs
-from .errors import ERROR_CODES
 
 ROOT = Path(__file__).resolve().parent.parent
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
-JOB_TYPES = (*jobs.SDXL_TYPES, *jobs.WAN_TYPES)
-PIPELINES = ("txt2img", "img2img", "video")
+
+# The enums of the contract, spelled out for the type checkers; tests/test_schemas.py
+# holds them equal to the constants of ``jobs`` and ``errors``.
+JobType = Literal[
+    "sdxl_image_fast", "sdxl_image_high",
+    "image_fast", "image_high", "video_fast", "video_high",
+    "image7b_fast_enhanced", "image7b_high_enhanced", "video7b_fast_enhanced", "video7b_high_enhanced",
+]
+ChatModel = Literal["qwen_instruct", "qwen_base"]
+ErrorCode = Literal[
+    "INVALID_JOB", "INVALID_PROMPT", "OOM_ERROR", "MODEL_LOAD_ERROR", "WORKER_UNAVAILABLE", "TIMEOUT_ERROR",
+    "REFERENCE_FRAME_ERROR", "I2I_PIPELINE_ERROR", "THUMBNAIL_GENERATION_ERROR", "CANCELLED",
+]
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
-
-
-def _enum(values: tuple[Any, ...]) -> Callable[[dict[str, Any]], None]:
-    """``json_schema_extra`` that allows only ``values`` (and null, where the field allows it)."""
-
-    def extra(schema: dict[str, Any]) -> None:
-        branches = [b for b in schema.get("anyOf", [schema]) if b.get("type") != "null"]
-        for branch in branches:
-            branch["enum"] = list(values)
-
-    return extra
 
 
 def _legacy(of: str) -> Any:
@@ -66,10 +64,10 @@ class EnhanceSpec(jobs.EnhanceSpec):
 class JobConfig(jobs.JobConfig):
     """Generation parameters; section 6 of the contract says which field wins."""
 
-    num_images: int | None = Field(default=None, json_schema_extra=_enum((1, 3, 6)))
+    num_images: Literal[1, 3, 6] | None = None
     steps: int | None = _legacy("num_inference_steps")
-    pipeline: str | None = Field(default=None, json_schema_extra=_enum(PIPELINES))
-    reference_mode: str | None = Field(default=None, json_schema_extra=_enum(jobs.REFERENCE_MODES))
+    pipeline: Literal["txt2img", "img2img", "video"] | None = None
+    reference_mode: Literal["none", "single", "start", "end", "both"] | None = None
 
 
 class JobMetadata(jobs.JobMetadata):
@@ -82,7 +80,7 @@ class Job(jobs.Job):
     """A generation job: the one argument of `ourvidz.sdxl.generate` and `ourvidz.wan.generate`."""
 
     id: str = Field(pattern=ID_PATTERN, description="the job id; also a storage path segment")
-    type: str = Field(description="routes the job: sdxl_* to SDXL, the others to WAN", json_schema_extra=_enum(JOB_TYPES))
+    type: JobType = Field(description="routes the job: sdxl_* to SDXL, the others to WAN")
     user_id: str = Field(pattern=ID_PATTERN, description="the owner; also a storage path segment")
     job_id: str | None = _legacy("id")
     job_type: str | None = _legacy("type")
@@ -101,7 +99,7 @@ class Job(jobs.Job):
 class ChatMessage(jobs.ChatMessage):
     """One message of a chat request."""
 
-    role: str = Field(json_schema_extra=_enum(jobs.CHAT_ROLES))
+    role: Literal["system", "user", "assistant"]
 
 
 class ChatRequest(jobs.ChatRequest):
@@ -112,7 +110,7 @@ class ChatRequest(jobs.ChatRequest):
     max_tokens: int = Field(512, ge=1, le=2048)
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(0.9, gt=0, le=1)
-    model: str = Field("qwen_instruct", json_schema_extra=_enum(jobs.CHAT_MODELS))
+    model: ChatModel = "qwen_instruct"
 
 
 class ChatResult(BaseModel):
@@ -121,7 +119,7 @@ class ChatResult(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     response: str
-    model: Literal["qwen_instruct", "qwen_base"]
+    model: ChatModel
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
@@ -140,7 +138,7 @@ class AssetMetadata(_Open):
 
     width: int
     height: int
-    format: str = Field(json_schema_extra=_enum(("png", "mp4")))
+    format: Literal["png", "mp4"]
     file_size_bytes: int
     asset_index: int
     seed: int | None = None
@@ -181,7 +179,7 @@ class CallbackMetadata(_Open):
 class CallbackError(BaseModel):
     """Why a job failed."""
 
-    code: str = Field(json_schema_extra=_enum(tuple(ERROR_CODES)))
+    code: ErrorCode
     message: str
     retryable: bool
 

@@ -231,6 +231,25 @@ def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
         rt.recovery.own(str(tag))
 
 
+@signals.task_revoked.connect
+def _revoked(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
+    """A generation job revoked or expired before it ran still gets its one terminal callback."""
+    from .delivery import callback_body
+    from .errors import Cancelled, JobTimeout
+
+    rt: Runtime | None = getattr(getattr(sender, "app", None), "ourvidz_runtime", None)
+    name = getattr(sender, "name", "")  # the sender is the task
+    if rt is None or not str(name).endswith(".generate"):
+        return
+    args = getattr(request, "args", None) or [None]
+    job_id = usable_id(args[0])
+    if job_id is None:
+        return
+    error = JobTimeout("the job arrived after its expiry time") if expired else Cancelled("the job was revoked")
+    log.info("job %s: %s", job_id, error.code)
+    rt.delivery.finish(callback_body(job_id, rt.worker_id, "failed", attempt=1, metadata={}, error=error.as_dict()))
+
+
 @signals.worker_shutdown.connect
 def _shutdown(sender: Any, **_: Any) -> None:
     rt: Runtime | None = getattr(sender.app, "ourvidz_runtime", None)

@@ -378,6 +378,7 @@ def test_killed_between_steps_the_job_still_runs_once(point: str, sdxl_worker: W
     assert len(terminals(sink, job["id"])) == 1
     assert sdxl_worker.text().count(f"job {job['id']} completed") == 1
     assert store.llen(PROCESSING.format(list="sdxl_queue")) == 0
+    assert "1 job(s) left by an earlier run handled" in restarted.text()
     assert restarted.stop() == 0
 
 

@@ -56,6 +56,10 @@ class FakeSlot:
 
 
 class FakeRuntime:
+    """The parts of worker.Runtime the ledger hooks read (other worker hooks see ``None``)."""
+
+    recovery = None
+
     def __init__(self, ledger: Ledger, family: str, models: dict[str, int]) -> None:
         self.ledger, self.family, self.worker_id = ledger, family, f"{family}@test"
         self.models = {name: FakeSlot(self, name, mb) for name, mb in models.items()}
@@ -205,7 +209,7 @@ def test_through_a_real_solo_worker(pools: dict[str, FakeRuntime], ledger: Ledge
     app.ourvidz_runtime = chat  # type: ignore[attr-defined]
     node = f"chat@{queue}"
     with start_worker(app, pool="solo", hostname=node, perform_ping_check=True, shutdown_timeout=15):
-        replies = app.control.inspect(timeout=3, destination=[node]).memory_status()
+        replies = app.control.inspect(timeout=3, destination=[node])._request("memory_status")
         assert replies[node]["pools"]["chat"]["models"] == {"qwen_instruct": 40, "qwen_base": 40}
         assert replies[node]["worker"]["pool"] == "chat"
 

@@ -117,8 +117,21 @@ def test_fifo_small_request_does_not_overtake(make: MakeLedger) -> None:
     big.join(5)
     small.join(5)
     assert isinstance(big_out["value"], Reservation) and isinstance(small_out["value"], Reservation)
-    assert big_out["at"] <= small_out["at"]
     assert ledger.status()["reserved_mb"] == 80
+
+
+def test_fifo_step_by_step(make: MakeLedger) -> None:
+    ledger = make(100)
+    holder = ledger.reserve("sdxl", "sdxl", 60, timeout=1)
+    status, big, _, pos = ledger._reserve_once("wan", "wan", 50, "", "token-a", enqueue=True)
+    assert (status, pos) == ("wait", 0)
+    status, small, free, pos = ledger._reserve_once("chat", "qwen_instruct", 30, "", "token-b", enqueue=True)
+    assert (status, free, pos) == ("wait", 40, 1)  # it fits, but the queue is not empty
+    holder.release()
+    assert ledger._reserve_once("chat", "qwen_instruct", 30, small, "token-b", enqueue=True)[0] == "wait"
+    assert ledger._reserve_once("wan", "wan", 50, big, "token-a", enqueue=True)[0] == "granted"
+    assert ledger._reserve_once("chat", "qwen_instruct", 30, small, "token-b", enqueue=True)[0] == "granted"
+    assert ledger.status()["pending_waiters"] == 0
 
 
 def test_fifo_order_of_many_waiters(make: MakeLedger) -> None:

@@ -215,3 +215,28 @@ def test_model_loaded_once_and_no_secrets_or_prompts_in_logs(sdxl_worker: Worker
     log = sdxl_worker.text()
     assert KEY not in log and "test-callback-secret" not in log
     assert "secret-prompt-marker" not in log and "lighthouse" not in log
+
+
+def test_cancel_stops_a_running_job_at_its_next_step(sdxl_worker: WorkerProcess, store: redis.Redis, sink: Sink) -> None:
+    from ourvidz_tasks.lifecycle import cancel
+
+    payload = job(config={"resolution": "512x512", "num_inference_steps": 60})
+    publish(store, "ourvidz.sdxl.generate", payload, "sdxl")
+    wait_for(lambda: any(c["body"]["metadata"].get("progress") for c in sink.callbacks(payload["id"])), 120,
+             what="the first step")
+    cancel(store, payload["id"])
+    body = terminal(sink, payload["id"])
+    assert body["status"] == "failed" and body["error"]["code"] == "CANCELLED"
+    steps = [c["body"]["metadata"].get("progress", 0) for c in sink.callbacks(payload["id"])]
+    assert max(steps) < 100
+    assert run(store, sink, job())["status"] == "completed"
+
+
+def test_a_message_past_its_expiry_is_not_run(sdxl_worker: WorkerProcess, store: redis.Redis, sink: Sink) -> None:
+    payload = job()
+    env = envelope("ourvidz.sdxl.generate", [payload], "sdxl", argsrepr=repr((payload["id"],)))
+    env["headers"]["expires"] = "2020-01-01T00:00:00+00:00"
+    store.lpush("sdxl", json.dumps(env))
+    body = terminal(sink, payload["id"])
+    assert body["status"] == "failed" and body["error"]["code"] == "TIMEOUT_ERROR"
+    assert [c["body"]["status"] for c in sink.callbacks(payload["id"])] == ["failed"]

@@ -274,6 +274,7 @@ def load_sdxl(settings: Settings, device: torch.device) -> SdxlModel:
     files cannot be loaded and OutOfMemory when the device cannot hold them.
     """
     dtype = compute_dtype(device, "float16")
+    _quiet_diffusers()
     if settings.model_source == "tiny":
         folder = build_once(settings.tiny_cache / "sdxl", build_tiny)
         t2i = _load_folder(folder, dtype)

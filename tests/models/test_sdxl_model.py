@@ -51,12 +51,19 @@ def max_diff(a: Image.Image, b: Image.Image) -> int:
 # -- build and load ------------------------------------------------------------
 
 
-def test_tiny_builds_and_loads_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a connection fails the test."""
+
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("network access attempted")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.usefixtures("no_network")
+def test_tiny_builds_and_loads_offline(tmp_path: Path) -> None:
     settings = load_settings(model_source="tiny", tiny_cache=tmp_path)
     loaded = load_sdxl(settings, CPU)
     try:
@@ -207,6 +214,7 @@ def test_local_folder_loads_like_tiny(tiny_settings: Settings, model: SdxlModel)
         loaded.unload()
 
 
+@pytest.mark.usefixtures("no_network")
 def test_single_file_checkpoint_in_original_layout(tmp_path: Path, tiny_settings: Settings, model: SdxlModel) -> None:
     """One .safetensors in the original (ldm/sgm) SDXL key layout loads back weight for weight."""
     from safetensors.torch import save_file

@@ -1,0 +1,147 @@
+"""The TypeScript edge publisher (edge/), run by Node against the real cluster.
+
+``npm test`` in edge/ type-checks the publisher (web-standard APIs only, as on
+Deno) and runs its unit tests. The end-to-end run points it at a small
+Upstash-REST-compatible server in front of the test Redis, with real SDXL and
+chat workers consuming what it sends; this file then checks the callbacks in
+the sink, the messages that crossed the REST API, and that the same job pushed
+raw onto the legacy ``sdxl_queue`` (through ``bin/bridge``) produces the same
+signed ``completed`` callback.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from ourvidz_tasks.schemas import CallbackBody
+from ourvidz_tasks.sink import Sink
+
+from .conftest import BROKER, KEY, ROOT, WorkerProcess, new_id, terminal, worker_env
+from .test_bridge import BridgeProcess
+from .upstash_rest import UpstashRest
+
+EDGE = ROOT / "edge"
+TOKEN = "upstash-test-token-" + secrets.token_hex(6)
+NODE = shutil.which("node") and shutil.which("npm")
+
+pytestmark = pytest.mark.skipif(not NODE, reason="node and npm are needed to test the TypeScript publisher (edge/)")
+
+
+def run(command: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> str:
+    out = subprocess.run(command, cwd=EDGE, env=env, capture_output=True, text=True, timeout=timeout)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, f"{' '.join(command)} exited {out.returncode}:\n{text[-6000:]}"
+    return text
+
+
+@pytest.fixture(scope="module")
+def node_modules() -> Path:
+    """edge/node_modules, installed from package-lock.json (``npm ci``) when missing."""
+    if not (EDGE / "node_modules" / ".package-lock.json").exists():
+        run(["npm", "ci", "--no-audit", "--no-fund"], timeout=600)
+    return EDGE / "node_modules"
+
+
+@pytest.fixture
+def bridge(sink: Sink, tmp_path: Path) -> Iterator[BridgeProcess]:
+    process = BridgeProcess(tmp_path / "bridge.log", worker_env(sink, "bridge"))
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def upstash() -> Iterator[UpstashRest]:
+    server = UpstashRest(BROKER, TOKEN).start()
+    yield server
+    server.stop()
+
+
+def test_typescript_typechecks_and_unit_tests(node_modules: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTASH_", "OURVIDZ_EDGE_"))}
+    text = run(["npm", "test"], env=env)
+    assert "# fail 0" in text and "# pass " in text, text[-3000:]
+
+
+def normalized(body: dict[str, Any]) -> dict[str, Any]:
+    """A callback body without what differs between two runs of the same job: ids and timings."""
+    out = json.loads(json.dumps(body).replace(body["job_id"], "JOB"))
+    for key in ("callback_id", "processing_time", "model_time", "delivery_time"):
+        out["metadata"].pop(key, None)
+    return out
+
+
+def stored(sink: Sink, path: str) -> bytes:
+    response = httpx.get(f"{sink.url}/storage/v1/object/{path}", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200, path
+    return response.content
+
+
+def decoded(envelope: dict[str, Any]) -> list[Any]:
+    return json.loads(base64.b64decode(envelope["body"]))
+
+
+@pytest.mark.slow
+def test_typescript_publisher_end_to_end(node_modules: Path, upstash: UpstashRest, sdxl_worker: WorkerProcess,
+                                         chat_worker: WorkerProcess, sink: Sink, store: redis.Redis,
+                                         bridge: BridgeProcess, tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    env = {**os.environ, "UPSTASH_REDIS_REST_URL": upstash.url, "UPSTASH_REDIS_REST_TOKEN": TOKEN,
+           "OURVIDZ_EDGE_REPORT": str(report_path)}
+    text = run(["node", "--import", "tsx", "--test", "test/e2e.test.ts"], env=env)
+    assert "# fail 0" in text and "# skipped 0" in text, text[-3000:]
+    report = json.loads(report_path.read_text())
+
+    # a single job: one signed completed callback, shaped as the schema says
+    single = report["single"]["job"]
+    body = terminal(sink, single["id"])
+    assert body["status"] == "completed", body
+    CallbackBody.model_validate(body)
+    calls = sink.callbacks(single["id"])
+    assert all(c["signature_ok"] for c in calls)
+    assert [c["body"]["status"] for c in calls].count("completed") == 1
+
+    # the chain: enhanced, then generated
+    chained = report["chain"]["job"]
+    chain_body = terminal(sink, chained["id"])
+    assert chain_body["status"] == "completed", chain_body
+    assert chain_body["metadata"]["original_prompt"] == "a cat on a sofa"
+    assert chain_body["metadata"]["enhanced_prompt"]
+    assert report["chat"]["response"] is not None
+
+    # what crossed the REST API: envelopes with the job id only outside the body, and no secret
+    envelopes = upstash.pushed("sdxl") + upstash.pushed("chat")
+    assert len(envelopes) >= 4  # job, chain, two chats
+    for envelope in envelopes:
+        outside = json.dumps({**envelope, "body": None})
+        assert "secret-prompt-marker" not in outside and "a cat on a sofa" not in outside
+        assert TOKEN not in json.dumps(envelope) and TOKEN not in json.dumps(decoded(envelope))
+    by_id = {e["headers"]["id"]: e for e in envelopes}
+    sent = by_id[report["single"]["taskId"]]
+    assert sent["headers"]["argsrepr"] == f"({single['id']!r},)"
+    assert decoded(sent)[0] == [single]
+    first = by_id[report["chain"]["taskId"]]
+    assert first["headers"]["task"] == "ourvidz.chat.enhance"
+    assert [step["task"] for step in decoded(first)[2]["chain"]] == ["ourvidz.sdxl.generate"]
+
+    # done when: the same job pushed raw onto the legacy list gives the same signed completed callback
+    bridge.ready()
+    raw = {**copy.deepcopy(single), "id": new_id()}
+    store.rpush("sdxl_queue", json.dumps(raw))
+    raw_body = terminal(sink, raw["id"])
+    assert all(c["signature_ok"] for c in sink.callbacks(raw["id"]))
+    assert normalized(raw_body) == normalized(body)
+    assert stored(sink, raw_body["assets"][0]["url"]) == stored(sink, body["assets"][0]["url"])  # the same PNG bytes
+    assert bridge.stop() == 0

@@ -1,0 +1,223 @@
+"""``bin/flower``: refuses to start without a password, shows the pools and a job's live progress.
+
+Real processes throughout: the three session workers, ``bin/flower`` on the
+same broker, the Flower HTTP API with and without basic auth, and headless
+Chromium (Debian's ``chromium``) rendering the dashboard to PNG files that
+are kept under ``.cache/test-artifacts/`` for a person to look at.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from PIL import Image
+
+from ourvidz_tasks.sink import Sink
+
+from .conftest import ROOT, WorkerProcess, new_id, terminal, wait_for
+from .wire import publish
+
+pytestmark = pytest.mark.slow
+
+USER = "operator"
+PASSWORD = "pw-" + secrets.token_hex(8)
+MARKER = "flower-secret-prompt-marker"
+ARTIFACTS = Path(os.environ.get("OURVIDZ_TEST_ARTIFACTS", ROOT / ".cache" / "test-artifacts"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "FLOWER_"))}
+    env.update(extra)
+    return env
+
+
+class FlowerProcess:
+    """``bin/flower`` on a free port, its output in a log file."""
+
+    def __init__(self, log: Path, *args: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        handle = open(log, "wb")
+        self.proc = subprocess.Popen(
+            [str(ROOT / "bin" / "flower"), "--port", str(self.port), *args], cwd=ROOT, env=base_env(**env),
+            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        handle.close()
+
+    def wait_ready(self, timeout: float = 120) -> FlowerProcess:
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bin/flower exited {self.proc.returncode}:\n{self.text()}")
+            try:
+                return httpx.get(f"{self.url}/healthcheck", timeout=2).text == "OK"
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, timeout, 0.2, "flower to answer")
+        return self
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def flower(sdxl_worker: WorkerProcess, chat_worker: WorkerProcess, wan_worker: WorkerProcess,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerProcess]:
+    log = tmp_path_factory.mktemp("flower") / "flower.log"
+    process = FlowerProcess(log, "--address", "127.0.0.1", FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}").wait_ready()
+    yield process
+    process.stop()
+
+
+def api(flower: FlowerProcess, path: str, **params: Any) -> Any:
+    response = httpx.get(f"{flower.url}{path}", params=params, auth=(USER, PASSWORD), timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless Chromium, installed with apt-get when missing (skip where that is impossible)."""
+    found = shutil.which("chromium")
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run("apt-get update -qq && apt-get install -y -qq chromium fonts-dejavu-core", shell=True,
+                       check=False, capture_output=True, timeout=900)
+        found = shutil.which("chromium")
+    if found is None:
+        pytest.skip("chromium is not installed and could not be installed (apt-get install chromium)")
+    return found
+
+
+def render(chromium: str, url: str, png: Path) -> str:
+    """Load ``url`` in headless Chromium: write a screenshot to ``png``, return the DOM after scripts ran."""
+    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+              "--window-size=1500,900", "--virtual-time-budget=6000", f"--user-data-dir={png.parent / 'profile'}"]
+    png.parent.mkdir(parents=True, exist_ok=True)
+    shot = subprocess.run([*common, f"--screenshot={png}", url], capture_output=True, timeout=120)
+    assert png.exists(), shot.stderr.decode(errors="replace")[-2000:]
+    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, timeout=120)
+    return dom.stdout.decode(errors="replace")
+
+
+def authed(flower: FlowerProcess, path: str) -> str:
+    return f"http://{USER}:{PASSWORD}@127.0.0.1:{flower.port}{path}"
+
+
+# -- refusing to start -----------------------------------------------------------------
+def test_refuses_to_start_without_basic_auth() -> None:
+    run = subprocess.run([str(ROOT / "bin" / "flower")], env=base_env(), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "FLOWER_BASIC_AUTH is not set" in run.stderr and "--local-only" in run.stderr
+    bad = subprocess.run([str(ROOT / "bin" / "flower")], env=base_env(FLOWER_BASIC_AUTH="admin"),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "user:password" in bad.stderr
+    argv = subprocess.run([str(ROOT / "bin" / "flower"), "--local-only", "--basic_auth=a:b"], env=base_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert argv.returncode == 2 and "not on the command line" in argv.stderr
+    wide = subprocess.run([str(ROOT / "bin" / "flower"), "--local-only", "--address", "0.0.0.0"], env=base_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert wide.returncode == 2 and "loopback" in wide.stderr
+
+
+def test_local_only_serves_loopback_without_password(tmp_path: Path) -> None:
+    process = FlowerProcess(tmp_path / "local.log", "--local-only").wait_ready()
+    try:
+        assert f"Visit me at http://127.0.0.1:{process.port}" in process.text()
+        assert httpx.get(f"{process.url}/workers", timeout=10).status_code == 200  # the UI: no password
+        assert httpx.get(f"{process.url}/api/workers", timeout=10).status_code == 401  # the API: never open
+    finally:
+        process.stop()
+
+
+# -- auth, pools, tasks -------------------------------------------------------------------
+def test_api_needs_the_password_which_is_not_in_argv(flower: FlowerProcess) -> None:
+    for path in ("/api/workers", "/api/tasks", "/workers", "/tasks"):
+        assert httpx.get(f"{flower.url}{path}", timeout=10).status_code == 401, path
+        assert httpx.get(f"{flower.url}{path}", auth=(USER, "wrong"), timeout=10).status_code == 401, path
+        assert httpx.get(f"{flower.url}{path}", auth=(USER, PASSWORD), timeout=30).status_code == 200, path
+    cmdline = Path(f"/proc/{flower.proc.pid}/cmdline").read_bytes()
+    assert PASSWORD.encode() not in cmdline
+
+
+def test_shows_the_three_pools(flower: FlowerProcess, sdxl_worker: WorkerProcess, chat_worker: WorkerProcess,
+                               wan_worker: WorkerProcess, chromium: str) -> None:
+    nodes = {sdxl_worker.node, chat_worker.node, wan_worker.node}
+    workers = wait_for(lambda: (w := api(flower, "/api/workers", refresh=1)) and nodes <= set(w) and w,
+                       60, 1, "the three pools in /api/workers")
+    for node in nodes:
+        queues = {q["name"] for q in workers[node]["active_queues"]}
+        assert queues == {node.split("@")[0]}
+    dom = render(chromium, authed(flower, "/workers"), ARTIFACTS / "flower-workers.png")
+    assert all(node in dom for node in nodes)
+
+
+def test_live_progress_job_id_not_prompt(flower: FlowerProcess, sdxl_worker: WorkerProcess, store: redis.Redis,
+                                         sink: Sink, chromium: str) -> None:
+    # long enough (~15 s here) to watch: 1024² at the largest schedule the contract allows
+    job = {"id": new_id(), "type": "sdxl_image_fast", "user_id": "user_123", "prompt": f"a harbor, {MARKER}",
+           "config": {"resolution": "1024x1024", "num_inference_steps": 150, "seed": 3}}
+    task_id = publish(store, "ourvidz.sdxl.generate", job, "sdxl")
+    seen: list[int] = []
+
+    def progress() -> dict[str, Any] | None:
+        task = api(flower, "/api/tasks", limit=50).get(task_id)
+        if task and task["state"] == "PROGRESS" and isinstance(task["result"], dict):
+            seen.append(task["result"]["percent"])
+            if len(set(seen)) >= 2:
+                return task
+        return None
+
+    running = wait_for(progress, 120, 0.2, "two PROGRESS updates in /api/tasks")
+    assert running["result"]["job_id"] == job["id"] and running["result"]["stage"] == "generating"
+    assert running["result"]["total"] == 150 and 0 < running["result"]["step"] <= 150
+    assert running["args"] == f"({job['id']!r},)" and running["worker"] == sdxl_worker.node
+    assert seen == sorted(seen) and seen[-1] > seen[0]  # it moves forward
+    # the dashboard while it runs: the tasks table draws the progress as a bar
+    dom = render(chromium, authed(flower, "/tasks"), ARTIFACTS / "flower-tasks-progress.png")
+    assert job["id"] in dom and task_id in dom
+    assert "PROGRESS" in dom and "█" in dom and "generating" in dom, "the job ended before the screenshot"
+    page = httpx.get(f"{flower.url}/task/{task_id}", auth=(USER, PASSWORD), timeout=30).text
+    assert MARKER not in page
+
+    assert terminal(sink, job["id"], 240)["status"] == "completed"
+    done = wait_for(lambda: (t := api(flower, f"/api/task/info/{task_id}")) and t["state"] == "SUCCESS" and t,
+                    60, 0.2, "SUCCESS in flower")
+    assert done["args"] == f"({job['id']!r},)" and "hidden" in done["result"]
+    render(chromium, authed(flower, "/tasks"), ARTIFACTS / "flower-tasks-done.png")
+    # the prompt is nowhere Flower can show it
+    for text in (dom, page, httpx.get(f"{flower.url}/api/tasks", auth=(USER, PASSWORD), timeout=30).text,
+                 httpx.get(f"{flower.url}/api/task/info/{task_id}", auth=(USER, PASSWORD), timeout=30).text,
+                 httpx.get(f"{flower.url}/task/{task_id}", auth=(USER, PASSWORD), timeout=30).text):
+        assert MARKER not in text
+    for name in ("flower-tasks-progress.png", "flower-tasks-done.png", "flower-workers.png"):
+        image = Image.open(io.BytesIO((ARTIFACTS / name).read_bytes()))
+        assert image.size == (1500, 900)
+        assert len(set(image.convert("L").resize((150, 90)).getdata())) > 20  # drawn, not blank
