@@ -9,7 +9,7 @@ from kombu import Exchange, Queue
 from ourvidz_tasks.settings import load_settings
 
 _settings = load_settings()
-QUEUES = ("sdxl", "chat", "wan")
+QUEUES = ("sdxl", "chat", "wan", "outbox")
 
 broker_url = _settings.broker_url
 result_backend = _settings.backend

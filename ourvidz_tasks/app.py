@@ -6,6 +6,7 @@ from celery import Celery
 
 app = Celery(
     "ourvidz_tasks",
-    include=["ourvidz_tasks.sdxl", "ourvidz_tasks.chat", "ourvidz_tasks.wan", "ourvidz_tasks.worker"],
+    include=["ourvidz_tasks.sdxl", "ourvidz_tasks.chat", "ourvidz_tasks.wan", "ourvidz_tasks.worker",
+             "ourvidz_tasks.outbox"],
 )
 app.config_from_object("celeryconfig")

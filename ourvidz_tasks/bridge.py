@@ -184,8 +184,8 @@ class Bridge:
         """Publish (or dead-letter) one item of ``source``'s processing list, then remove it.
 
         ``fresh``: it was just moved (a record already there means a duplicate);
-        otherwise it is a leftover of a crash or of a failed publish. Raises
-        only when the item must stay in the processing list (publish failed).
+        otherwise it is a leftover of a crash or of a failed publish. An
+        exception (broker or Redis down) leaves the item in the processing list.
         """
         processing = PROCESSING.format(list=source)
         try:
@@ -197,8 +197,9 @@ class Bridge:
             self._remove(processing, item)
             return
         record = RECORD.format(job_id=where.job_id)
-        if not self.store.set(record, PUBLISHING, nx=True, ex=self.record_ttl):
-            state = _text(self.store.get(record))
+        claimed = self.store.set(record, PUBLISHING, nx=True, ex=self.record_ttl)
+        state = None if claimed else _text(self.store.get(record))
+        if state is not None:
             if state == PUBLISHED or fresh:
                 why = "already published" if state == PUBLISHED else "being published"
                 log.info("job %s from %s: %s, duplicate removed", where.job_id, source, why)

@@ -30,7 +30,7 @@ import httpx
 import redis
 
 from . import events
-from .errors import DeliveryError
+from .errors import DeliveryError, DeliveryRefused
 from .media import EncodedAsset, Output, encode_output, encode_thumbnail
 from .settings import Settings
 
@@ -94,15 +94,20 @@ class HttpRetry:
             if response.status_code < 300:
                 return response
             last = f"HTTP {response.status_code}"
-            if response.status_code != 429 and response.status_code < 500:
-                break
-        raise DeliveryError(f"{what} failed after {attempt + 1} tries: {last}")
+            if response.status_code not in (408, 429) and response.status_code < 500:
+                raise DeliveryRefused(f"{what} refused: {last}")
+        raise DeliveryError(f"{what} failed after {self.tries} tries: {last}")
 
 
 class CallbackTransport(Protocol):
-    """How one signed callback body reaches the edge."""
+    """How one callback body reaches the edge.
 
-    def send(self, job_id: str, body: bytes) -> None: ...
+    ``send`` returns True when the body was delivered before it returned
+    (the caller then records a terminal body as delivered), False when it
+    was handed to a consumer that delivers and records it later.
+    """
+
+    def send(self, job_id: str, body: bytes) -> bool: ...
 
 
 class HttpCallbacks:
@@ -117,11 +122,31 @@ class HttpCallbacks:
         self.client = client
         self.retry = HttpRetry(settings.http_tries, settings.http_backoff)
 
-    def send(self, job_id: str, body: bytes) -> None:
+    def send(self, job_id: str, body: bytes) -> bool:
         headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
         if self.secret:
             headers["X-Callback-Signature"] = sign(self.secret, body)
         self.retry(f"callback for job {job_id}", lambda: self.client.post(self.url, content=body, headers=headers))
+        return True
+
+
+class OutboxCallbacks:
+    """Hand callbacks to the outbox consumer (``bin/worker outbox``) through its queue.
+
+    The GPU pool never waits on the edge: the consumer delivers in order,
+    waits out outages durably (the message stays in the broker until
+    delivered) and records terminal bodies as delivered.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def send(self, job_id: str, body: bytes) -> bool:
+        self.app.send_task(
+            "ourvidz.outbox.deliver", args=[job_id, body.decode()], queue="outbox", routing_key="outbox",
+            exchange="", argsrepr=f"({job_id!r},)", kwargsrepr="{}",
+        )
+        return False
 
 
 class Storage:
@@ -158,6 +183,7 @@ class Delivery:
         self.client = client or httpx.Client(timeout=settings.http_timeout, follow_redirects=False)
         self.storage = Storage(settings, self.client)
         self.transport = transport or HttpCallbacks(settings, self.client)
+        self.http = HttpCallbacks(settings, self.client)
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="callbacks")
         self._uploads = ThreadPoolExecutor(4, thread_name_prefix="uploads")
         self._lock = threading.Lock()
@@ -218,6 +244,18 @@ class Delivery:
     def delivered(self, job_id: str) -> bool:
         return bool(self.redis.exists(self._key(job_id, "delivered")))
 
+    def mark_delivered(self, job_id: str) -> None:
+        self.redis.set(self._key(job_id, "delivered"), "1", ex=self.settings.idempotency_ttl)
+
+    def replay(self, job_id: str) -> bool:
+        """Send the job's recorded terminal callback again (same ``callback_id``); False if none."""
+        body = self.terminal_of(job_id)
+        if body is None:
+            return False
+        self.redis.delete(self._key(job_id, "delivered"))
+        self.resend(job_id, body)
+        return True
+
     def finish(self, body: dict[str, Any]) -> dict[str, Any]:
         """Record the terminal body (first one wins) and deliver it; return what was recorded.
 
@@ -235,17 +273,18 @@ class Delivery:
         return body
 
     def resend(self, job_id: str, body: dict[str, Any]) -> bool:
-        """Deliver a recorded terminal body unless it already was; True when delivered."""
+        """Send a recorded terminal body unless it was delivered; True when delivered or handed over."""
         if self.delivered(job_id):
             return True
-        future: Future[None] = self._sender.submit(self.transport.send, job_id, dumps(body))
+        future: Future[bool] = self._sender.submit(self.transport.send, job_id, dumps(body))
         try:
-            future.result()
+            delivered_now = future.result()
         except DeliveryError as exc:
             log.error("job %s: terminal callback not delivered, kept for replay: %s", job_id, exc)
             events.callback_failed.send(sender="delivery", job_id=job_id, status=body.get("status"))
             return False
-        self.redis.set(self._key(job_id, "delivered"), "1", ex=self.settings.idempotency_ttl)
+        if delivered_now:
+            self.mark_delivered(job_id)
         return True
 
     def close(self) -> None:

@@ -6,6 +6,7 @@
     │   ├── UnsafeReference      refused before any request (scheme, address)
     │   └── ReferenceUnavailable unreachable, 404, undecodable or over the caps
     ├── DeliveryError            storage or callback endpoint failed for good
+    │   └── DeliveryRefused      the endpoint answered 4xx: retrying won't help
     └── JobError                 ends a job; carries the wire ``code`` and ``retryable``
         ├── InvalidJob                INVALID_JOB
         ├── InvalidPrompt             INVALID_PROMPT
@@ -49,6 +50,10 @@ class ReferenceUnavailable(FetchError):
 
 class DeliveryError(OurvidzError):
     """Storage or the callback endpoint failed after every retry."""
+
+
+class DeliveryRefused(DeliveryError):
+    """The endpoint refused the request (4xx other than 408/429); retrying won't help."""
 
 
 class JobError(OurvidzError):

@@ -24,12 +24,15 @@ import sys
 from typing import Any
 
 from .errors import ConfigError
+from .redact import HIDDEN
 from .settings import load_settings
 
 PROGRESS = "PROGRESS"
-#: the tasks table: the job id is in ``args``; ``result`` holds the progress bar
-COLUMNS = "name,uuid,args,state,result,received,started,runtime,worker"
-BAR_WIDTH = 20
+#: the tasks table: the job id is in ``args``; ``result`` holds the progress bar (uuid links to the task)
+COLUMNS = "name,args,state,result,worker,received,runtime,uuid"
+#: what the table shows instead of :data:`~ourvidz_tasks.redact.HIDDEN`
+HIDDEN_SHORT = "hidden (see the callback)"
+BAR_WIDTH = 10
 
 
 def progress_text(meta: dict[str, Any]) -> str:
@@ -52,6 +55,8 @@ def format_task(task: Any) -> Any:
     result = getattr(task, "result", None)
     if getattr(task, "state", None) == PROGRESS and isinstance(result, dict):
         task.result = progress_text(result)
+    elif result == HIDDEN:
+        task.result = HIDDEN_SHORT
     return task
 
 

@@ -1,4 +1,6 @@
-"""``bin/worker sdxl|chat|wan``: one solo-pool worker on its family's queue.
+"""``bin/worker sdxl|chat|wan|outbox``: one solo-pool worker on its role's queue.
+
+``outbox`` is the light callback consumer (no model); the others are GPU pools.
 
 The configuration is checked before Celery starts; anything wrong exits with
 status 2 and one line naming the variable.
@@ -13,7 +15,8 @@ from .errors import ConfigError
 from .settings import Settings, load_settings
 from .worker import FAMILIES, node_name
 
-USAGE = "usage: bin/worker sdxl|chat|wan [extra celery worker options]"
+ROLES = (*FAMILIES, "outbox")
+USAGE = "usage: bin/worker sdxl|chat|wan|outbox [extra celery worker options]"
 MODEL_VARS = {
     "sdxl": ("sdxl_model",),
     "wan": ("wan_model",),
@@ -24,7 +27,7 @@ MODEL_VARS = {
 def check(family: str, settings: Settings) -> None:
     """Raise ConfigError (one line) when this pool cannot work with ``settings``."""
     settings.require_delivery()
-    if settings.model_source == "local":
+    if family in MODEL_VARS and settings.model_source == "local":
         for name in MODEL_VARS[family]:
             path: Path | None = getattr(settings, name)
             env = f"OURVIDZ_{name.upper()}"
@@ -50,7 +53,7 @@ def worker_argv(family: str, settings: Settings, extra: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] not in FAMILIES:
+    if not args or args[0] not in ROLES:
         print(USAGE, file=sys.stderr)
         raise SystemExit(2)
     family, extra = args[0], args[1:]

@@ -37,8 +37,14 @@ class ReturnValueFilter(logging.Filter):
         return True
 
 
+#: libraries whose warnings can quote prompts (e.g. diffusers' "truncated" CLIP warning)
+QUIET_LIBRARIES = ("diffusers", "transformers")
+
+
 def install_log_filter() -> None:
-    """Attach the filter to Celery's trace logger (idempotent)."""
+    """Attach the filter to Celery's trace logger and quiet prompt-quoting libraries (idempotent)."""
     logger = logging.getLogger("celery.app.trace")
     if not any(isinstance(f, ReturnValueFilter) for f in logger.filters):
         logger.addFilter(ReturnValueFilter())
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -47,7 +47,7 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
             images = pipe(image=reference, strength=params.denoise_strength)
         except Exception as exc:
             error = as_job_error(exc)
-            if error is not None:
+            if error is not None and not isinstance(error, I2IPipelineError):
                 raise error from exc
             if params.exact_copy:
                 raise I2IPipelineError(f"img2img failed: {type(exc).__name__}") from exc

@@ -21,7 +21,7 @@ import redis
 from celery import Celery, signals
 
 from . import events
-from .delivery import Delivery
+from .delivery import Delivery, OutboxCallbacks
 from .errors import ConfigError, ModelLoadError, WorkerUnavailable
 from .fetch import ReferenceFetcher
 from .guard import DeadLetters, hooks
@@ -164,7 +164,9 @@ def build_runtime(app: Celery, family: str, worker_id: str, settings: Settings |
     dead = DeadLetters(store)
     runtime = Runtime(
         settings=settings, family=family, worker_id=worker_id, device=device, redis=store,
-        delivery=Delivery(settings, worker_id, store), fetcher=ReferenceFetcher(settings),
+        delivery=Delivery(settings, worker_id, store,
+                          transport=OutboxCallbacks(app) if settings.callbacks == "outbox" else None),
+        fetcher=ReferenceFetcher(settings),
         policy=load_policy(settings.prompt_policy), dead=dead,
     )
     if settings.broker_is_redis:
@@ -206,7 +208,8 @@ def _warmup(sender: str, instance: Any, **_: Any) -> None:
     queues = sorted(app.amqp.queues.consume_from or {})
     families = [q for q in queues if q in FAMILIES]
     if len(families) != 1:
-        log.warning("worker %s consumes %s: no model family to warm up", sender, queues)
+        if queues != ["outbox"]:
+                log.warning("worker %s consumes %s: no model family to warm up", sender, queues)
         return
     family = families[0]
     rt = build_runtime(app, family, sender)

@@ -149,10 +149,17 @@ def worker_env(sink: Sink, family: str, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def start_worker(sink: Sink, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
+    outboxes: dict[str, WorkerProcess] = {}
 
     def start(family: str, **extra: str) -> WorkerProcess:
+        """Start ``bin/worker family``; the first pool on a broker brings its callback outbox."""
+        env = worker_env(sink, family, **extra)
+        broker = env["OURVIDZ_BROKER_URL"]
+        if family != "outbox" and env.get("OURVIDZ_CALLBACKS", "outbox") == "outbox" and broker not in outboxes:
+            outboxes[broker] = start("outbox", OURVIDZ_BROKER_URL=broker,
+                                     OURVIDZ_HOSTNAME=f"outbox-{len(outboxes)}-{DB}")
         log = tmp_path_factory.mktemp("logs") / f"{family}.log"
-        worker = WorkerProcess(family, worker_env(sink, family, **extra), log).start()
+        worker = WorkerProcess(family, env, log).start()
         started.append(worker)
         return worker
 

@@ -324,7 +324,8 @@ class BridgeProcess:
 
 
 @pytest.fixture
-def start_bridge(sink: Sink, tmp_path: Path) -> Iterator[Callable[..., BridgeProcess]]:
+def start_bridge(sink: Sink, store: redis.Redis, tmp_path: Path) -> Iterator[Callable[..., BridgeProcess]]:
+    """Starts ``bin/bridge`` processes on the real ``sdxl_queue``/``wan_queue``; stops and cleans up after."""
     started: list[BridgeProcess] = []
 
     def start(*args: str, **extra: str) -> BridgeProcess:
@@ -336,6 +337,8 @@ def start_bridge(sink: Sink, tmp_path: Path) -> Iterator[Callable[..., BridgePro
     yield start
     for bridge in started:
         bridge.stop()
+    for name in ("sdxl_queue", "wan_queue"):
+        store.delete(name, PROCESSING.format(list=name))
 
 
 def terminals(sink: Sink, job_id: str) -> list[dict[str, Any]]:
@@ -387,3 +390,28 @@ def test_a_bad_configuration_is_one_line(sink: Sink, tmp_path: Path) -> None:
     out = subprocess.run([str(ROOT / "bin" / "bridge")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "OURVIDZ_LEGACY_REDIS_URL" in out.stderr
+
+
+@pytest.mark.slow
+def test_drain_moves_what_waits_and_exits(sdxl_worker: WorkerProcess, store: redis.Redis, sink: Sink,
+                                          start_bridge: Callable[..., BridgeProcess]) -> None:
+    good, invalid = raw_job(), raw_job()
+    del invalid["user_id"]  # routable, so published: its worker answers INVALID_JOB
+    push(store, "sdxl_queue", good, invalid, b"garbage")
+    drain = start_bridge("--drain")
+    assert drain.wait(60) == 0, drain.text()[-2000:]
+    assert "drained: 3 job(s) moved" in drain.text()
+    assert terminal(sink, good["id"])["status"] == "completed"
+    failed = terminal(sink, invalid["id"])
+    assert failed["error"]["code"] == "INVALID_JOB" and "user_id" in failed["error"]["message"]
+    assert store.llen("sdxl_queue") == 0 and store.llen(PROCESSING.format(list="sdxl_queue")) == 0
+
+
+def test_one_bridge_at_a_time(store: redis.Redis, start_bridge: Callable[..., BridgeProcess]) -> None:
+    first = start_bridge().ready()
+    second = start_bridge()
+    wait_for(lambda: "another bridge holds" in second.text(), 30, what="the second bridge waiting")
+    assert "bridge ready" not in second.text()
+    assert first.stop() == 0
+    second.ready(30)
+    assert second.stop() == 0 and store.get(LOCK) is None

@@ -24,7 +24,7 @@ from .conftest import KEY, SECRET, new_id
 
 @pytest.fixture()
 def delivery(sink: Sink, store: redis.Redis) -> Delivery:
-    settings = Settings(SUPABASE_URL=sink.url, http_backoff=0.01, http_timeout=5)
+    settings = Settings(SUPABASE_URL=sink.url, http_backoff=0.01, http_timeout=5, callbacks="inline")
     d = Delivery(settings, "sdxl@test", store)
     yield d
     sink.faults()

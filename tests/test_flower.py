@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,12 +119,14 @@ def chromium() -> str:
 
 def render(chromium: str, url: str, png: Path) -> str:
     """Load ``url`` in headless Chromium: write a screenshot to ``png``, return the DOM after scripts ran."""
-    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-              "--window-size=1500,900", "--virtual-time-budget=6000", f"--user-data-dir={png.parent / 'profile'}"]
     png.parent.mkdir(parents=True, exist_ok=True)
-    shot = subprocess.run([*common, f"--screenshot={png}", url], capture_output=True, timeout=120)
-    assert png.exists(), shot.stderr.decode(errors="replace")[-2000:]
-    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, timeout=120)
+    png.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as profile:  # fresh: no table state saved from an earlier run
+        common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+                  "--window-size=1500,900", "--virtual-time-budget=6000", f"--user-data-dir={profile}"]
+        shot = subprocess.run([*common, f"--screenshot={png}", url], capture_output=True, timeout=120)
+        assert png.exists(), shot.stderr.decode(errors="replace")[-2000:]
+        dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, timeout=120)
     return dom.stdout.decode(errors="replace")
 
 
@@ -201,7 +204,8 @@ def test_live_progress_job_id_not_prompt(flower: FlowerProcess, sdxl_worker: Wor
     assert running["args"] == f"({job['id']!r},)" and running["worker"] == sdxl_worker.node
     assert seen == sorted(seen) and seen[-1] > seen[0]  # it moves forward
     # the dashboard while it runs: the tasks table draws the progress as a bar
-    dom = render(chromium, authed(flower, "/tasks"), ARTIFACTS / "flower-tasks-progress.png")
+    tasks_page = "/tasks?name=ourvidz.sdxl.generate"
+    dom = render(chromium, authed(flower, tasks_page), ARTIFACTS / "flower-tasks-progress.png")
     assert job["id"] in dom and task_id in dom
     assert "PROGRESS" in dom and "█" in dom and "generating" in dom, "the job ended before the screenshot"
     page = httpx.get(f"{flower.url}/task/{task_id}", auth=(USER, PASSWORD), timeout=30).text
@@ -211,9 +215,10 @@ def test_live_progress_job_id_not_prompt(flower: FlowerProcess, sdxl_worker: Wor
     done = wait_for(lambda: (t := api(flower, f"/api/task/info/{task_id}")) and t["state"] == "SUCCESS" and t,
                     60, 0.2, "SUCCESS in flower")
     assert done["args"] == f"({job['id']!r},)" and "hidden" in done["result"]
-    render(chromium, authed(flower, "/tasks"), ARTIFACTS / "flower-tasks-done.png")
+    done_dom = render(chromium, authed(flower, tasks_page), ARTIFACTS / "flower-tasks-done.png")
+    assert task_id in done_dom and "SUCCESS" in done_dom and "hidden (see the callback)" in done_dom
     # the prompt is nowhere Flower can show it
-    for text in (dom, page, httpx.get(f"{flower.url}/api/tasks", auth=(USER, PASSWORD), timeout=30).text,
+    for text in (dom, done_dom, page, httpx.get(f"{flower.url}/api/tasks", auth=(USER, PASSWORD), timeout=30).text,
                  httpx.get(f"{flower.url}/api/task/info/{task_id}", auth=(USER, PASSWORD), timeout=30).text,
                  httpx.get(f"{flower.url}/task/{task_id}", auth=(USER, PASSWORD), timeout=30).text):
         assert MARKER not in text

@@ -501,9 +501,7 @@ def _check_strength(strength: float | None, steps: int) -> float:
     if not 0 < strength <= 1:
         raise I2IPipelineError(f"strength must be in (0, 1], got {strength!r}", field="strength")
     if int(steps * strength) < 1:
-        raise I2IPipelineError(
-            f"strength {strength} with {steps} steps runs no denoising step", field="strength"
-        )
+        raise I2IPipelineError(f"strength {strength} with {steps} steps runs no denoising step", field="strength")
     return float(strength)
 
 
