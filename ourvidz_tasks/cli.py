@@ -305,23 +305,22 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
     settings.require_delivery()
     store = redis.Redis.from_url(settings.redis)
-    delivery = Delivery(settings, f"{PROG}@{socket.gethostname()}", store)
+    delivery = Delivery(settings, f"{PROG}@{socket.gethostname()}", store)  # inline HTTP: we wait for the edge
     try:
         body = delivery.terminal_of(args.job_id)
-        if body is None:
+        if body is None or not delivery.replay(args.job_id):
             print(f"{PROG} replay: job {args.job_id} has no recorded terminal callback "
                   "(unknown, still running, or older than OURVIDZ_IDEMPOTENCY_TTL)", file=sys.stderr)
             return EXIT_FAILED
-        store.delete(delivery._key(args.job_id, "delivered"))  # resend() skips delivered jobs
-        delivered = delivery.resend(args.job_id, body)
+        delivered = delivery.delivered(args.job_id)
     finally:
         delivery.close()
-    callback_id = body.get("metadata", {}).get("callback_id")
     if not delivered:
         print(f"{PROG} replay: the {body['status']} callback of job {args.job_id} was not delivered "
               "(kept for replay; see the log above)", file=sys.stderr)
         return EXIT_FAILED
-    print(f"job {args.job_id}: {body['status']} callback re-sent (callback_id {callback_id})")
+    print(f"job {args.job_id}: {body['status']} callback re-sent "
+          f"(callback_id {body.get('metadata', {}).get('callback_id')})")
     return EXIT_OK
 
 

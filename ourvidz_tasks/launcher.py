@@ -8,6 +8,7 @@ status 2 and one line naming the variable.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE, file=sys.stderr)
         raise SystemExit(2)
     family, extra = args[0], args[1:]
+    # these libraries' warnings can quote prompts; set before they are imported
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         settings = load_settings()
         check(family, settings)

@@ -25,6 +25,7 @@ from .delivery import callback_body
 from .errors import Cancelled, DeliveryError, JobError, OutOfMemory, WorkerUnavailable
 from .jobs import Job, parse_job, usable_id
 from .media import Output
+from .memory import measure_peak
 from .worker import Runtime, runtime
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class Generated:
 
     outputs: list[Output]
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: the job's shape (e.g. ``1024x1024x6``): peak memory is remembered per shape
+    shape: str = ""
 
 
 class Progress:
@@ -148,7 +151,10 @@ class JobTask(BaseTask):
             job = parse_job(payload, rt.settings, family)
             metadata.update(_enhancement(job))
             rt.policy(job.prompt)
-            generated = work(rt, job, Progress(self, rt, job_id, attempt))
+            rt.used.clear()
+            with measure_peak(rt.device) as peak:
+                generated = work(rt, job, Progress(self, rt, job_id, attempt))
+            _remember_peak(rt, generated.shape or job.the_type, peak.mb)
             model_time = time.perf_counter() - started
             metadata.update(generated.metadata)
             assets = rt.delivery.publish(job.user_id or "", job_id, generated.outputs)
@@ -184,6 +190,17 @@ class JobTask(BaseTask):
         error = _poison_error(deliveries)
         body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata={}, error=error)
         return rt.delivery.finish(body)
+
+
+def _remember_peak(rt: Runtime, shape: str, mb: int) -> None:
+    """On CUDA, grow the reservations of the models this job used to weights + the largest peak seen."""
+    if rt.ledger is None or rt.device.type != "cuda":
+        return
+    for name in rt.used:
+        rt.ledger.record_peak(name, shape, mb)
+        slot = rt.models[name]
+        if slot.reservation is not None:
+            slot.reservation.resize(rt.ledger.estimate(name, slot.default_mb))
 
 
 def _poison_error(deliveries: int) -> dict[str, Any]:

@@ -12,8 +12,8 @@ Two kinds of numbers, one exposition format:
   the callback backlog (ended jobs whose terminal callback is not delivered).
 
 A worker serves both with :func:`start` (``OURVIDZ_METRICS_PORT`` plus the
-pool's offset: sdxl +0, chat +1, wan +2, and +3 per GPU index above 0), so
-the three pools of one host never fight over a port. ``ourvidz metrics``
+role's offset: sdxl +0, chat +1, wan +2, outbox +3, and +4 per GPU index
+above 0), so the processes of one host never fight over a port. ``ourvidz metrics``
 (:func:`serve`) serves the cluster numbers alone, for when no pool is up.
 Cluster gauges therefore appear on several targets: aggregate them with
 ``max without (instance, job)``.
@@ -25,7 +25,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
@@ -33,17 +33,17 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from celeryconfig import QUEUES
+
 from . import events
 from .guard import DEAD_LETTERS
 from .jobs import FAMILY_OF_TYPE
 from .settings import Settings
 
-if TYPE_CHECKING:
-    from .worker import Runtime
-
 log = logging.getLogger(__name__)
 
-QUEUES = ("sdxl", "chat", "wan")
+#: port offset of each role's endpoint (a host runs one process per role and GPU)
+ROLES = ("sdxl", "chat", "wan", "outbox")
 LEGACY_LISTS = ("sdxl_queue", "wan_queue")
 #: kombu's Redis transport keeps unacked messages in this hash
 UNACKED = "unacked"
@@ -248,10 +248,10 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 # -- serving ----------------------------------------------------------------------
-def port_for(base: int, family: str, device: str | None) -> int:
-    """The metrics port of a pool: ``base`` + family offset + 3 per GPU index above 0."""
-    gpu = int(device.split(":")[1]) if device and device.startswith("cuda:") else 0
-    return base + QUEUES.index(family) + len(QUEUES) * gpu
+def port_for(base: int, role: str, device: str | None) -> int:
+    """The metrics port of a process: ``base`` + role offset (:data:`ROLES`) + 4 per GPU index above 0."""
+    gpu = int(device.split(":")[1]) if role != "outbox" and device and device.startswith("cuda:") else 0
+    return base + ROLES.index(role) + len(ROLES) * gpu
 
 
 @dataclass
@@ -275,19 +275,22 @@ def _listen(registry: CollectorRegistry, port: int, address: str) -> tuple[Any, 
     return server, int(server.server_address[1])
 
 
-def start(rt: Runtime) -> Exporter | None:
-    """Serve this pool's metrics if ``OURVIDZ_METRICS_PORT`` is set (called once at worker start)."""
-    base = rt.settings.metrics_port
+def start(settings: Settings, role: str) -> Exporter | None:
+    """Serve this worker's metrics if ``OURVIDZ_METRICS_PORT`` is set (called once at worker start).
+
+    ``role``: ``sdxl``, ``chat``, ``wan`` or ``outbox`` (its port offset). Port 0 picks a free port.
+    """
+    base = settings.metrics_port
     if base is None:
         return None
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     jobs = JobMetrics(registry)
     jobs.connect()
-    registry.register(ClusterCollector(rt.settings))
-    port = port_for(base, rt.family, rt.settings.device) if base else 0
-    server, bound = _listen(registry, port, rt.settings.metrics_address)
-    log.info("metrics on http://%s:%d/metrics", rt.settings.metrics_address, bound)
+    registry.register(ClusterCollector(settings))
+    port = port_for(base, role, settings.device) if base else 0
+    server, bound = _listen(registry, port, settings.metrics_address)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_address, bound)
     return Exporter(registry, bound, jobs, server)
 
 

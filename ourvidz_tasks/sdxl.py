@@ -97,4 +97,4 @@ def _describe(params: SdxlParams, images: list[Image.Image], pipeline: str, fall
         metadata["steps_raised"] = {"reason": "int(steps * denoise_strength) < 1", "steps_run": 1}
     if fallback:
         metadata["fallback"] = fallback
-    return Generated(list(outputs), metadata)
+    return Generated(list(outputs), metadata, shape=f"{params.width}x{params.height}x{params.num_images}")

@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     max_retry_countdown: int = Field(600, gt=0)
     #: seconds a terminal record keeps a job id from being run twice
     idempotency_ttl: int = Field(7 * 24 * 3600, gt=0)
+    #: seconds a model load waits for GPU memory before WORKER_UNAVAILABLE (retried)
+    memory_wait: float = Field(600.0, gt=0)
     #: how pools send callbacks: through the outbox consumer (``bin/worker outbox``) or inline
     callbacks: Literal["outbox", "inline"] = "outbox"
     #: seconds a dead worker's heartbeat takes to expire; its job is requeued soon after

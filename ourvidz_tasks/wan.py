@@ -74,7 +74,7 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
     }
     if fallback:
         metadata["fallback"] = fallback
-    return Generated([output], metadata)
+    return Generated([output], metadata, shape=f"{params.width}x{params.height}x{params.frames}")
 
 
 def _references(

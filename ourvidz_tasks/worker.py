@@ -25,6 +25,7 @@ from .delivery import Delivery, OutboxCallbacks
 from .errors import ConfigError, ModelLoadError, WorkerUnavailable
 from .fetch import ReferenceFetcher
 from .guard import DeadLetters, hooks
+from .memory import DEFAULT_ESTIMATES_MB, Heartbeat, Ledger, Reservation, mb_of
 from .jobs import FAMILY_OF_TYPE, usable_id
 from .policy import PromptPolicy, load_policy
 from .recovery import Recovery
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FAMILIES = ("sdxl", "chat", "wan")
+#: the ledger's first estimate of a tiny model (the real ones are measured after loading)
+TINY_ESTIMATE_MB = 64
 LOADS_TTL = 7 * 24 * 3600
 
 
@@ -48,28 +51,50 @@ class Loaded(Protocol):
 
 
 class ModelSlot:
-    """One model of a pool: loaded on first use (or at warmup), counted, unloadable."""
+    """One model of a pool: reserved in the GPU ledger, loaded, counted, unloadable.
 
-    def __init__(self, name: str, loader: Callable[[], Loaded], on_load: Callable[[str, float], None]) -> None:
-        self.name = name
+    Loading first reserves the model's estimated memory in the per-GPU
+    ledger (waiting in FIFO order, ``WORKER_UNAVAILABLE`` after ``wait``
+    seconds); the reservation is kept alive by the pool's heartbeat and
+    released when the model is unloaded.
+    """
+
+    def __init__(self, name: str, loader: Callable[[], Loaded], on_load: Callable[[str, float], None], *,
+                 pool: str, ledger: Ledger | None = None, heartbeat: Heartbeat | None = None,
+                 default_mb: int = 0, wait: float = 600.0) -> None:
+        self.name, self.pool = name, pool
         self._loader = loader
         self._on_load = on_load
+        self.ledger, self.heartbeat = ledger, heartbeat
+        self.default_mb, self.wait = default_mb, wait
+        self.reservation: Reservation | None = None
         self.model: Loaded | None = None
         self.loads = 0
 
-    def get(self) -> Any:
-        if self.model is None:
-            started = time.perf_counter()
-            try:
-                self.model = self._loader()
-            except (ConfigError, ModelLoadError):
-                raise
-            except Exception as exc:
-                raise ModelLoadError(f"{self.name} failed to load: {type(exc).__name__}") from exc
-            self.loads += 1
-            seconds = time.perf_counter() - started
-            self._on_load(self.name, seconds)
-            events.model_loaded.send(sender=self.name, model=self.name, seconds=seconds, nbytes=self.model.nbytes())
+    def get(self, wait: float | None = None) -> Any:
+        if self.model is not None:
+            return self.model
+        if self.ledger is not None:
+            mb = self.ledger.estimate(self.name, self.default_mb)
+            self.reservation = self.ledger.reserve(self.pool, self.name, mb, timeout=self.wait if wait is None else wait)
+        started = time.perf_counter()
+        try:
+            self.model = self._loader()
+        except (ConfigError, ModelLoadError):
+            self._release()
+            raise
+        except Exception as exc:
+            self._release()
+            raise ModelLoadError(f"{self.name} failed to load: {type(exc).__name__}") from exc
+        self.loads += 1
+        seconds = time.perf_counter() - started
+        self._on_load(self.name, seconds)
+        nbytes = self.model.nbytes()
+        events.model_loaded.send(sender=self.name, model=self.name, seconds=seconds, nbytes=nbytes)
+        if self.ledger is not None and self.reservation is not None:
+            self.ledger.record_weights(self.name, mb_of(nbytes))
+            if self.heartbeat is not None:
+                self.heartbeat.add(self.reservation)
         return self.model
 
     def unload(self) -> int:
@@ -77,9 +102,17 @@ class ModelSlot:
             return 0
         freed = self.model.unload()
         self.model = None
+        self._release()
         events.model_unloaded.send(sender=self.name, model=self.name, freed_bytes=freed)
         log.info("%s unloaded, %.1f MB freed", self.name, freed / 2**20)
         return freed
+
+    def _release(self) -> None:
+        if self.reservation is not None:
+            if self.heartbeat is not None:
+                self.heartbeat.discard(self.reservation)
+            self.reservation.release()
+            self.reservation = None
 
 
 @dataclass
@@ -96,9 +129,14 @@ class Runtime:
     policy: PromptPolicy
     dead: DeadLetters
     recovery: Recovery | None = None
+    ledger: Ledger | None = None
+    heartbeat: Heartbeat | None = None
     models: dict[str, ModelSlot] = field(default_factory=dict)
+    #: the models the current job used (peak memory is attributed to them)
+    used: set[str] = field(default_factory=set)
 
     def model(self, name: str) -> Any:
+        self.used.add(name)
         return self.models[name].get()
 
     def record_load(self, name: str, seconds: float) -> None:
@@ -114,6 +152,8 @@ class Runtime:
             self.recovery.stop()
         for slot in self.models.values():
             slot.unload()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.delivery.close()
         self.fetcher.close()
 
@@ -174,8 +214,15 @@ def build_runtime(app: Celery, family: str, worker_id: str, settings: Settings |
             redis.Redis.from_url(settings.broker_url), store, worker_id,
             lease_seconds=settings.lease_seconds, owner_ttl=settings.visibility_timeout,
         )
+    runtime.ledger = Ledger.for_settings(store, settings, device)
+    runtime.heartbeat = runtime.ledger.keepalive()
+
+    def default_mb(name: str) -> int:
+        return TINY_ESTIMATE_MB if settings.model_source == "tiny" else DEFAULT_ESTIMATES_MB[name]
+
     runtime.models = {
-        name: ModelSlot(name, loader, runtime.record_load)
+        name: ModelSlot(name, loader, runtime.record_load, pool=family, ledger=runtime.ledger,
+                        heartbeat=runtime.heartbeat, default_mb=default_mb(name), wait=settings.memory_wait)
         for name, loader in _loaders(family, settings, device).items()
     }
     hooks.dead = dead
@@ -215,7 +262,10 @@ def _warmup(sender: str, instance: Any, **_: Any) -> None:
     rt = build_runtime(app, family, sender)
     try:
         for name in warm_models(family, rt.settings):
-            rt.models[name].get()
+            try:  # SDXL waits to be resident; the others load now only if they fit
+                rt.models[name].get(wait=None if family == "sdxl" else 0.0)
+            except WorkerUnavailable:
+                log.info("%s: no GPU memory free at start; it loads on first use", name)
     except (ConfigError, ModelLoadError) as exc:
         log.critical("warmup failed: %s", exc)
         raise SystemExit(3) from None

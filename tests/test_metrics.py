@@ -51,9 +51,11 @@ def job(**config: Any) -> dict[str, Any]:
             "config": {"resolution": "256x256", "num_inference_steps": 4, "seed": 1, **config}}
 
 
-def test_port_offsets_keep_the_pools_of_one_host_apart() -> None:
-    assert [port_for(9101, family, "cuda:0") for family in ("sdxl", "chat", "wan")] == [9101, 9102, 9103]
-    assert port_for(9101, "sdxl", "cuda:1") == 9104 and port_for(9101, "wan", None) == 9103
+def test_port_offsets_keep_the_processes_of_one_host_apart() -> None:
+    roles = ("sdxl", "chat", "wan", "outbox")
+    assert [port_for(9101, role, "cuda:0") for role in roles] == [9101, 9102, 9103, 9104]
+    assert [port_for(9101, role, "cuda:1") for role in roles] == [9105, 9106, 9107, 9104]
+    assert port_for(9101, "wan", None) == 9103 and port_for(9101, "sdxl", "cpu") == 9101
 
 
 def test_backlog_and_ledger_read_redis_defensively(isolated_broker: str) -> None:
@@ -76,8 +78,9 @@ def test_worker_metrics_move_as_jobs_run(isolated_broker: str, start_worker: Cal
                                          sink: Sink) -> None:
     base = free_port()
     broker = redis.Redis.from_url(isolated_broker)
+    # inline callbacks: a failed delivery is counted in this process (with the outbox, in the outbox's)
     worker = start_worker("sdxl", OURVIDZ_BROKER_URL=isolated_broker, OURVIDZ_METRICS_PORT=str(base),
-                          OURVIDZ_HOSTNAME=f"metrics-{new_id()[:6]}")
+                          OURVIDZ_HOSTNAME=f"metrics-{new_id()[:6]}", OURVIDZ_CALLBACKS="inline")
     assert f"metrics on http://127.0.0.1:{base}/metrics" in worker.text()
 
     before = scrape(base)
@@ -159,9 +162,11 @@ def test_standalone_exporter_sees_queue_depth(isolated_broker: str) -> None:
         assert value(samples, "ourvidz_legacy_queue_depth", list="sdxl_queue") == 0
         for i in range(3):  # nobody consumes this database: the jobs stay queued
             publish(broker, "ourvidz.wan.generate", {"id": f"queued-{i}", "type": "video_fast"}, "wan")
+        publish(broker, "ourvidz.outbox.deliver", {"id": "cb"}, "outbox")
         broker.rpush("sdxl_queue", '{"id": "legacy-1"}')
         samples = scrape(port)
         assert value(samples, "ourvidz_queue_depth", queue="wan") == 3
+        assert value(samples, "ourvidz_queue_depth", queue="outbox") == 1
         assert value(samples, "ourvidz_queue_depth", queue="sdxl") == 0
         assert value(samples, "ourvidz_legacy_queue_depth", list="sdxl_queue") == 1
         assert value(samples, "ourvidz_redis_up") == 1
