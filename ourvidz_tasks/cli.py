@@ -212,13 +212,16 @@ def memory_status(timeout: float) -> list[tuple[str, dict[str, Any]]] | None:
     return sorted((node, status) for reply in replies for node, status in reply.items() if isinstance(status, dict))
 
 
-def ledger_tables(replies: Sequence[tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Rows per device and per pool from ``memory_status`` replies (pools of one GPU answer alike)."""
+def ledger_tables(replies: Sequence[tuple[str, dict[str, Any]]]
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """Rows per device and per pool from ``memory_status`` replies (pools of one GPU answer alike),
+    and a note per worker that has no ledger (the outbox consumer)."""
     devices: dict[tuple[str, str], dict[str, Any]] = {}
     pools: dict[tuple[str, str, str], dict[str, Any]] = {}
+    notes = []
     for node, st in replies:
         if "error" in st:
-            devices[(node, "?")] = {"host": node, "device": "?", "error": st["error"]}
+            notes.append(f"{node}: {st['error']}")
             continue
         where = (str(st.get("host", "?")), str(st.get("device", "?")))
         devices[where] = {
@@ -234,7 +237,7 @@ def ledger_tables(replies: Sequence[tuple[str, dict[str, Any]]]) -> tuple[list[d
                 "reserved_mb": pool.get("reserved_mb"), "busy": pool.get("busy"),
                 "queued": pool.get("queue_depth"), "idle_s": pool.get("idle_seconds"),
             }
-    return list(devices.values()), list(pools.values())
+    return list(devices.values()), list(pools.values()), notes
 
 
 def load_counters(store: redis.Redis, timeout: float) -> list[dict[str, Any]]:
@@ -283,7 +286,7 @@ def cmd_memory(args: argparse.Namespace, settings: Settings) -> int:
     store = redis.Redis.from_url(settings.redis)
     replies = memory_status(args.timeout)
     loads = load_counters(store, args.timeout)
-    devices, pools = ledger_tables(replies or [])
+    devices, pools, notes = ledger_tables(replies or [])
     if args.json:
         print(json.dumps({"memory_status": dict(replies or []), "loads": loads}, indent=2, default=str))
         return EXIT_OK
@@ -296,6 +299,8 @@ def cmd_memory(args: argparse.Namespace, settings: Settings) -> int:
         print("no worker answered and none has loaded a model yet")
     elif replies is None:
         print("(no memory ledger in this version: load counts only)")
+    for note in notes:
+        print(f"(no ledger from {note})")
     return EXIT_OK
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -204,6 +205,7 @@ def _job_ended(sender: Any = None, **_: Any) -> None:
         return
     try:
         _depth = max(0, _depth - 1)
+        rt.last_job_ended = time.monotonic()
         if _depth == 0:
             _quietly(rt.ledger.set_busy, rt.family, False)
             _quietly(serve_requests, rt)
@@ -213,16 +215,31 @@ def _job_ended(sender: Any = None, **_: Any) -> None:
 
 
 def serve_idle(app: Celery) -> None:
-    """The idle timer's tick: serve requests unless a job is running."""
+    """The idle timer's tick: serve requests, or release an idle on-demand model, unless a job runs."""
     rt: Any = getattr(app, "ourvidz_runtime", None)
     ledger = _own_ledger(app)
-    if ledger is None or not _quietly(ledger.has_requests, rt.family) or not _job_lock.acquire(blocking=False):
+    if ledger is None or not _job_lock.acquire(blocking=False):
         return
     try:
         if _depth == 0:
-            _quietly(serve_requests, rt)
+            if _quietly(ledger.has_requests, rt.family):
+                _quietly(serve_requests, rt)
+            release_idle(rt)
     finally:
         _job_lock.release()
+
+
+def release_idle(rt: Any) -> int:
+    """Unload the pool's models after ``idle_unload_seconds`` without a job (WAN only by default)."""
+    limit = rt.settings.idle_unload_seconds.get(rt.family)
+    if not limit or time.monotonic() - rt.last_job_ended < limit:
+        return 0
+    freed = 0
+    for slot in rt.models.values():
+        if slot.model is not None:
+            log.info("%s idle for %ss: unloading %s", rt.family, limit, slot.name)
+            freed += slot.unload()
+    return freed
 
 
 class ServeRequests(bootsteps.StartStopStep):

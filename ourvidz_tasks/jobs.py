@@ -30,6 +30,12 @@ WAN_TYPES = (
     "image7b_fast_enhanced", "image7b_high_enhanced",
     "video7b_fast_enhanced", "video7b_high_enhanced",
 )
+#: seconds each job type may run (``OURVIDZ_TIME_LIMITS`` overrides); all under ``max_job_seconds``
+TIME_LIMITS = {
+    "sdxl_image_fast": 300, "sdxl_image_high": 600, "image_fast": 600, "image_high": 900,
+    "video_fast": 1800, "video_high": 3000, "image7b_fast_enhanced": 600, "image7b_high_enhanced": 900,
+    "video7b_fast_enhanced": 1800, "video7b_high_enhanced": 3000,
+}
 FAMILY_OF_TYPE = {**{t: "sdxl" for t in SDXL_TYPES}, **{t: "wan" for t in WAN_TYPES}}
 REFERENCE_MODES = ("none", "single", "start", "end", "both")
 CHAT_MODELS = ("qwen_instruct", "qwen_base")

@@ -22,8 +22,8 @@ from celery import Task
 
 from . import events
 from .delivery import callback_body
-from .errors import Cancelled, DeliveryError, JobError, OutOfMemory, WorkerUnavailable
-from .jobs import Job, parse_job, usable_id
+from .errors import Cancelled, DeliveryError, JobError, JobTimeout, OutOfMemory, WorkerUnavailable
+from .jobs import TIME_LIMITS, Job, parse_job, usable_id
 from .media import Output
 from .memory import measure_peak
 from .worker import Runtime, runtime
@@ -44,16 +44,20 @@ class Generated:
 class Progress:
     """``progress(step, total)``: throttled ``processing`` callbacks and Celery PROGRESS state."""
 
-    def __init__(self, task: Task, rt: Runtime, job_id: str, attempt: int) -> None:
+    def __init__(self, task: Task, rt: Runtime, job_id: str, attempt: int, limit: float) -> None:
         self.task, self.rt, self.job_id, self.attempt = task, rt, job_id, attempt
         self.interval = rt.settings.progress_interval
         self._last = time.monotonic()
+        self.limit, self.deadline = limit, self._last + limit
         self.stage = "generating"
 
     def __call__(self, step: int, total: int) -> None:
+        """Called after every denoising step: the watchdog (cancel, time limit), then progress."""
         if self.rt.redis.exists(cancel_key(self.job_id)):
             raise Cancelled("the job was cancelled")
         now = time.monotonic()
+        if now > self.deadline:
+            raise JobTimeout(f"the job ran past its {self.limit:g}s time limit")
         if step < total and now - self._last < self.interval:
             return
         self._last = now
@@ -152,8 +156,9 @@ class JobTask(BaseTask):
             metadata.update(_enhancement(job))
             rt.policy(job.prompt)
             rt.used.clear()
+            limit = rt.settings.time_limits.get(job.the_type, TIME_LIMITS.get(job.the_type, rt.settings.max_job_seconds))
             with measure_peak(rt.device) as peak:
-                generated = work(rt, job, Progress(self, rt, job_id, attempt))
+                generated = work(rt, job, Progress(self, rt, job_id, attempt, limit))
             _remember_peak(rt, generated.shape or job.the_type, peak.mb)
             model_time = time.perf_counter() - started
             metadata.update(generated.metadata)

@@ -530,7 +530,7 @@ class Ledger:
     def for_settings(cls, store: redis.Redis, settings: Settings, device: torch.device | str,
                      **options: Any) -> Ledger:
         """The ledger of ``device`` on this host, budget from settings (else :func:`default_budget_mb`)."""
-        host = settings.hostname or socket.gethostname()
+        host = socket.gethostname()  # the machine, not the node name: every pool on it shares the GPU
         budget = settings.vram_budget_mb or default_budget_mb(device)
         return cls(store, host, str(device), budget, **options)
 

@@ -8,13 +8,15 @@ and describes each image. The lifecycle around it is :class:`~ourvidz_tasks.life
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from PIL import Image
 
 from .app import app
-from .errors import I2IPipelineError, InvalidJob, ReferenceUnavailable, UnsafeReference
+from .errors import I2IPipelineError, InvalidJob, OutOfMemory, ReferenceUnavailable, UnsafeReference
+from .models import release_memory
 from .jobs import Job, SdxlParams, sdxl_params
 from .lifecycle import Generated, JobTask, Progress, as_job_error
 from .media import ImageOutput
@@ -38,13 +40,13 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
     pipeline = "img2img" if reference is not None else "txt2img"
     pipe = partial(
         run_sdxl, model, prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
-        height=params.height, steps=params.steps, guidance_scale=params.guidance_scale, seeds=params.seeds,
+        height=params.height, steps=params.steps, guidance_scale=params.guidance_scale,
         on_step=progress, compel=params.compel, compel_weights=params.compel_weights,
     )
     images: list[Image.Image] | None = None
     if reference is not None:
         try:
-            images = pipe(image=reference, strength=params.denoise_strength)
+            images = pipe(seeds=params.seeds, image=reference, strength=params.denoise_strength)
         except Exception as exc:
             error = as_job_error(exc)
             if error is not None and not isinstance(error, I2IPipelineError):
@@ -55,8 +57,57 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
             fallback = {"code": "I2I_PIPELINE_ERROR", "reason": f"img2img failed: {type(exc).__name__}", "used": "txt2img"}
             pipeline = "txt2img"
     if images is None:
-        images = pipe()
-    return _describe(params, images, pipeline, fallback)
+        images, stepped = _stepping_down(rt, model, partial(pipe), params.seeds)
+    else:
+        stepped = None
+    generated = _describe(params, images, pipeline, fallback)
+    if stepped:
+        generated.metadata["oom_step_down"] = stepped
+    return generated
+
+
+def _stepping_down(rt: Runtime, model: Any, pipe: Callable[..., list[Image.Image]],
+                   seeds: list[int]) -> tuple[list[Image.Image], dict[str, Any] | None]:
+    """Run the batch; on out-of-memory free memory and step down, keeping every image's seed.
+
+    A batch of 6 runs whole, then as 3+3, then one by one; then one by one
+    with VAE tiling and slicing; then (CUDA only) with model CPU offload,
+    after which the model is unloaded so the next job starts clean. The
+    images are those of an un-stepped run: each image has its own generator.
+    """
+    import torch
+
+    vae = model.t2i.vae
+    plans: list[tuple[str, int]] = [("batch", size) for size in sorted({len(seeds), -(-len(seeds) // 2), 1}, reverse=True)]
+    plans.append(("vae_tiling", 1))
+    if model.device.type == "cuda":
+        plans.append(("cpu_offload", 1))
+    failed: list[str] = []
+    try:
+        for remedy, size in plans:
+            if remedy == "vae_tiling":
+                vae.enable_tiling()
+                vae.enable_slicing()
+            elif remedy == "cpu_offload":
+                model.t2i.enable_model_cpu_offload(device=model.device)
+            try:
+                images: list[Image.Image] = []
+                for start in range(0, len(seeds), size):
+                    chunk = seeds[start:start + size]
+                    if rt.settings.fault_oom_batch and len(chunk) >= rt.settings.fault_oom_batch:
+                        raise torch.OutOfMemoryError(f"simulated by OURVIDZ_FAULT_OOM_BATCH={rt.settings.fault_oom_batch}")
+                    images += pipe(seeds=chunk)
+                return images, ({"failed": failed, "batch": size, "remedy": remedy} if failed else None)
+            except (OutOfMemory, torch.OutOfMemoryError):
+                failed.append(f"{remedy}:{size}")
+                release_memory(model.device)
+        raise OutOfMemory(f"SDXL ran out of memory even one image at a time ({len(seeds)} image(s), {', '.join(failed)})")
+    finally:
+        if any(f.startswith("batch:1") for f in failed):
+            vae.disable_tiling()
+            vae.disable_slicing()
+        if any(f.startswith(("vae_tiling", "cpu_offload")) for f in failed):
+            rt.models["sdxl"].unload()  # offload hooks stay on the modules
 
 
 def _reference(rt: Runtime, params: SdxlParams) -> tuple[Image.Image | None, dict[str, Any] | None]:

@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     max_retry_countdown: int = Field(600, gt=0)
     #: seconds a terminal record keeps a job id from being run twice
     idempotency_ttl: int = Field(7 * 24 * 3600, gt=0)
+    #: seconds without a job after which a pool releases its models (JSON map; WAN loads on demand)
+    idle_unload_seconds: dict[str, float] = Field(default_factory=lambda: {"wan": 300.0})
+    #: per-job-type time limits in seconds (JSON map over the defaults; the solo pool ignores Celery's)
+    time_limits: dict[str, float] = Field(default_factory=dict)
+    #: fault injection for tests: a batch of at least this many images raises torch.OutOfMemoryError
+    fault_oom_batch: int | None = Field(None, ge=1)
     #: seconds a model load waits for GPU memory before WORKER_UNAVAILABLE (retried)
     memory_wait: float = Field(600.0, gt=0)
     #: how pools send callbacks: through the outbox consumer (``bin/worker outbox``) or inline

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 FAMILIES = ("sdxl", "chat", "wan")
 #: the ledger's first estimate of a tiny model (the real ones are measured after loading)
-TINY_ESTIMATE_MB = 64
+TINY_ESTIMATE_MB = 1
 LOADS_TTL = 7 * 24 * 3600
 
 
@@ -93,6 +93,7 @@ class ModelSlot:
         events.model_loaded.send(sender=self.name, model=self.name, seconds=seconds, nbytes=nbytes)
         if self.ledger is not None and self.reservation is not None:
             self.ledger.record_weights(self.name, mb_of(nbytes))
+            self.reservation.resize(self.ledger.estimate(self.name, self.default_mb))  # measured, not guessed
             if self.heartbeat is not None:
                 self.heartbeat.add(self.reservation)
         return self.model
@@ -134,6 +135,8 @@ class Runtime:
     models: dict[str, ModelSlot] = field(default_factory=dict)
     #: the models the current job used (peak memory is attributed to them)
     used: set[str] = field(default_factory=set)
+    #: monotonic time the last job ended (drives the idle unload)
+    last_job_ended: float = field(default_factory=time.monotonic)
 
     def model(self, name: str) -> Any:
         self.used.add(name)

@@ -1,0 +1,429 @@
+"""Brokers under faults: a Redis restart mid-run, RabbitMQ end to end, ``rediss://`` settings.
+
+- Redis restart: a private ``redis-server`` (AOF, fsync always) is the broker,
+  result backend and bookkeeping Redis of an SDXL pool and its outbox; it is
+  SIGTERMed and started again on the same port and dir while jobs run. Every
+  job must still get exactly one terminal callback.
+- RabbitMQ: the same job through ``amqp://`` (bookkeeping and results on the
+  test Redis), published by a plain Celery producer; raw pickle / non-JSON
+  messages become dead letters and the worker keeps consuming.
+- ``rediss://``: the configuration a TLS URL resolves to (no TLS server).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from ourvidz_tasks.guard import DEAD_LETTERS
+from ourvidz_tasks.sink import Sink
+
+from .conftest import BROKER, ROOT, WorkerProcess, new_id, terminal, wait_for, worker_env
+from .wire import publish
+
+AMQP = os.environ.get("OURVIDZ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+TASK = "ourvidz.sdxl.generate"
+
+
+def tiny_job(steps: int = 2, size: str = "256x256", prompt: str = "a tiny harbour at dusk") -> dict[str, Any]:
+    return {"id": new_id(), "type": "sdxl_image_fast", "user_id": "user_123", "prompt": prompt,
+            "config": {"resolution": size, "num_inference_steps": steps, "seed": 5}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free port, persisting to ``dir`` (AOF, fsync always)."""
+
+    def __init__(self, directory: Path, port: int | None = None, password: str | None = None) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def url(self, db: int = 0) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis.from_url(self.url(db))
+
+    def start(self, timeout: float = 30) -> RedisServer:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
+                "--logfile", str(self.dir / "redis.log")]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.starts += 1
+        client = redis.Redis.from_url(self.url(), socket_connect_timeout=1)
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited {self.proc.returncode}: {self.log()[-2000:]}")
+            try:
+                return bool(client.ping()) and client.info("persistence").get("loading") == 0
+            except redis.RedisError:
+                return False
+
+        wait_for(ready, timeout, interval=0.05, what=f"redis-server on {self.port}")
+        client.close()
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, down: float = 2.0) -> float:
+        """SIGTERM, stay down ``down`` seconds, start on the same port and dir; return the outage."""
+        began = time.time()
+        self.stop()
+        time.sleep(down)
+        self.start()
+        return time.time() - began
+
+    def log(self) -> str:
+        path = self.dir / "redis.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+class Pools:
+    """Worker processes started here (not through ``start_worker``), so each gets exactly this env.
+
+    ``start_worker`` brings an outbox that inherits only the broker URL; on
+    RabbitMQ that outbox would keep its bookkeeping in Redis database 0.
+    """
+
+    def __init__(self, sink: Sink, logs: Path) -> None:
+        self.sink, self.logs = sink, logs
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.started: list[WorkerProcess] = []
+
+    def start(self, family: str, **env: str) -> WorkerProcess:
+        log = self.logs / f"{family}-{len(self.started)}.log"
+        worker = WorkerProcess(family, worker_env(self.sink, family, **env), log)
+        self.started.append(worker)
+        return worker.start()
+
+    def stop(self) -> None:
+        for worker in reversed(self.started):
+            worker.stop()
+
+
+@pytest.fixture()
+def pools(sink: Sink, tmp_path: Path) -> Iterator[Pools]:
+    p = Pools(sink, tmp_path / "logs")
+    yield p
+    p.stop()
+
+
+def terminal_counts(sink: Sink, ids: list[str]) -> Counter[str]:
+    counts: Counter[str] = Counter({job_id: 0 for job_id in ids})
+    for job_id in ids:
+        counts[job_id] += sum(c["body"]["status"] in ("completed", "failed") for c in sink.callbacks(job_id))
+    return counts
+
+
+# -- Redis restart ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_redis_restart_mid_run_loses_no_job(tmp_path: Path, pools: Pools, sink: Sink) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        url = server.url(0)
+        tag = new_id()[:6]
+        env = dict(OURVIDZ_BROKER_URL=url, OURVIDZ_REDIS_URL=url, OURVIDZ_LEASE_SECONDS="3")
+        pools.start("outbox", OURVIDZ_HOSTNAME=f"restart-outbox-{tag}", **env)
+        worker = pools.start("sdxl", OURVIDZ_HOSTNAME=f"restart-sdxl-{tag}", **env)
+        client = server.client()
+        jobs = [tiny_job(steps=6) for _ in range(10)]
+        for job in jobs:
+            publish(client, TASK, job, "sdxl")
+        ids = [j["id"] for j in jobs]
+        # restart while the pool is in the middle of the run: one job done, the next one running
+        terminal(sink, ids[0], 120)
+        wait_for(lambda: any(c["body"]["status"] == "processing" for c in sink.callbacks(ids[1])), 60,
+                 what="the second job to start")
+        queued_before = client.llen("sdxl")
+        outage = server.restart(down=2.0)
+        restarted_at = time.time()
+        bodies = {job_id: terminal(sink, job_id, 300) for job_id in ids}
+        # let a late duplicate surface, if there is one
+        wait_for(lambda: client.llen("sdxl") == 0 and client.hlen("unacked") == 0, 60, what="queue drained")
+        time.sleep(3)
+        counts = terminal_counts(sink, ids)
+        statuses = Counter(b["status"] for b in bodies.values())
+        lost = sum(1 for n in counts.values() if n == 0)
+        duplicated = sum(1 for n in counts.values() if n > 1)
+        print(f"{len(jobs)} jobs, 1 Redis restart ({outage:.1f}s outage, {queued_before} queued at the time): "
+              f"{statuses['completed']} completed, {statuses['failed']} failed, {lost} lost, {duplicated} duplicated; "
+              f"all ended {time.time() - restarted_at:.1f}s after the restart; worker alive: {worker.alive()}")
+        failed = {k: v.get("error") for k, v in bodies.items() if v["status"] != "completed"}
+        assert lost == 0 and duplicated == 0, counts
+        assert statuses["completed"] == len(jobs), failed
+        assert worker.alive()
+        assert "Connection to broker lost" in worker.text() or "reconnect" in worker.text().lower()
+    finally:
+        server.stop()
+
+
+# -- RabbitMQ ----------------------------------------------------------------------------------------------------
+
+
+def _amqp_reachable() -> bool:
+    from kombu import Connection
+
+    try:
+        with Connection(AMQP, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1)
+        return True
+    except Exception:
+        return False
+
+
+amqp = pytest.mark.skipif(not _amqp_reachable(), reason=f"no RabbitMQ at {AMQP}")
+
+
+def _purge_rabbit(*queues: str) -> dict[str, int]:
+    """Empty the named queues on RabbitMQ (absent queues are fine)."""
+    from kombu import Connection
+
+    purged = {}
+    with Connection(AMQP) as conn:
+        for name in queues:
+            channel = conn.channel()
+            try:
+                purged[name] = channel.queue_purge(name) or 0
+            except conn.channel_errors:  # 404: not declared yet
+                purged[name] = 0
+            finally:
+                try:
+                    channel.close()
+                except Exception:
+                    pass
+    return purged
+
+
+def _publisher() -> Any:
+    """A separate Celery app configured from ``celeryconfig``, with RabbitMQ as its broker."""
+    from celery import Celery
+
+    app = Celery("amqp-publisher", set_as_current=False)
+    app.config_from_object("celeryconfig")
+    # this test process's celeryconfig was read with a Redis broker, which selects our Redis transport
+    app.conf.update(broker_url=AMQP, broker_transport=None, result_backend=BROKER)
+    return app
+
+
+@pytest.fixture()
+def amqp_pool(pools: Pools) -> WorkerProcess:
+    _purge_rabbit("sdxl", "outbox")
+    tag = new_id()[:6]
+    env = dict(OURVIDZ_BROKER_URL=AMQP, OURVIDZ_RESULT_BACKEND=BROKER, OURVIDZ_REDIS_URL=BROKER)
+    pools.start("outbox", OURVIDZ_HOSTNAME=f"amqp-outbox-{tag}", **env)
+    return pools.start("sdxl", OURVIDZ_HOSTNAME=f"amqp-sdxl-{tag}", **env)
+
+
+@amqp
+@pytest.mark.slow
+def test_rabbitmq_end_to_end(amqp_pool: WorkerProcess, sink: Sink, store: redis.Redis) -> None:
+    app = _publisher()
+    job = tiny_job()
+    result = app.send_task(TASK, args=[job], queue="sdxl", argsrepr=f"({job['id']!r},)", kwargsrepr="{}")
+    body = terminal(sink, job["id"], 180)
+    assert body["status"] == "completed", body
+    assert body["worker_id"] == amqp_pool.node
+    assert body["assets"][0]["url"] == f"workspace-temp/user_123/{job['id']}/0.png"
+    time.sleep(2)
+    assert terminal_counts(sink, [job["id"]])[job["id"]] == 1
+    # the result backend (the test Redis) has the body; the bookkeeping Redis its terminal record
+    assert result.get(timeout=30)["status"] == "completed"
+    assert store.exists(f"ourvidz:job:{job['id']}:final")
+    wait_for(lambda: store.exists(f"ourvidz:job:{job['id']}:delivered"), 30, what="the delivered mark")
+    assert "transport:   amqp://guest:**@" in amqp_pool.text()
+    print(f"RabbitMQ: 1 job, {terminal_counts(sink, [job['id']])[job['id']]} terminal callback ({body['status']})")
+
+
+@amqp
+@pytest.mark.slow
+def test_rabbitmq_non_json_messages_are_dead_letters(amqp_pool: WorkerProcess, sink: Sink, store: redis.Redis) -> None:
+    from kombu import Connection, Exchange, Producer
+
+    marker = f"dead-{new_id()[:10]}"
+    pickle_task_id = str(uuid.uuid4())
+    before = store.llen(DEAD_LETTERS)
+    with Connection(AMQP) as conn:
+        producer = Producer(conn.channel(), exchange=Exchange(""), routing_key="sdxl")
+        # 1. a pickled task message (a protocol v2 envelope whose body is pickle): refused content type
+        producer.publish(
+            pickle.dumps([[{"id": new_id(), "prompt": marker}], {}, {}]), routing_key="sdxl",
+            content_type="application/x-python-serialize", content_encoding="binary",
+            headers={"task": TASK, "id": pickle_task_id, "argsrepr": "()", "kwargsrepr": "{}", "retries": 0,
+                     "root_id": pickle_task_id, "lang": "py"},
+        )
+        # 2. a pickle with no task headers at all
+        producer.publish(pickle.dumps({"junk": marker}), routing_key="sdxl",
+                         content_type="application/x-python-serialize", content_encoding="binary")
+        # 3. bytes that claim to be JSON and are not
+        producer.publish(f"{{not json {marker}".encode(), routing_key="sdxl",
+                         content_type="application/json", content_encoding="utf-8")
+    wait_for(lambda: store.llen(DEAD_LETTERS) >= before + 3, 60, what="three dead letters")
+    entries = [json.loads(e) for e in store.lrange(DEAD_LETTERS, 0, -1)]
+    ours = [e for e in entries if e.get("task_id") == pickle_task_id or marker in (e.get("raw") or "")]
+    reasons = sorted(e["reason"] for e in ours)
+    print(f"RabbitMQ: 3 raw messages, {len(ours)} dead letters: {reasons}")
+    assert len(ours) == 3, entries[:5]
+    assert any("refused content type 'application/x-python-serialize'" in r for r in reasons)
+    assert sum(r.startswith("undecodable message") for r in reasons) == 2
+    assert all(e["queue"] == "sdxl" for e in ours)
+    # the worker is alive and still consuming
+    job = tiny_job()
+    _publisher().send_task(TASK, args=[job], queue="sdxl", argsrepr=f"({job['id']!r},)", kwargsrepr="{}")
+    assert terminal(sink, job["id"], 180)["status"] == "completed"
+    assert amqp_pool.alive()
+
+
+# -- rediss:// -------------------------------------------------------------------------------------------------
+
+#: Opens one connection of each kind a worker makes to the Redis URLs (broker channel, result
+#: backend, bookkeeping client, recovery's broker client) exactly as the worker builds them.
+_PROBE = r"""
+import json, sys
+out = {}
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "connected"
+    except BaseException as exc:
+        out[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
+from ourvidz_tasks.app import app
+from ourvidz_tasks.settings import load_settings
+settings = load_settings()
+import redis
+conn = app.connection_for_write()
+out["broker_ssl_options"] = {k: str(v) for k, v in conn.ssl.items()} if isinstance(conn.ssl, dict) else conn.ssl
+attempt("broker", lambda: conn.channel())
+attempt("backend", lambda: app.backend.client.connection_pool.make_connection().connect())
+attempt("ourvidz_redis", lambda: redis.Redis.from_url(settings.redis).connection_pool.make_connection().connect())
+attempt("recovery", lambda: redis.Redis.from_url(settings.broker_url).connection_pool.make_connection().connect())
+print(json.dumps(out))
+"""
+
+
+class FirstBytes:
+    """A TCP listener that records the first bytes each client sends, then hangs up (no TLS needed)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = int(self.sock.getsockname()[1])
+        self.seen: list[bytes] = []
+        self._stop = False
+        import threading
+
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                continue
+            with client:
+                client.settimeout(2)
+                try:
+                    self.seen.append(client.recv(64))
+                except OSError:
+                    self.seen.append(b"")
+
+    def kinds(self) -> list[str]:
+        """``tls`` (a TLS record: 0x16 0x03) or ``plaintext`` per connection."""
+        return ["tls" if b[:2] == b"\x16\x03" else f"plaintext {b[:8]!r}" for b in self.seen]
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(2)
+        self.sock.close()
+
+
+PROBE_PASSWORD = "tls-probe-" + uuid.uuid4().hex[:8]
+
+
+def _tls_probe(query: str, scheme: str = "rediss") -> tuple[dict[str, Any], dict[str, FirstBytes]]:
+    """Point a worker's configuration at three listeners; return what its clients did and sent."""
+    servers = {name: FirstBytes() for name in ("broker", "backend", "redis")}
+    try:
+        url = {name: f"rediss://:{PROBE_PASSWORD}@127.0.0.1:{s.port}/0{query}" for name, s in servers.items()}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OURVIDZ_")}
+        env.update(OURVIDZ_BROKER_URL=url["broker"], OURVIDZ_RESULT_BACKEND=url["backend"],
+                   OURVIDZ_REDIS_URL=url["redis"], PYTHONWARNINGS="ignore")
+        done = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outcome = json.loads(done.stdout.strip().splitlines()[-1])
+        time.sleep(0.3)
+        return outcome, servers
+    finally:
+        for s in servers.values():
+            s.close()
+
+
+def _all_tls(outcome: dict[str, Any], servers: dict[str, FirstBytes]) -> None:
+    wire = {name: s.kinds() for name, s in servers.items()}
+    print(f"clients: {outcome}\nfirst bytes per endpoint: {wire}")
+    cleartext = [name for name, s in servers.items() if any(PROBE_PASSWORD.encode() in b for b in s.seen)]
+    assert not cleartext, f"the Redis password went over the wire in cleartext to: {cleartext}"
+    for name in ("broker", "backend", "redis"):
+        assert wire[name], f"nothing connected to the {name} endpoint: {outcome}"
+        assert set(wire[name]) == {"tls"}, f"{name} endpoint saw {wire[name]}"
+    # broker: the kombu channel and recovery's client; backend: Celery's; redis: ledger, dead letters...
+    assert len(wire["broker"]) >= 2 and len(wire["redis"]) >= 1 and len(wire["backend"]) >= 1
+
+
+def test_rediss_url_with_cert_reqs_speaks_tls_on_every_connection() -> None:
+    """``rediss://...?ssl_cert_reqs=required``: every client a worker opens starts with a TLS handshake."""
+    outcome, servers = _tls_probe("?ssl_cert_reqs=required")
+    assert outcome["broker_ssl_options"] == {"ssl_cert_reqs": str(int(ssl.CERT_REQUIRED))}
+    _all_tls(outcome, servers)
+
+
+def test_bare_rediss_url_speaks_tls_on_every_connection() -> None:
+    """``rediss://host`` with no query (what a provider's dashboard hands out) must also mean TLS.
+
+    Fails today: ``broker_transport`` (our guard transport) hides the ``rediss`` scheme from
+    kombu, so the broker channel connects in cleartext and sends ``HELLO 3 AUTH default <password>``;
+    Celery's Redis backend refuses the URL (ValueError: no ``ssl_cert_reqs``).
+    """
+    outcome, servers = _tls_probe("")
+    _all_tls(outcome, servers)
