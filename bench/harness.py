@@ -17,12 +17,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import BROKER, KEY, SECRET, WorkerProcess, worker_env  # noqa: E402  (sets the env first)
-from tests.wire import publish  # noqa: E402
-
 import redis  # noqa: E402
 
 from ourvidz_tasks.sink import Sink  # noqa: E402
+from tests.conftest import BROKER, KEY, SECRET, WorkerProcess, worker_env  # noqa: E402  (sets the env first)
+from tests.wire import publish  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 

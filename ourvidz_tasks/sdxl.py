@@ -16,10 +16,10 @@ from PIL import Image
 
 from .app import app
 from .errors import I2IPipelineError, InvalidJob, OutOfMemory, ReferenceUnavailable, UnsafeReference
-from .models import release_memory
 from .jobs import Job, SdxlParams, sdxl_params
 from .lifecycle import Generated, JobTask, Progress, as_job_error
 from .media import ImageOutput
+from .models import release_memory
 from .worker import Runtime
 
 log = logging.getLogger(__name__)

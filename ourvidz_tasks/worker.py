@@ -25,8 +25,8 @@ from .delivery import Delivery, OutboxCallbacks
 from .errors import ConfigError, ModelLoadError, WorkerUnavailable
 from .fetch import ReferenceFetcher
 from .guard import DeadLetters, hooks
-from .memory import DEFAULT_ESTIMATES_MB, Heartbeat, Ledger, Reservation, mb_of
 from .jobs import FAMILY_OF_TYPE, usable_id
+from .memory import DEFAULT_ESTIMATES_MB, Heartbeat, Ledger, Reservation, mb_of
 from .policy import PromptPolicy, load_policy
 from .recovery import Recovery
 from .redact import install_log_filter

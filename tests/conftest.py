@@ -58,7 +58,6 @@ os.environ.setdefault("SUPABASE_URL", "http://127.0.0.1:9")  # replaced per work
 
 from ourvidz_tasks.sink import Sink  # noqa: E402
 
-
 _CLAIMED = [DB]
 
 

@@ -6,7 +6,8 @@ import io
 import json
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import numpy as np
