@@ -1,4 +1,5 @@
-# One image for every role: the three GPU pools, Flower, and later roles.
+# One image for every role: the three GPU pools and the callback outbox (bin/worker, the
+# entrypoint), Flower (bin/flower), the metrics exporter (ourvidz metrics), the legacy bridge.
 # CUDA builds of torch come from PyPI's default torch wheel (CUDA 12.x).
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1
@@ -12,4 +13,6 @@ RUN python -m venv /app/.venv && /app/.venv/bin/pip install torch && /app/.venv/
 ENV PATH=/app/.venv/bin:$PATH
 RUN useradd --create-home --uid 1000 ourvidz
 USER ourvidz
+# Flower; the metrics exporter; the metrics of sdxl, chat, wan, outbox (OURVIDZ_METRICS_PORT + offset)
+EXPOSE 5555 9100 9101 9102 9103 9104
 ENTRYPOINT ["/app/bin/worker"]

@@ -19,10 +19,12 @@ import hmac
 import json
 import logging
 import random
+import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -31,12 +33,13 @@ import redis
 
 from . import events
 from .errors import DeliveryError, DeliveryRefused
-from .media import EncodedAsset, Output, encode_output, encode_thumbnail
+from .media import Output, encode_output, encode_thumbnail
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 BUCKET = "workspace-temp"
+CONTENT_TYPES = {".png": "image/png", ".mp4": "video/mp4", ".webp": "image/webp"}
 Status = Literal["processing", "completed", "failed"]
 T = TypeVar("T")
 
@@ -189,37 +192,91 @@ class Delivery:
         self._lock = threading.Lock()
 
     # -- storage ----------------------------------------------------------------
-    def publish(self, user_id: str, job_id: str, outputs: Sequence[Output]) -> list[dict[str, Any]]:
+    def publish(self, user_id: str, job_id: str, outputs: Sequence[Output],
+                metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """Encode and upload every output and its thumbnail, all in parallel; return the assets.
 
-        A thumbnail that can't be made or stored is reported in the asset's
-        metadata (``THUMBNAIL_GENERATION_ERROR``) and never fails the job.
+        Each file is written to the spool (``OURVIDZ_SPOOL_DIR/{job_id}``)
+        before it is uploaded and removed once stored, so a storage outage
+        loses nothing: the job's retry calls :meth:`resume` and uploads what
+        is left without computing again. A thumbnail that can't be made or
+        stored is reported (``THUMBNAIL_GENERATION_ERROR``) and never fails the job.
         """
-        prefix = f"{BUCKET}/{user_id}/{job_id}"
+        spool = self._spool(job_id)
+        spool.mkdir(parents=True, exist_ok=True)
+        (spool / "job.json").write_text(json.dumps({"count": len(outputs), "metadata": metadata or {}}))
         level = self.settings.png_compress_level
-        mains = [self._uploads.submit(self._main, prefix, output, i, level) for i, output in enumerate(outputs)]
-        thumbs = [self._uploads.submit(self._thumb, prefix, output, i) for i, output in enumerate(outputs)]
-        assets = []
-        for index, (main, thumb) in enumerate(zip(mains, thumbs, strict=True)):
-            asset = main.result()
-            metadata = {**asset.metadata, "asset_index": index}
-            try:
-                thumb_url: str | None = thumb.result()
-            except Exception as exc:
-                thumb_url = None
-                metadata["thumbnail_error"] = {"code": "THUMBNAIL_GENERATION_ERROR", "message": f"{type(exc).__name__}"}
-                log.warning("job %s: thumbnail %d failed: %s", job_id, index, type(exc).__name__)
-            assets.append({"type": asset.kind, "url": f"{prefix}/{asset.name}", "thumbnail_url": thumb_url,
-                           "metadata": metadata})
-        return assets
+        mains = [self._uploads.submit(self._main, spool, user_id, output, i, level) for i, output in enumerate(outputs)]
+        thumbs = [self._uploads.submit(self._thumb, spool, user_id, output, i) for i, output in enumerate(outputs)]
+        for main in mains:
+            main.result()
+        return [self._asset(spool, user_id, i, thumb) for i, thumb in enumerate(thumbs)]
 
-    def _main(self, prefix: str, output: Output, index: int, level: int) -> EncodedAsset:
+    def resume(self, user_id: str, job_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+        """Upload what an earlier attempt left in the spool: ``(assets, job metadata)``, or None."""
+        spool = self._spool(job_id)
+        try:
+            job = json.loads((spool / "job.json").read_text())
+        except (OSError, ValueError):
+            return None
+        metas = [spool / f"{i}.asset.json" for i in range(job["count"])]
+        if not all(m.exists() for m in metas):
+            return None  # an encode never finished: compute again
+        names = [json.loads(m.read_text())["name"] for m in metas]
+        uploads = [self._uploads.submit(self._upload_spooled, spool, user_id, name) for name in names]
+        for upload in uploads:
+            upload.result()
+        thumbs = [self._uploads.submit(self._upload_spooled, spool, user_id, f"{i}.thumb.webp")
+                  for i in range(job["count"])]
+        log.info("job %s: resumed %d asset(s) from the spool", job_id, len(names))
+        return [self._asset(spool, user_id, i, thumb) for i, thumb in enumerate(thumbs)], job["metadata"]
+
+    def discard(self, job_id: str) -> None:
+        """Forget the job's spool (its terminal callback is recorded)."""
+        shutil.rmtree(self._spool(job_id), ignore_errors=True)
+
+    def _spool(self, job_id: str) -> Path:
+        return self.settings.spool_dir / job_id
+
+    def _main(self, spool: Path, user_id: str, output: Output, index: int, level: int) -> None:
         asset = encode_output(output, index, level)
-        self.storage.upload(f"{prefix}/{asset.name}", asset.data, asset.content_type)
-        return asset
+        (spool / asset.name).write_bytes(asset.data)
+        meta = {"kind": asset.kind, "name": asset.name, "content_type": asset.content_type, "metadata": asset.metadata}
+        (spool / f"{index}.asset.json").write_text(json.dumps(meta))
+        self._upload_spooled(spool, user_id, asset.name, asset.content_type)
 
-    def _thumb(self, prefix: str, output: Output, index: int) -> str:
-        return self.storage.upload(f"{prefix}/{index}.thumb.webp", encode_thumbnail(output), "image/webp")
+    def _thumb(self, spool: Path, user_id: str, output: Output, index: int) -> str | None:
+        name = f"{index}.thumb.webp"
+        (spool / name).write_bytes(encode_thumbnail(output))
+        return self._upload_spooled(spool, user_id, name, "image/webp")
+
+    def _upload_spooled(self, spool: Path, user_id: str, name: str, content_type: str | None = None) -> str | None:
+        """Upload ``spool/name`` unless an earlier attempt did; its storage path (None: never made)."""
+        url = f"{BUCKET}/{user_id}/{spool.name}/{name}"
+        path, done = spool / name, spool / f".{name}.done"
+        if done.exists():
+            return url
+        if not path.exists():
+            return None
+        content_type = content_type or CONTENT_TYPES[path.suffix]
+        self.storage.upload(url, path.read_bytes(), content_type)
+        done.touch()
+        path.unlink()
+        return url
+
+    def _asset(self, spool: Path, user_id: str, index: int, thumb: Future[str | None]) -> dict[str, Any]:
+        meta = json.loads((spool / f"{index}.asset.json").read_text())
+        metadata = {**meta["metadata"], "asset_index": index}
+        try:
+            thumb_url = thumb.result()
+        except Exception as exc:
+            thumb_url = None
+            metadata["thumbnail_error"] = {"code": "THUMBNAIL_GENERATION_ERROR", "message": type(exc).__name__}
+            log.warning("job %s: thumbnail %d failed: %s", spool.name, index, type(exc).__name__)
+        if thumb_url is None and "thumbnail_error" not in metadata:
+            metadata["thumbnail_error"] = {"code": "THUMBNAIL_GENERATION_ERROR", "message": "missing"}
+        return {"type": meta["kind"], "url": f"{BUCKET}/{user_id}/{spool.name}/{meta['name']}",
+                "thumbnail_url": thumb_url, "metadata": metadata}
 
     # -- callbacks --------------------------------------------------------------
     def processing(self, job_id: str, attempt: int, metadata: dict[str, Any] | None = None) -> None:

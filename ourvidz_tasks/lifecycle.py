@@ -156,13 +156,19 @@ class JobTask(BaseTask):
             metadata.update(_enhancement(job))
             rt.policy(job.prompt)
             rt.used.clear()
-            limit = rt.settings.time_limits.get(job.the_type, TIME_LIMITS.get(job.the_type, rt.settings.max_job_seconds))
-            with measure_peak(rt.device) as peak:
-                generated = work(rt, job, Progress(self, rt, job_id, attempt, limit))
-            _remember_peak(rt, generated.shape or job.the_type, peak.mb)
-            model_time = time.perf_counter() - started
-            metadata.update(generated.metadata)
-            assets = rt.delivery.publish(job.user_id or "", job_id, generated.outputs)
+            resumed = rt.delivery.resume(job.user_id or "", job_id)
+            if resumed is not None:  # an earlier attempt computed it; storage failed
+                assets, produced = resumed
+                metadata.update(produced, resumed_from_spool=True)
+                model_time = 0.0
+            else:
+                limit = rt.settings.time_limits.get(job.the_type, TIME_LIMITS.get(job.the_type, rt.settings.max_job_seconds))
+                with measure_peak(rt.device) as peak:
+                    generated = work(rt, job, Progress(self, rt, job_id, attempt, limit))
+                _remember_peak(rt, generated.shape or job.the_type, peak.mb)
+                model_time = time.perf_counter() - started
+                metadata.update(generated.metadata)
+                assets = rt.delivery.publish(job.user_id or "", job_id, generated.outputs, generated.metadata)
             total = time.perf_counter() - started
             metadata.update(processing_time=round(total, 3), model_time=round(model_time, 3),
                             delivery_time=round(total - model_time, 3), batch_size=len(assets))
@@ -188,7 +194,9 @@ class JobTask(BaseTask):
             processing_time=metadata.get("processing_time"), model_time=metadata.get("model_time"),
             delivery_time=metadata.get("delivery_time"),
         )
-        return rt.delivery.finish(body)
+        recorded = rt.delivery.finish(body)
+        rt.delivery.discard(job_id)
+        return recorded
 
     def _poison(self, rt: Runtime, job_id: str, attempt: int, deliveries: int) -> dict[str, Any]:
         log.error("job %s: delivered %d times, given up as poison", job_id, deliveries)

@@ -33,8 +33,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from celeryconfig import QUEUES
-
 from . import events
 from .guard import DEAD_LETTERS
 from .jobs import FAMILY_OF_TYPE
@@ -42,8 +40,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: port offset of each role's endpoint (a host runs one process per role and GPU)
-ROLES = ("sdxl", "chat", "wan", "outbox")
+#: the Celery queues (celeryconfig.QUEUES): one per worker role, which is also its port offset
+QUEUES = ROLES = ("sdxl", "chat", "wan", "outbox")
 LEGACY_LISTS = ("sdxl_queue", "wan_queue")
 #: kombu's Redis transport keeps unacked messages in this hash
 UNACKED = "unacked"

@@ -361,11 +361,14 @@ class FirstBytes:
             except OSError:
                 continue
             with client:
-                client.settimeout(2)
+                client.settimeout(0.5)
+                data = b""
                 try:
-                    self.seen.append(client.recv(64))
+                    while len(data) < 512 and (chunk := client.recv(512)):
+                        data += chunk
                 except OSError:
-                    self.seen.append(b"")
+                    pass
+                self.seen.append(data)
 
     def kinds(self) -> list[str]:
         """``tls`` (a TLS record: 0x16 0x03) or ``plaintext`` per connection."""

@@ -125,3 +125,17 @@ def test_replay_resends_the_recorded_terminal_callback(sdxl_worker: WorkerProces
     assert len(terminals) == 2 and terminals[1]["body"] == first and terminals[1]["signature_ok"]
     unknown = ourvidz("replay", new_id(), sink=sink)
     assert unknown.returncode == 1 and "no recorded terminal callback" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_submit_enhance_chains_the_prompt_enhancement(chat_worker: WorkerProcess, sdxl_worker: WorkerProcess,
+                                                     sink: Sink) -> None:
+    job_id = new_id()
+    run = ourvidz("submit", "--enhance", "--type", "sdxl_image_fast", "--user-id", "user_123", "--prompt", PROMPT,
+                  "--id", job_id, "--set", "config.resolution=256x256", "--set", "config.num_inference_steps=4",
+                  "--set", 'metadata.enhance={"max_tokens": 16}', "--interval", "0.05")
+    assert run.returncode == 0, run.stderr
+    body = json.loads(run.stdout)
+    assert body == terminal(sink, job_id) and body["status"] == "completed"
+    assert body["metadata"]["original_prompt"] == PROMPT and "enhanced_prompt" in body["metadata"]
+    assert "queued" in run.stderr or "enhancing the prompt" in run.stderr

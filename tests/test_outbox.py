@@ -66,3 +66,20 @@ def test_replay_resends_the_last_callback(sdxl_worker: WorkerProcess, store: red
         delivery.close()
     finals = [c["body"] for c in sink.callbacks(payload["id"]) if c["body"]["status"] == "completed"]
     assert len(finals) == 2 and finals[1]["metadata"]["callback_id"] == first["metadata"]["callback_id"]
+
+
+def test_a_storage_outage_loses_nothing_and_computes_once(sdxl_worker: WorkerProcess, store: redis.Redis,
+                                                          sink: Sink) -> None:
+    payload = job()
+    sink.faults(storage=503)
+    try:
+        publish(store, "ourvidz.sdxl.generate", payload, "sdxl")
+        wait_for(lambda: f"job {payload['id']}: WORKER_UNAVAILABLE, retry" in sdxl_worker.text(), 60,
+                 what="the retry after the outage")
+    finally:
+        sink.faults()
+    body = terminal(sink, payload["id"], 120)
+    assert body["status"] == "completed" and body["metadata"]["resumed_from_spool"] is True
+    assert body["metadata"]["attempt"] == 2 and body["assets"][0]["thumbnail_url"]
+    assert [c["body"]["status"] for c in sink.callbacks(payload["id"])].count("completed") == 1
+    assert f"job {payload['id']}: resumed 1 asset(s) from the spool" in sdxl_worker.text()
