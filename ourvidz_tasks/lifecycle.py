@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -91,6 +92,17 @@ def cancel(store: redis.Redis, job_id: str) -> None:
 def backoff(retries: int, base: float = 2.0, cap: float = 600.0) -> float:
     """Exponential backoff with full jitter: ``uniform(0.5, 1) * min(cap, base * 2^retries)``."""
     return random.uniform(0.5, 1.0) * min(cap, base * 2**retries)
+
+
+#: exit status of a worker that stopped after a device fault (its supervisor restarts it)
+EXIT_DEVICE_FAULT = 75
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """A CUDA error other than out-of-memory: the process's device state can't be trusted."""
+    name = type(exc).__name__
+    return name == "AcceleratorError" or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
+                                          and "out of memory" not in str(exc))
 
 
 def as_job_error(exc: BaseException) -> JobError | None:
@@ -176,6 +188,13 @@ class JobTask(BaseTask):
             log.info("job %s completed in %.2fs (model %.2fs)", job_id, total, model_time)
         except Exception as exc:
             error = as_job_error(exc)
+            if is_device_fault(exc):
+                # the CUDA context may be corrupt: leave the job unacknowledged (it is requeued
+                # when this worker's heartbeat stops) and exit so the supervisor starts a clean one
+                log.critical("job %s: device fault (%s); the worker exits, the job is requeued", job_id,
+                             type(exc).__name__)
+                logging.shutdown()
+                os._exit(EXIT_DEVICE_FAULT)  # no warm shutdown: it could ack the job
             if error is None:
                 log.exception("job %s: unexpected %s", job_id, type(exc).__name__)
                 error = WorkerUnavailable(f"internal error ({type(exc).__name__})")

@@ -15,3 +15,14 @@ def kill_on_marker(prompt: str) -> None:
     if MARKER in prompt:
         os.kill(os.getpid(), signal.SIGKILL)
     default_policy(prompt)
+
+DEVICE_FAULT = "DEVICE-FAULT-ONCE"
+
+
+def cuda_fault_once(prompt: str) -> None:
+    """Raise what a broken CUDA context raises, once per job id seen (tracked in a file by the test)."""
+    flag = os.environ.get("OURVIDZ_TEST_FAULT_FLAG")
+    if DEVICE_FAULT in prompt and flag and not os.path.exists(flag):
+        open(flag, "w").close()
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    default_policy(prompt)

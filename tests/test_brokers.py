@@ -195,6 +195,48 @@ def test_redis_restart_mid_run_loses_no_job(tmp_path: Path, pools: Pools, sink: 
         server.stop()
 
 
+@pytest.mark.slow
+def test_live_workers_keep_their_messages(isolated_broker: str, pools: Pools, sink: Sink) -> None:
+    """Crash recovery must requeue only a dead worker's messages, never a live one's.
+
+    One job that runs for many lease periods, and a callback outage that keeps the outbox's
+    delivery running as long: both workers are alive throughout, so neither message may be
+    handed out again (no second ``received``, no "requeued", one terminal callback).
+    """
+    store = redis.Redis.from_url(isolated_broker)
+    tag = new_id()[:6]
+    env = dict(OURVIDZ_BROKER_URL=isolated_broker, OURVIDZ_LEASE_SECONDS="1")  # requeue after ~2 s unowned
+    outbox = pools.start("outbox", OURVIDZ_HOSTNAME=f"owner-outbox-{tag}", **env)
+    worker = pools.start("sdxl", OURVIDZ_HOSTNAME=f"owner-sdxl-{tag}", **env)
+    job = tiny_job(steps=40, size="512x512")
+    task_id = publish(store, TASK, job, "sdxl")
+    wait_for(lambda: any(c["body"]["status"] == "processing" for c in sink.callbacks(job["id"])), 60,
+             what="the job to start")
+    owners: list[bytes] = []
+    for _ in range(20):  # the running job's message must have an owner record
+        owners = list(store.scan_iter("ourvidz:owner:*"))
+        if owners:
+            break
+        time.sleep(0.1)
+    sink.faults(callback=503)
+    try:
+        wait_for(lambda: store.exists(f"ourvidz:job:{job['id']}:final"), 180, what="the job to end")
+        time.sleep(6)  # the terminal callback waits in the outbox for several lease periods
+    finally:
+        sink.faults()
+    body = terminal(sink, job["id"], 60)
+    time.sleep(3)
+    received = worker.text().count(f"generate[{task_id}] received")
+    requeued = worker.text().count("requeued") + outbox.text().count("requeued")
+    terminals = terminal_counts(sink, [job["id"]])[job["id"]]
+    print(f"1 long job ({body['metadata'].get('processing_time')}s, lease 1s), 6s callback outage: "
+          f"received {received}x, {requeued} requeues by recovery, {terminals} terminal callback(s), "
+          f"owner records seen: {len(owners)}")
+    assert body["status"] == "completed"
+    assert owners, "no ourvidz:owner:* record was written for the running job's message"
+    assert received == 1 and requeued == 0 and terminals == 1
+
+
 # -- RabbitMQ ----------------------------------------------------------------------------------------------------
 
 

@@ -109,3 +109,36 @@ def test_poison_job_is_given_up_after_n_deliveries(isolated_broker: str, start_w
     publish(store, "ourvidz.sdxl.generate", ok, "sdxl")
     assert terminal(sink, ok["id"], 120)["status"] == "completed"
     assert survivor.alive()
+
+
+@pytest.mark.slow
+def test_device_fault_exits_the_worker_and_requeues_the_job(isolated_broker: str, tmp_path,
+                                                            start_worker: Callable[..., WorkerProcess],
+                                                            sink: Sink) -> None:
+    from .faults import DEVICE_FAULT
+
+    store = redis.Redis.from_url(isolated_broker)
+    env = dict(OURVIDZ_BROKER_URL=isolated_broker, OURVIDZ_LEASE_SECONDS="2",
+               OURVIDZ_PROMPT_POLICY="tests.faults:cuda_fault_once", OURVIDZ_TEST_FAULT_FLAG=str(tmp_path / "faulted"))
+    first = start_worker("sdxl", OURVIDZ_HOSTNAME=f"fault-{new_id()[:6]}", **env)
+    job = {**slow_job(steps=2), "prompt": f"a {DEVICE_FAULT} prompt"}
+    publish(store, "ourvidz.sdxl.generate", job, "sdxl")
+    wait_for(lambda: not first.alive(), 60, what="the worker to exit")
+    assert first.stop() == 75
+    start_worker("sdxl", OURVIDZ_HOSTNAME=f"clean-{new_id()[:6]}", **env)  # what the supervisor does
+    body = terminal(sink, job["id"], 120)
+    assert body["status"] == "completed"
+    assert [c["body"]["status"] for c in sink.callbacks(job["id"])].count("completed") == 1
+
+
+@pytest.mark.slow
+def test_sigterm_lets_the_running_job_finish(isolated_broker: str, start_worker: Callable[..., WorkerProcess],
+                                             sink: Sink) -> None:
+    store = redis.Redis.from_url(isolated_broker)
+    worker = start_worker("sdxl", OURVIDZ_BROKER_URL=isolated_broker, OURVIDZ_HOSTNAME=f"term-{new_id()[:6]}")
+    job = slow_job(steps=20)
+    publish(store, "ourvidz.sdxl.generate", job, "sdxl")
+    wait_for(lambda: processing_worker(sink, job["id"]), 60, what="processing")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(120) == 0
+    assert terminal(sink, job["id"], 30)["status"] == "completed"
