@@ -154,7 +154,7 @@ def follow(result: Any, line: ProgressLine, timeout: float, interval: float) -> 
             host = info.get("hostname") if isinstance(info, dict) else None
             line.show(f"started on {host}" if host else "started")
         elif state == "RETRY":
-            line.show(f"retrying ({info})")
+            line.show(f"retrying ({_error(info)})")
         elif result.parent is not None and not result.parent.ready():
             line.show("enhancing the prompt")
         else:
@@ -162,6 +162,15 @@ def follow(result: Any, line: ProgressLine, timeout: float, interval: float) -> 
         if time.monotonic() >= deadline:
             return "TIMEOUT", None
         time.sleep(interval)
+
+
+def _error(info: Any) -> str:
+    """An exception as the result backend keeps it (``exc_type``, ``exc_message``), as one line."""
+    if isinstance(info, dict) and "exc_type" in info:
+        message = info.get("exc_message")
+        text = " ".join(map(str, message)) if isinstance(message, list | tuple) else str(message or "")
+        return f"{info['exc_type']}: {text}".rstrip(": ")
+    return str(info)
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
@@ -189,7 +198,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
               file=sys.stderr)
         return EXIT_TIMEOUT
     if state == "FAILURE":
-        print(f"{PROG} submit: the task failed: {info}", file=sys.stderr)
+        print(f"{PROG} submit: the task failed: {_error(info)}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return EXIT_OK if isinstance(info, dict) and info.get("status") == "completed" else EXIT_FAILED

@@ -41,7 +41,11 @@ def progress_text(meta: dict[str, Any]) -> str:
         percent = max(0, min(100, int(meta.get("percent") or 0)))
     except (TypeError, ValueError):
         percent = 0
-    filled = round(BAR_WIDTH * percent / 100)
+    # any progress shows a block, only 100% a full bar
+    if 0 < percent < 100:
+        filled = min(max(round(BAR_WIDTH * percent / 100), 1), BAR_WIDTH - 1)
+    else:
+        filled = BAR_WIDTH if percent == 100 else 0
     parts = [f"[{'█' * filled}{'░' * (BAR_WIDTH - filled)}] {percent}%"]
     if meta.get("total"):
         parts.append(f"step {meta.get('step')}/{meta.get('total')}")

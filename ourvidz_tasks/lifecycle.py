@@ -65,10 +65,10 @@ class Progress:
         percent = int(100 * step / max(total, 1))
         self.rt.delivery.processing(self.job_id, self.attempt, {"progress": percent})
         if self.task.request.id:
-            self.task.update_state(
-                state="PROGRESS",
-                meta={"job_id": self.job_id, "percent": percent, "step": step, "total": total, "stage": self.stage},
-            )
+            meta = {"job_id": self.job_id, "percent": percent, "step": step, "total": total, "stage": self.stage}
+            self.task.update_state(state="PROGRESS", meta=meta)
+            # Flower reads events, not the result backend: the same as a custom task event
+            self.task.send_event("task-progress", retry=False, result=meta)
 
 
 Work = Callable[[Runtime, Job, Progress], Generated]
@@ -207,21 +207,27 @@ class JobTask(BaseTask):
             metadata["processing_time"] = round(time.perf_counter() - started, 3)
             body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata=metadata, error=error_dict)
             log.info("job %s failed: %s", job_id, error_dict["code"])
-        events.job_finished.send(
-            sender=family, job_id=job_id, job_type=str(payload.get("type") or payload.get("job_type") or "?"),
-            status=body["status"], code=body.get("error", {}).get("code"),
-            processing_time=metadata.get("processing_time"), model_time=metadata.get("model_time"),
-            delivery_time=metadata.get("delivery_time"),
-        )
-        recorded = rt.delivery.finish(body)
-        rt.delivery.discard(job_id)
-        return recorded
+        return end_job(rt, payload, body)
 
     def _poison(self, rt: Runtime, job_id: str, attempt: int, deliveries: int) -> dict[str, Any]:
         log.error("job %s: delivered %d times, given up as poison", job_id, deliveries)
         error = _poison_error(deliveries)
         body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata={}, error=error)
-        return rt.delivery.finish(body)
+        return end_job(rt, {}, body)
+
+
+def end_job(rt: Runtime, payload: Any, body: dict[str, Any]) -> dict[str, Any]:
+    """Every way a job ends: the ``job_finished`` signal, one recorded terminal callback, no spool."""
+    meta = body["metadata"]
+    job_type = payload.get("type") or payload.get("job_type") if isinstance(payload, dict) else None
+    events.job_finished.send(
+        sender=rt.family, job_id=body["job_id"], job_type=str(job_type or "?"), status=body["status"],
+        code=body.get("error", {}).get("code"), processing_time=meta.get("processing_time"),
+        model_time=meta.get("model_time"), delivery_time=meta.get("delivery_time"),
+    )
+    recorded = rt.delivery.finish(body)
+    rt.delivery.discard(body["job_id"])
+    return recorded
 
 
 def _remember_peak(rt: Runtime, shape: str, mb: int) -> None:

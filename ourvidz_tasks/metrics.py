@@ -13,8 +13,9 @@ Two kinds of numbers, one exposition format:
 
 A worker serves both with :func:`start` (``OURVIDZ_METRICS_PORT`` plus the
 role's offset: sdxl +0, chat +1, wan +2, outbox +3, and +4 per GPU index
-above 0), so the processes of one host never fight over a port. ``ourvidz metrics``
-(:func:`serve`) serves the cluster numbers alone, for when no pool is up.
+above 0), so the processes of one host never fight over a port.
+``ourvidz metrics`` (:func:`serve`) serves the cluster numbers alone, for
+when no pool is up.
 Cluster gauges therefore appear on several targets: aggregate them with
 ``max without (instance, job)``.
 """
@@ -157,7 +158,9 @@ def callback_backlog(store: redis.Redis, window: int = BACKLOG_WINDOW) -> int:
     """Ended jobs (of the last ``window``) whose terminal callback is recorded but not delivered.
 
     Reads the keys of :mod:`~ourvidz_tasks.delivery`: ``ourvidz:job:{id}:final``
-    without ``ourvidz:job:{id}:delivered``. An outbox will make this one ``LLEN``.
+    without ``ourvidz:job:{id}:delivered`` (the outbox sets that once it delivered).
+    Unlike the depth of the ``outbox`` queue, this counts terminal callbacks only,
+    and also those an inline sender gave up on.
     """
     ids = list(dict.fromkeys(store.lrange(ENDED, -window, -1)))
     if not ids:

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from celery import Celery, signals
 
-from . import events
+from . import events, metrics
 from .app import app
 from .delivery import HttpCallbacks
 from .errors import DeliveryError, DeliveryRefused
@@ -47,7 +47,7 @@ class OutboxRuntime:
     recovery: Recovery | None
 
 
-@app.task(base=BaseTask, bind=True, name="ourvidz.outbox.deliver")
+@app.task(base=BaseTask, bind=True, name="ourvidz.outbox.deliver", send_events=False)
 def deliver(self: BaseTask, job_id: str, body: str) -> bool:
     """Deliver one callback body; blocks (retrying) while the endpoint is down."""
     rt: OutboxRuntime | None = getattr(self.app, "ourvidz_outbox", None)
@@ -82,6 +82,7 @@ def _start(sender: str, instance: Any, **_: Any) -> None:
     import httpx
 
     settings = load_settings()
+    metrics.start(settings, QUEUE)
     store = redis.Redis.from_url(settings.redis)
     client = httpx.Client(timeout=settings.http_timeout, follow_redirects=False)
     recovery = None

@@ -31,7 +31,8 @@ def _default_cache() -> Path:
 class Settings(BaseSettings):
     """Everything a worker, publisher or tool needs, typed and checked."""
 
-    model_config = SettingsConfigDict(env_prefix="OURVIDZ_", extra="ignore", frozen=True)
+    # empty values mean unset (compose writes ``${X:-}`` as an empty string)
+    model_config = SettingsConfigDict(env_prefix="OURVIDZ_", extra="ignore", frozen=True, env_ignore_empty=True)
 
     # -- wire contract --------------------------------------------------------
     broker_url: str = "redis://127.0.0.1:6379/0"
@@ -94,6 +95,11 @@ class Settings(BaseSettings):
     max_retry_countdown: int = Field(600, gt=0)
     #: seconds a terminal record keeps a job id from being run twice
     idempotency_ttl: int = Field(7 * 24 * 3600, gt=0)
+    #: Prometheus endpoint of a worker: this port plus its role offset (sdxl +0, chat +1, wan +2,
+    #: outbox +3; +4 per GPU index above 0); unset: none
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    #: address the metrics endpoint binds (0.0.0.0 in containers)
+    metrics_address: str = "127.0.0.1"
     #: seconds without a job after which a pool releases its models (JSON map; WAN loads on demand)
     idle_unload_seconds: dict[str, float] = Field(default_factory=lambda: {"wan": 300.0})
     #: per-job-type time limits in seconds (JSON map over the defaults; the solo pool ignores Celery's)

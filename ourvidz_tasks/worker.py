@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import redis
 from celery import Celery, signals
 
-from . import events
+from . import events, metrics
 from .delivery import Delivery, OutboxCallbacks
 from .errors import ConfigError, ModelLoadError, WorkerUnavailable
 from .fetch import ReferenceFetcher
@@ -263,6 +263,7 @@ def _warmup(sender: str, instance: Any, **_: Any) -> None:
         return
     family = families[0]
     rt = build_runtime(app, family, sender)
+    metrics.start(rt.settings, family)  # before the warm loads, so they are counted
     try:
         for name in warm_models(family, rt.settings):
             try:  # SDXL waits to be resident; the others load now only if they fit
@@ -287,6 +288,21 @@ def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
         rt.recovery.own(str(tag))
 
 
+@signals.worker_ready.connect
+def _keep_consumer(sender: Any, **_: Any) -> None:
+    sender.app.ourvidz_consumer = sender  # its event dispatcher changes on reconnect: looked up each time
+
+
+@signals.task_prerun.connect
+def _flush_task_events(sender: Any = None, **_: Any) -> None:
+    """Send task-received/task-started now: a solo pool flushes buffered task events only
+    between jobs, so Flower would see a running job only once it ended."""
+    consumer = getattr(getattr(sender, "app", None), "ourvidz_consumer", None)
+    dispatcher = getattr(consumer, "event_dispatcher", None)
+    if dispatcher is not None:
+        dispatcher.flush()
+
+
 @signals.task_revoked.connect
 def _revoked(sender: Any = None, request: Any = None, expired: bool = False, **_: Any) -> None:
     """A generation job revoked or expired before it ran still gets its one terminal callback."""
@@ -301,9 +317,12 @@ def _revoked(sender: Any = None, request: Any = None, expired: bool = False, **_
     job_id = usable_id(args[0])
     if job_id is None:
         return
+    from .lifecycle import end_job
+
     error = JobTimeout("the job arrived after its expiry time") if expired else Cancelled("the job was revoked")
     log.info("job %s: %s", job_id, error.code)
-    rt.delivery.finish(callback_body(job_id, rt.worker_id, "failed", attempt=1, metadata={}, error=error.as_dict()))
+    body = callback_body(job_id, rt.worker_id, "failed", attempt=1, metadata={}, error=error.as_dict())
+    end_job(rt, args[0], body)
 
 
 @signals.worker_shutdown.connect

@@ -208,18 +208,18 @@ def test_live_workers_keep_their_messages(isolated_broker: str, pools: Pools, si
     env = dict(OURVIDZ_BROKER_URL=isolated_broker, OURVIDZ_LEASE_SECONDS="1")  # requeue after ~2 s unowned
     outbox = pools.start("outbox", OURVIDZ_HOSTNAME=f"owner-outbox-{tag}", **env)
     worker = pools.start("sdxl", OURVIDZ_HOSTNAME=f"owner-sdxl-{tag}", **env)
-    job = tiny_job(steps=40, size="512x512")
+    job = tiny_job(steps=60, size="1024x1024")  # ~10 s here: many lease periods
     task_id = publish(store, TASK, job, "sdxl")
     wait_for(lambda: any(c["body"]["status"] == "processing" for c in sink.callbacks(job["id"])), 60,
              what="the job to start")
-    owners: list[bytes] = []
-    for _ in range(20):  # the running job's message must have an owner record
-        owners = list(store.scan_iter("ourvidz:owner:*"))
-        if owners:
-            break
-        time.sleep(0.1)
     sink.faults(callback=503)
     try:
+        owners: list[bytes] = []
+        for _ in range(20):  # the running job's message must have an owner record
+            owners = list(store.scan_iter("ourvidz:owner:*"))
+            if owners:
+                break
+            time.sleep(0.1)
         wait_for(lambda: store.exists(f"ourvidz:job:{job['id']}:final"), 180, what="the job to end")
         time.sleep(6)  # the terminal callback waits in the outbox for several lease periods
     finally:

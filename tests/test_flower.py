@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -25,12 +26,13 @@ import pytest
 import redis
 from PIL import Image
 
+from ourvidz_tasks.errors import ConfigError
+from ourvidz_tasks.flower import check_auth, format_task, progress_text
+from ourvidz_tasks.redact import HIDDEN
 from ourvidz_tasks.sink import Sink
 
 from .conftest import ROOT, WorkerProcess, new_id, terminal, wait_for
 from .wire import publish
-
-pytestmark = pytest.mark.slow
 
 USER = "operator"
 PASSWORD = "pw-" + secrets.token_hex(8)
@@ -118,20 +120,54 @@ def chromium() -> str:
 
 
 def render(chromium: str, url: str, png: Path) -> str:
-    """Load ``url`` in headless Chromium: write a screenshot to ``png``, return the DOM after scripts ran."""
+    """Load ``url`` in headless Chromium: write a screenshot to ``png``, return the DOM after scripts ran.
+
+    Two Chromium runs side by side (a screenshot, a DOM dump), so both see the same moment.
+    """
     png.parent.mkdir(parents=True, exist_ok=True)
     png.unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory() as profile:  # fresh: no table state saved from an earlier run
-        common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
-                  "--window-size=1500,900", "--virtual-time-budget=6000", f"--user-data-dir={profile}"]
-        shot = subprocess.run([*common, f"--screenshot={png}", url], capture_output=True, timeout=120)
-        assert png.exists(), shot.stderr.decode(errors="replace")[-2000:]
-        dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, timeout=120)
-    return dom.stdout.decode(errors="replace")
+    with tempfile.TemporaryDirectory() as shot_profile, tempfile.TemporaryDirectory() as dom_profile:
+        def run(profile: str, *what: str) -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+                 "--window-size=1500,900", "--virtual-time-budget=6000", f"--user-data-dir={profile}", *what, url],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+        shot = run(shot_profile, f"--screenshot={png}")
+        dom = run(dom_profile, "--dump-dom")
+        dom_out, _ = dom.communicate(timeout=120)
+        _, shot_err = shot.communicate(timeout=120)
+    assert png.exists(), shot_err.decode(errors="replace")[-2000:]
+    return dom_out.decode(errors="replace")
 
 
 def authed(flower: FlowerProcess, path: str) -> str:
     return f"http://{USER}:{PASSWORD}@127.0.0.1:{flower.port}{path}"
+
+
+# -- the pieces ---------------------------------------------------------------------------
+def test_progress_bar_and_task_formatting() -> None:
+    meta = {"job_id": "j1", "percent": 60, "step": 9, "total": 15, "stage": "generating"}
+    assert progress_text(meta) == "[██████░░░░] 60% · step 9/15 · generating"
+    assert progress_text({"percent": 2}) == "[█░░░░░░░░░] 2%"  # any progress shows
+    assert progress_text({"percent": 99}).startswith("[█████████░]")  # only 100% is full
+    assert progress_text({"percent": "junk"}) == "[░░░░░░░░░░] 0%"
+
+    class Task:
+        def __init__(self, state: str, result: Any) -> None:
+            self.state, self.result = state, result
+
+    assert format_task(Task("PROGRESS", meta)).result == progress_text(meta)
+    assert format_task(Task("SUCCESS", HIDDEN)).result == "hidden (see the callback)"
+    assert format_task(Task("FAILURE", "WorkerUnavailable()")).result == "WorkerUnavailable()"
+
+
+def test_basic_auth_must_name_user_and_password() -> None:
+    check_auth("admin:s3cret")
+    check_auth("a:b,c:d:e")  # a password may hold colons
+    for bad in ("admin", "admin:", ":pw", "a:b,", "a:b,c"):
+        with pytest.raises(ConfigError):
+            check_auth(bad)
 
 
 # -- refusing to start -----------------------------------------------------------------
@@ -150,6 +186,7 @@ def test_refuses_to_start_without_basic_auth() -> None:
     assert wide.returncode == 2 and "loopback" in wide.stderr
 
 
+@pytest.mark.slow
 def test_local_only_serves_loopback_without_password(tmp_path: Path) -> None:
     process = FlowerProcess(tmp_path / "local.log", "--local-only").wait_ready()
     try:
@@ -161,6 +198,7 @@ def test_local_only_serves_loopback_without_password(tmp_path: Path) -> None:
 
 
 # -- auth, pools, tasks -------------------------------------------------------------------
+@pytest.mark.slow
 def test_api_needs_the_password_which_is_not_in_argv(flower: FlowerProcess) -> None:
     for path in ("/api/workers", "/api/tasks", "/workers", "/tasks"):
         assert httpx.get(f"{flower.url}{path}", timeout=10).status_code == 401, path
@@ -170,6 +208,7 @@ def test_api_needs_the_password_which_is_not_in_argv(flower: FlowerProcess) -> N
     assert PASSWORD.encode() not in cmdline
 
 
+@pytest.mark.slow
 def test_shows_the_three_pools(flower: FlowerProcess, sdxl_worker: WorkerProcess, chat_worker: WorkerProcess,
                                wan_worker: WorkerProcess, chromium: str) -> None:
     nodes = {sdxl_worker.node, chat_worker.node, wan_worker.node}
@@ -182,6 +221,7 @@ def test_shows_the_three_pools(flower: FlowerProcess, sdxl_worker: WorkerProcess
     assert all(node in dom for node in nodes)
 
 
+@pytest.mark.slow
 def test_live_progress_job_id_not_prompt(flower: FlowerProcess, sdxl_worker: WorkerProcess, store: redis.Redis,
                                          sink: Sink, chromium: str) -> None:
     # long enough (~15 s here) to watch: 1024² at the largest schedule the contract allows
@@ -194,20 +234,22 @@ def test_live_progress_job_id_not_prompt(flower: FlowerProcess, sdxl_worker: Wor
         task = api(flower, "/api/tasks", limit=50).get(task_id)
         if task and task["state"] == "PROGRESS" and isinstance(task["result"], dict):
             seen.append(task["result"]["percent"])
-            if len(set(seen)) >= 2:
-                return task
+            return dict(task)
         return None
 
-    running = wait_for(progress, 120, 0.2, "two PROGRESS updates in /api/tasks")
-    assert running["result"]["job_id"] == job["id"] and running["result"]["stage"] == "generating"
-    assert running["result"]["total"] == 150 and 0 < running["result"]["step"] <= 150
-    assert running["args"] == f"({job['id']!r},)" and running["worker"] == sdxl_worker.node
-    assert seen == sorted(seen) and seen[-1] > seen[0]  # it moves forward
-    # the dashboard while it runs: the tasks table draws the progress as a bar
+    running = wait_for(progress, 120, 0.1, "PROGRESS in /api/tasks")
+    # the dashboard at once, while it runs: the tasks table draws the progress as a bar
     tasks_page = "/tasks?name=ourvidz.sdxl.generate"
     dom = render(chromium, authed(flower, tasks_page), ARTIFACTS / "flower-tasks-progress.png")
     assert job["id"] in dom and task_id in dom
-    assert "PROGRESS" in dom and "█" in dom and "generating" in dom, "the job ended before the screenshot"
+    assert "PROGRESS" in dom and "generating" in dom, "the job ended before the screenshot"
+    assert re.search(r"\[[█░]{10}\] \d+% · step \d+/150 · generating", dom)
+    moved = wait_for(lambda: (task := progress()) and len(set(seen)) >= 2 and task, 60, 0.1, "PROGRESS to move")
+    assert seen == sorted(seen) and seen[-1] > seen[0]  # it moves forward
+    for task in (running, moved):
+        assert task["result"]["job_id"] == job["id"] and task["result"]["stage"] == "generating"
+        assert task["result"]["total"] == 150 and 0 < task["result"]["step"] <= 150
+        assert task["args"] == repr((job["id"],)) and task["worker"].startswith("sdxl@")
     page = httpx.get(f"{flower.url}/task/{task_id}", auth=(USER, PASSWORD), timeout=30).text
     assert MARKER not in page
 
