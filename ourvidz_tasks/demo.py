@@ -26,7 +26,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(os.environ.get("OURVIDZ_DEMO_DIR", ROOT / "demo-output"))
-FAMILIES = ("sdxl", "chat", "wan")
+ROLES = ("outbox", "sdxl", "chat", "wan")  # the outbox consumer delivers the pools' callbacks
 
 
 def free_port() -> int:
@@ -124,9 +124,9 @@ def run(stack: Stack) -> None:
                 env, OUT / "logs" / "sink.log")
     wait(lambda: _get(f"{sink_url}/_sink/health"), 20, "the sink")
     print(f"redis   {broker.rsplit('@', 1)[-1]}\nsink    {sink_url} (objects in {storage})")
-    for family in FAMILIES:
+    for family in ROLES:
         stack.start(family, [str(ROOT / "bin" / "worker"), family], env, OUT / "logs" / f"{family}.log")
-    for family in FAMILIES:
+    for family in ROLES:
         log = OUT / "logs" / f"{family}.log"
         wait(lambda log=log: " ready." in log.read_text(errors="replace"), 600, f"the {family} worker (see {log})")
         print(f"worker  {family} ready (log {log})")

@@ -94,11 +94,3 @@ def _start(sender: str, instance: Any, **_: Any) -> None:
         settings, HttpCallbacks(settings, client), store, DeadLetters(store), recovery
     )
     log.info("%s ready: delivering callbacks to %s", sender, settings.supabase_url)
-
-
-@signals.task_received.connect
-def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
-    rt: OutboxRuntime | None = getattr(getattr(sender, "app", None), "ourvidz_outbox", None)
-    tag = (getattr(request, "delivery_info", None) or {}).get("delivery_tag")
-    if rt is not None and rt.recovery is not None and tag:
-        rt.recovery.own(str(tag))

@@ -281,8 +281,9 @@ def _warmup(sender: str, instance: Any, **_: Any) -> None:
 
 @signals.task_received.connect
 def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
-    """Own every message this worker holds, so a crash hands it back quickly."""
-    rt: Runtime | None = getattr(getattr(sender, "app", None), "ourvidz_runtime", None)
+    """Own every message this worker holds, so a crash hands it back quickly (pools and the outbox)."""
+    app = getattr(sender, "app", None)
+    rt = getattr(app, "ourvidz_runtime", None) or getattr(app, "ourvidz_outbox", None)
     tag = (getattr(request, "delivery_info", None) or {}).get("delivery_tag")
     if rt is not None and rt.recovery is not None and tag:
         rt.recovery.own(str(tag))

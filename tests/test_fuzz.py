@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 import uuid
@@ -38,7 +39,8 @@ TASK = "ourvidz.sdxl.generate"
 ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 #: a field named in an error message: `config.width`, `user_id`, `metadata.enhance.model`...
 NAMED_FIELD = re.compile(r"`[A-Za-z_][A-Za-z0-9_.]*`")
-FUZZ = settings(max_examples=60, deadline=None, database=None, print_blob=True,
+#: OURVIDZ_FUZZ_EXAMPLES=500 for a longer hunt
+FUZZ = settings(max_examples=int(os.environ.get("OURVIDZ_FUZZ_EXAMPLES", "60")), deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
 SINK_REF = "<sink-reference>"  # replaced by a real reference image URL on the sink
@@ -133,18 +135,26 @@ PATHS = (
     "metadata.reference_image_url", "metadata.reference_strength", "metadata.denoise_strength",
     "metadata.exact_copy_mode", "metadata.enhance", "metadata.negative_prompt", "metadata.enhanced_prompt",
 )
-base_jobs = st.fixed_dictionaries({
-    "type": st.sampled_from(["sdxl_image_fast", "sdxl_image_high"]),
-    "user_id": st.sampled_from(["user_123", "0b6c3f3e-5a43-4c9e-a1c1-2d1e0c7b9a10", "u"]),
-    "prompt": st.one_of(st.text(max_size=60), st.sampled_from(["a lighthouse", "", "ünïcödé 🦄 prompt"])),
-    "config": st.fixed_dictionaries({
-        "num_images": st.sampled_from([1, 1, 3]),
-        "num_inference_steps": st.integers(1, 2),
-        "resolution": st.sampled_from(["64x64", "128x128", "64x128"]),
-        "seed": st.integers(0, 2**31 - 1),
-    }),
-    "metadata": st.just({}),
-})
+base_jobs = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(["sdxl_image_fast", "sdxl_image_high"]),
+        "user_id": st.sampled_from(["user_123", "0b6c3f3e-5a43-4c9e-a1c1-2d1e0c7b9a10", "u"]),
+        "prompt": st.one_of(st.text(max_size=60), st.sampled_from(
+            ["a lighthouse", "", "ünïcödé 🦄 prompt", "a naked child", "(red:1.4) cat, (blue)0.5"])),
+        "config": st.fixed_dictionaries({
+            "num_images": st.sampled_from([1, 1, 3]),
+            "num_inference_steps": st.integers(1, 2),
+            "resolution": st.sampled_from(["64x64", "128x128", "64x128"]),
+            "seed": st.integers(0, 2**31 - 1),
+        }, optional={"image": refs, "pipeline": st.sampled_from(["txt2img", "img2img"]),
+                     "denoise_strength": st.floats(0, 1)}),
+        "metadata": st.fixed_dictionaries({}, optional={
+            "exact_copy_mode": st.booleans(), "reference_strength": st.floats(0, 1),
+            "reference_image_url": refs}),
+    },
+    optional={"compel_enabled": st.booleans(), "compel_weights": st.sampled_from([None, "(cat:1.2)", "junk(("]),
+              "negative_prompt": st.text(max_size=40)},
+)
 mutations = st.lists(st.tuples(st.sampled_from(PATHS), st.one_of(st.just("<delete>"), anything, refs, numbers)),
                      max_size=2, unique_by=lambda m: m[0])
 plausible = st.fixed_dictionaries({"_base": base_jobs, "_mutations": mutations})

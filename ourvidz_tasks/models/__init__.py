@@ -20,6 +20,7 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
 #: Called by pipelines after each denoising step as ``on_step(step, total)``.
 #: It may raise (cancel, time limit) to stop the pipeline at that step.
@@ -104,3 +105,23 @@ def build_once(dest: Path, build: Callable[[Path], None]) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The reference policy of every family: upright (EXIF), RGB, scaled to cover
+    ``width`` x ``height`` and center-cropped to exactly that."""
+    from PIL import Image as PILImage
+    from PIL import ImageOps
+
+    upright = ImageOps.exif_transpose(image) or image
+    return ImageOps.fit(upright.convert("RGB"), (width, height), method=PILImage.Resampling.LANCZOS)
+
+
+def step_callback(on_step: StepCallback) -> Callable[..., dict[str, object]]:
+    """diffusers' ``callback_on_step_end`` calling ``on_step(step, total)`` (exceptions propagate)."""
+
+    def callback(pipe: object, step_index: int, timestep: object, callback_kwargs: dict[str, object]) -> dict[str, object]:
+        on_step(step_index + 1, int(getattr(pipe, "num_timesteps", 0) or 0))
+        return callback_kwargs
+
+    return callback

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, I2IPipelineError, ModelLoadError, OutOfMemory
-from . import StepCallback, build_once, compute_dtype, module_bytes, release_memory
+from . import StepCallback, build_once, compute_dtype, fit_image, module_bytes, release_memory, step_callback
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -448,7 +448,7 @@ def run_sdxl(
         pipe = model.i2i
         kwargs.update(image=_fit(image, width, height), strength=_check_strength(strength, steps))
     if on_step is not None:
-        kwargs.update(callback_on_step_end=_step_end(on_step), callback_on_step_end_tensor_inputs=[])
+        kwargs.update(callback_on_step_end=step_callback(on_step), callback_on_step_end_tensor_inputs=[])
     try:
         with torch.inference_mode():
             if compel:
@@ -506,25 +506,13 @@ def _check_strength(strength: float | None, steps: int) -> float:
 
 
 def _fit(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
-    """Center-crop ``image`` to the aspect of ``width`` x ``height``, then resize to exactly that (RGB)."""
-    from PIL import Image, ImageOps
-
+    """:func:`~ourvidz_tasks.models.fit_image`, with an unusable image as I2IPipelineError."""
     if image.width < 1 or image.height < 1:
         raise I2IPipelineError("reference image is empty", field="image")
     try:
-        return ImageOps.fit(image.convert("RGB"), (width, height), method=Image.Resampling.LANCZOS)
+        return fit_image(image, width, height)
     except (OSError, ValueError) as exc:
         raise I2IPipelineError(f"reference image cannot be used: {type(exc).__name__}", field="image") from exc
-
-
-def _step_end(on_step: StepCallback) -> Any:
-    """diffusers' ``callback_on_step_end`` calling ``on_step(step, total)``."""
-
-    def callback(pipe: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        on_step(step_index + 1, int(pipe.num_timesteps))
-        return callback_kwargs
-
-    return callback
 
 
 def _compel_embeddings(pipe: Any, text: str, negative_prompt: str | None) -> dict[str, Any]:

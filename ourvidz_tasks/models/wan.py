@@ -30,7 +30,7 @@ import PIL.Image
 import PIL.ImageOps
 
 from ..errors import ConfigError, ModelLoadError
-from . import StepCallback, build_once, compute_dtype, module_bytes, release_memory
+from . import StepCallback, build_once, compute_dtype, fit_image, module_bytes, release_memory, step_callback
 
 if TYPE_CHECKING:
     import torch
@@ -319,13 +319,7 @@ def run_wan(
         reference_mode, reference=reference, first_frame=first_frame, last_frame=last_frame,
         width=width, height=height, num_frames=num_frames,
     )
-    callback = None
-    if on_step is not None:
-        step_hook = on_step
-
-        def callback(_pipe: Any, index: int, _timestep: Any, _tensors: dict[str, Any]) -> dict[str, Any]:
-            step_hook(index + 1, steps)
-            return {}
+    callback = step_callback(on_step) if on_step is not None else None
 
     output = pipe(
         prompt=prompt,
@@ -397,14 +391,14 @@ def _conditioning(
     if reference_mode == "none":
         return {}
     if reference_mode == "single":
-        return {"reference_images": [_fit(_require("reference", reference, reference_mode), width, height)]}
+        return {"reference_images": [fit_image(_require("reference", reference, reference_mode), width, height)]}
     first = last = None
     if reference_mode in ("start", "both"):
         image = first_frame if first_frame is not None or reference_mode == "both" else reference
-        first = _fit(_require("first_frame", image, reference_mode), width, height)
+        first = fit_image(_require("first_frame", image, reference_mode), width, height)
     if reference_mode in ("end", "both"):
         image = last_frame if last_frame is not None or reference_mode == "both" else reference
-        last = _fit(_require("last_frame", image, reference_mode), width, height)
+        last = fit_image(_require("last_frame", image, reference_mode), width, height)
     if first is not None and last is not None and num_frames < 2:
         raise ValueError(f"num_frames must be at least 5 for reference_mode 'both', got {num_frames}")
 
@@ -430,9 +424,3 @@ def _require(name: str, image: object, reference_mode: str) -> PIL.Image.Image:
     return image
 
 
-def _fit(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
-    """RGB, upright, scaled to cover ``width`` x ``height`` and center-cropped to it."""
-    upright = PIL.ImageOps.exif_transpose(image) or image
-    return PIL.ImageOps.fit(
-        upright.convert("RGB"), (width, height), method=PIL.Image.Resampling.LANCZOS, centering=(0.5, 0.5)
-    )

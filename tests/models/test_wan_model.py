@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ourvidz_tasks.errors import ConfigError, ModelLoadError
-from ourvidz_tasks.models import wan
+from ourvidz_tasks.models import fit_image, wan
 from ourvidz_tasks.models.wan import (
     ReferenceMode,
     WanModel,
@@ -212,11 +212,11 @@ def test_images_are_scaled_to_cover_and_center_cropped() -> None:
     wide = PIL.Image.new("RGB", (90, 30), (0, 0, 255))
     wide.paste((255, 0, 0), (0, 0, 30, 30))  # red left third: cropped away
     wide.paste((0, 255, 0), (60, 0, 90, 30))  # green right third: cropped away
-    fitted = wan._fit(wide, 32, 32)
+    fitted = fit_image(wide, 32, 32)
     assert fitted.size == (32, 32) and fitted.mode == "RGB"
     middle = np.asarray(fitted).astype(int)[:, 3:-3]  # (Lanczos rings a little at the seams)
     assert np.abs(middle - [0, 0, 255]).max() <= 8
-    tall = wan._fit(PIL.Image.new("RGBA", (10, 100), (9, 9, 9, 0)), 48, 16)
+    tall = fit_image(PIL.Image.new("RGBA", (10, 100), (9, 9, 9, 0)), 48, 16)
     assert tall.size == (48, 16) and tall.mode == "RGB"
 
 
@@ -234,7 +234,7 @@ def test_frame_modes_build_video_and_mask(mode: ReferenceMode, kept: list[int]) 
         assert set(np.asarray(mask[index]).ravel().tolist()) == {expected_mask}
         if index in kept:
             source = RED if index == 0 and mode != "end" else BLUE
-            assert np.array_equal(np.asarray(video[index]), np.asarray(wan._fit(source, W, H)))
+            assert np.array_equal(np.asarray(video[index]), np.asarray(fit_image(source, W, H)))
         else:
             assert set(np.asarray(video[index]).ravel().tolist()) == {128}
 
