@@ -530,7 +530,8 @@ class Ledger:
     def for_settings(cls, store: redis.Redis, settings: Settings, device: torch.device | str,
                      **options: Any) -> Ledger:
         """The ledger of ``device`` on this host, budget from settings (else :func:`default_budget_mb`)."""
-        host = socket.gethostname()  # the machine, not the node name: every pool on it shares the GPU
+        # the node's host part: pools that share a GPU share it (compose sets one OURVIDZ_HOSTNAME)
+        host = settings.hostname or socket.gethostname()
         budget = settings.vram_budget_mb or default_budget_mb(device)
         return cls(store, host, str(device), budget, **options)
 

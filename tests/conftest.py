@@ -109,6 +109,7 @@ class WorkerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker {self.family} exited {self.proc.returncode}:\n{self.text()[-3000:]}")
             time.sleep(0.2)
+        self.stop(signal.SIGKILL)  # never leave an orphan consuming a database a later run reuses
         raise TimeoutError(f"worker {self.family} not ready in {timeout}s:\n{self.text()[-3000:]}")
 
     def text(self) -> str:

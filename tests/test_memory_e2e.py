@@ -74,9 +74,9 @@ def test_three_pools_under_a_small_budget(isolated_broker: str, start_worker: Ca
     broker = redis.Redis.from_url(isolated_broker)
     env = dict(OURVIDZ_BROKER_URL=isolated_broker, OURVIDZ_VRAM_BUDGET_MB="4", OURVIDZ_MEMORY_WAIT="120")
     tag = new_id()[:6]
+    host = f"budget-{tag}"  # one host name: the three pools share one GPU ledger
     for family in ("sdxl", "chat", "wan"):
-        start_worker(family, OURVIDZ_HOSTNAME=f"budget-{family}-{tag}", **env)
-    import socket
+        start_worker(family, OURVIDZ_HOSTNAME=host, **env)
 
     samples: list[int] = []
     stop = threading.Event()
@@ -84,7 +84,7 @@ def test_three_pools_under_a_small_budget(isolated_broker: str, start_worker: Ca
     def sample() -> None:
         from ourvidz_tasks.memory import Ledger
 
-        ledger = Ledger(broker, socket.gethostname(), "cpu", 4)
+        ledger = Ledger(broker, host, "cpu", 4)
         while not stop.is_set():
             samples.append(int(ledger.status()["reserved_mb"]))
             time.sleep(0.05)
@@ -117,7 +117,7 @@ def test_three_pools_under_a_small_budget(isolated_broker: str, start_worker: Ca
     assert samples and max(samples) <= 4
     from ourvidz_tasks.memory import Ledger
 
-    counters = Ledger(broker, socket.gethostname(), "cpu", 4).counters()
+    counters = Ledger(broker, host, "cpu", 4).counters()
     assert counters["waits"] >= 1 and counters["switches"] >= 1  # the budget really was contended
     print(f"{len(jobs)} jobs + {len(chats)} chats under a 4 MB budget; reserved MB sampled {len(samples)} times, "
           f"max {max(samples)}; ledger counters {counters}")
