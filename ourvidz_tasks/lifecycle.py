@@ -23,7 +23,7 @@ from celery import Task
 
 from . import events
 from .delivery import callback_body
-from .errors import Cancelled, DeliveryError, JobError, JobTimeout, OutOfMemory, WorkerUnavailable
+from .errors import Cancelled, DeliveryError, JobError, JobTimeout, ModelLoadError, OutOfMemory, WorkerUnavailable
 from .jobs import TIME_LIMITS, Job, parse_job, usable_id
 from .media import Output
 from .memory import measure_peak
@@ -103,6 +103,11 @@ def is_device_fault(exc: BaseException) -> bool:
     name = type(exc).__name__
     return name == "AcceleratorError" or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
                                           and "out of memory" not in str(exc))
+
+
+def retries_for(error: JobError, default: int) -> int:
+    """How many retries an error class gets: a model error one (after a reload), the rest ``default``."""
+    return 1 if isinstance(error, ModelLoadError) else default
 
 
 def as_job_error(exc: BaseException) -> JobError | None:
@@ -200,7 +205,7 @@ class JobTask(BaseTask):
                 error = WorkerUnavailable(f"internal error ({type(exc).__name__})")
                 error_dict = {**error.as_dict(), "retryable": False}
             else:
-                if error.retryable and self.request.retries < self.max_retries:
+                if error.retryable and self.request.retries < retries_for(error, self.max_retries):
                     log.warning("job %s: %s, retry %d", job_id, error.code, attempt)
                     raise self.retry(exc=error, countdown=backoff(self.request.retries)) from None
                 error_dict = error.as_dict()

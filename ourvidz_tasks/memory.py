@@ -533,6 +533,7 @@ class Ledger:
         # the node's host part: pools that share a GPU share it (compose sets one OURVIDZ_HOSTNAME)
         host = settings.hostname or socket.gethostname()
         budget = settings.vram_budget_mb or default_budget_mb(device)
+        options.setdefault("lease_seconds", settings.lease_seconds)
         return cls(store, host, str(device), budget, **options)
 
     @property

@@ -121,3 +121,32 @@ def test_three_pools_under_a_small_budget(isolated_broker: str, start_worker: Ca
     assert counters["waits"] >= 1 and counters["switches"] >= 1  # the budget really was contended
     print(f"{len(jobs)} jobs + {len(chats)} chats under a 4 MB budget; reserved MB sampled {len(samples)} times, "
           f"max {max(samples)}; ledger counters {counters}")
+
+
+@pytest.mark.slow
+def test_a_killed_pools_memory_is_reclaimed_and_idle_wan_is_released(
+        isolated_broker: str, start_worker: Callable[..., WorkerProcess], sink: Sink) -> None:
+    import signal
+
+    from ourvidz_tasks.memory import Ledger
+
+    broker = redis.Redis.from_url(isolated_broker)
+    host = f"reclaim-{new_id()[:6]}"
+    env = dict(OURVIDZ_BROKER_URL=isolated_broker, OURVIDZ_HOSTNAME=host, OURVIDZ_LEASE_SECONDS="2",
+               OURVIDZ_IDLE_UNLOAD_SECONDS=json.dumps({"wan": 2}))
+    ledger = Ledger(broker, host, "cpu", 10**6)
+    sdxl = start_worker("sdxl", **env)
+    wan = start_worker("wan", **env)
+    assert ledger.holders("sdxl") and ledger.holders("wan"), ledger.holders()
+    sdxl.stop(signal.SIGKILL)
+    killed = time.time()
+    while ledger.holders("sdxl") and time.time() - killed < 30:
+        time.sleep(0.2)
+    reclaimed_in = time.time() - killed
+    assert not ledger.holders("sdxl") and reclaimed_in < 10
+    # WAN loads on demand and is released after its idle time
+    deadline = time.time() + 30
+    while ledger.holders("wan") and time.time() < deadline:
+        time.sleep(0.2)
+    assert not ledger.holders("wan") and "idle for 2" in wan.text()
+    print(f"killed pool's reservation reclaimed in {reclaimed_in:.1f}s (lease 2s); idle WAN released")
