@@ -338,6 +338,16 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+# -- cancel ---------------------------------------------------------------------------
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from .lifecycle import cancel
+
+    cancel(redis.Redis.from_url(settings.redis), args.job_id)
+    print(f"job {args.job_id}: cancel requested; a running job stops at its next step, a queued one when "
+          "it is picked up (failed callback, CANCELLED)")
+    return EXIT_OK
+
+
 # -- metrics --------------------------------------------------------------------------
 def cmd_metrics(args: argparse.Namespace, settings: Settings) -> int:
     from .metrics import serve
@@ -389,6 +399,13 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     r.add_argument("job_id", help="the job id")
     r.set_defaults(run=cmd_replay)
+
+    c = sub.add_parser("cancel", help="stop a job at its next step (failed callback, CANCELLED)",
+                       description="Celery's revoke reaches a solo worker only between jobs; this flag is\n"
+                                   "read at every denoising step, and by a queued job when it starts.",
+                       formatter_class=fmt)
+    c.add_argument("job_id", help="the job id")
+    c.set_defaults(run=cmd_cancel)
 
     x = sub.add_parser("metrics", help="serve the cluster metrics for Prometheus (no pool needed)",
                        description="Queue depth per queue, unacked messages, legacy lists, dead letters,\n"

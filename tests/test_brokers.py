@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -267,10 +268,8 @@ def _purge_rabbit(*queues: str) -> dict[str, int]:
             except conn.channel_errors:  # 404: not declared yet
                 purged[name] = 0
             finally:
-                try:
+                with contextlib.suppress(Exception):
                     channel.close()
-                except Exception:
-                    pass
     return purged
 
 
@@ -472,3 +471,24 @@ def test_bare_rediss_url_speaks_tls_on_every_connection() -> None:
     """
     outcome, servers = _tls_probe("")
     _all_tls(outcome, servers)
+
+
+def test_amqps_url_speaks_tls() -> None:
+    """``amqps://``: kombu's SSL transport; the password never crosses in cleartext."""
+    broker, store = FirstBytes(), FirstBytes()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OURVIDZ_")}
+        env.update(OURVIDZ_BROKER_URL=f"amqps://guest:{PROBE_PASSWORD}@127.0.0.1:{broker.port}//",
+                   OURVIDZ_REDIS_URL=f"rediss://:{PROBE_PASSWORD}@127.0.0.1:{store.port}/0?ssl_cert_reqs=required",
+                   PYTHONWARNINGS="ignore")
+        done = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        time.sleep(0.3)
+        print(f"amqps:// first bytes: broker {broker.kinds()}, bookkeeping/results {store.kinds()}")
+        assert broker.kinds() and set(broker.kinds()) == {"tls"}
+        assert store.kinds() and set(store.kinds()) == {"tls"}
+        assert not any(PROBE_PASSWORD.encode() in b for b in broker.seen + store.seen)
+    finally:
+        broker.close()
+        store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ from PIL import Image
 
 from ourvidz_tasks.sink import Sink
 
-from .conftest import KEY, WorkerProcess, new_id, terminal, wait_for
+from .conftest import KEY, ROOT, WorkerProcess, new_id, terminal, wait_for
 from .wire import envelope, publish
 
 PROMPT = "a lighthouse on a cliff at dawn, secret-prompt-marker"
@@ -240,3 +241,27 @@ def test_a_message_past_its_expiry_is_not_run(sdxl_worker: WorkerProcess, store:
     body = terminal(sink, payload["id"])
     assert body["status"] == "failed" and body["error"]["code"] == "TIMEOUT_ERROR"
     assert [c["body"]["status"] for c in sink.callbacks(payload["id"])] == ["failed"]
+
+
+def test_a_queued_job_cancelled_before_it_starts_ends_cancelled(sdxl_worker: WorkerProcess, store: redis.Redis,
+                                                                sink: Sink) -> None:
+    busy = job(config={"resolution": "512x512", "num_inference_steps": 40})
+    publish(store, "ourvidz.sdxl.generate", busy, "sdxl")
+    wait_for(lambda: sink.callbacks(busy["id"]), 60, what="the busy job to start")
+    queued = job()
+    publish(store, "ourvidz.sdxl.generate", queued, "sdxl")
+    result = subprocess.run([str(ROOT / ".venv" / "bin" / "ourvidz"), "cancel", queued["id"]],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "cancel requested" in result.stdout
+    body = terminal(sink, queued["id"])
+    assert body["status"] == "failed" and body["error"]["code"] == "CANCELLED"
+    assert terminal(sink, busy["id"])["status"] == "completed"
+
+
+def test_every_key_we_write_expires(sdxl_worker: WorkerProcess, store: redis.Redis, sink: Sink) -> None:
+    run(store, sink, job())
+    run(store, sink, job(config={"num_images": 4}))
+    keys = [k.decode() for k in store.scan_iter("ourvidz:*", count=1000) if k != b"ourvidz:test-run-lock"]
+    assert keys
+    without = [k for k in keys if store.ttl(k) == -1]
+    assert without == []
