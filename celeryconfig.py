@@ -50,3 +50,4 @@ task_create_missing_queues = False
 
 # where our own Redis bookkeeping lives (ledger, idempotency, dead letters)
 ourvidz_redis_url = _settings.redis
+worker_cancel_long_running_tasks_on_connection_loss = False  # a broker blip must not cancel the running job

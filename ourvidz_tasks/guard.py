@@ -102,6 +102,10 @@ def _foreign(channel: kombu_redis.Channel, item: bytes, queue: str) -> None:
     dead.push("not a Celery envelope", raw=item, queue=queue)
 
 
+#: (queue, item) popped by BRPOP but lost to a broken connection before kombu recorded it in unacked
+_orphans: list[tuple[str, bytes]] = []
+
+
 class Channel(kombu_redis.Channel):
     """kombu's Redis channel, with foreign list items dead-lettered, not fatal."""
 
@@ -121,13 +125,40 @@ class Channel(kombu_redis.Channel):
             if payload is None:
                 _foreign(self, item, dest)
                 return True
-            self.connection._deliver(payload, dest)
+            try:
+                self.connection._deliver(payload, dest)
+            except (redis.RedisError, OSError):  # not self.connection_errors: kombu counts KeyError as one
+                # popped, but not recorded in unacked: only this process still has it
+                _orphans.append((dest, item))
+                log.warning("a message popped from %s was not recorded (broker lost); it goes back on reconnect", dest)
+                raise
+            except Exception as exc:  # an envelope kombu or Celery chokes on: a dead letter, not a dead worker
+                self._forget(payload)
+                (hooks.dead or DeadLetters(self.client)).push(
+                    f"malformed envelope: {type(exc).__name__}", raw=item, queue=dest)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
             flush = getattr(self, "_flush_brpop_reauth", None)
             if flush is not None:
                 flush()
+
+    def _brpop_start(self, timeout: Any = 1) -> Any:
+        while _orphans:
+            dest, item = _orphans[0]
+            self.client.rpush(dest, item)  # the consuming end: it is next
+            _orphans.pop(0)
+            log.warning("a message popped from %s before the broker was lost is back on its queue", dest)
+        return super()._brpop_start(timeout)
+
+    def _forget(self, payload: dict[str, Any]) -> None:
+        """Drop a message that failed on delivery from kombu's unacked bookkeeping, if it got there."""
+        try:
+            tag = payload["properties"]["delivery_tag"]
+            if tag in self.qos._delivered:
+                self.qos.ack(tag)
+        except Exception as exc:
+            log.error("could not drop a malformed envelope from unacked: %s", type(exc).__name__)
 
     def _get(self, queue: str, timeout: Any = None) -> dict[str, Any]:
         while True:

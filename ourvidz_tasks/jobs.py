@@ -21,6 +21,8 @@ from .errors import InvalidJob
 from .settings import Settings
 
 SEED_MODULUS = 2**31
+#: the longest img2img schedule (the SDXL scheduler's training steps)
+MAX_SCHEDULE = 1000
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _RESOLUTION = re.compile(r"^\s*(\d{2,5})\s*[x*X]\s*(\d{2,5})\s*$")
 
@@ -383,6 +385,8 @@ def sdxl_params(job: Job, settings: Settings) -> SdxlParams:
         if denoise <= 0:
             denoise = 0.05
         steps_run = min(max(steps, 6), 10)
+        # a schedule longer than the scheduler's 1000 training steps is refused by diffusers
+        denoise = max(denoise, steps_run / MAX_SCHEDULE)
         steps = exact_copy_schedule(steps_run, denoise)
         guidance, negative = 1.0, None
     else:

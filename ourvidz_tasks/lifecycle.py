@@ -27,6 +27,7 @@ from .errors import Cancelled, DeliveryError, JobError, JobTimeout, ModelLoadErr
 from .jobs import TIME_LIMITS, Job, parse_job, usable_id
 from .media import Output
 from .memory import measure_peak
+from .recovery import count_delivery
 from .worker import Runtime, runtime
 
 log = logging.getLogger(__name__)
@@ -159,10 +160,10 @@ class JobTask(BaseTask):
             return recorded
 
         attempt = self.request.retries + 1
-        if rt.recovery is not None:
-            deliveries = rt.recovery.delivered(job_id, self.request.retries, rt.settings.idempotency_ttl)
-            if deliveries > rt.settings.max_deliveries:
-                return self._poison(rt, job_id, attempt, deliveries)
+        # every broker redelivers a message whose worker died (RabbitMQ at once, Redis via leases)
+        deliveries = count_delivery(rt.redis, job_id, self.request.retries, rt.settings.idempotency_ttl)
+        if deliveries > rt.settings.max_deliveries:
+            return self._poison(rt, job_id, attempt, deliveries)
         started = time.perf_counter()
         rt.delivery.processing(job_id, attempt)
         metadata: dict[str, Any] = {}

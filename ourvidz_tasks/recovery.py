@@ -63,6 +63,10 @@ class Recovery:
         """Record that this worker holds ``delivery_tag`` (called on receipt)."""
         self.broker.set(f"ourvidz:owner:{delivery_tag}", self.node, ex=self.owner_ttl)
 
+    def release(self, delivery_tag: str) -> None:
+        """The task of ``delivery_tag`` ended: keep the record only for the grace period."""
+        self.broker.expire(f"ourvidz:owner:{delivery_tag}", max(1, int(self.lease * 2)))
+
     def _loop(self) -> None:
         period = self.lease / 3
         while not self._stop.wait(period):
@@ -125,9 +129,14 @@ class Recovery:
     # -- poison guard --------------------------------------------------------------
     def delivered(self, job_id: str, retries: int, ttl: int) -> int:
         """Count one more delivery of this job attempt; return the count."""
-        key = f"ourvidz:deliveries:{job_id}:{retries}"
-        with self.store.pipeline() as pipe:
-            pipe.incr(key)
-            pipe.expire(key, ttl)
-            count, _ = pipe.execute()
-        return int(count)
+        return count_delivery(self.store, job_id, retries, ttl)
+
+
+def count_delivery(store: redis.Redis, job_id: str, retries: int, ttl: int) -> int:
+    """Count one more delivery of this job attempt (any broker); return the count."""
+    key = f"ourvidz:deliveries:{job_id}:{retries}"
+    with store.pipeline() as pipe:
+        pipe.incr(key)
+        pipe.expire(key, ttl)
+        count, _ = pipe.execute()
+    return int(count)

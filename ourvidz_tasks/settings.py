@@ -13,9 +13,9 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigError
@@ -33,6 +33,15 @@ class Settings(BaseSettings):
 
     # empty values mean unset (compose writes ``${X:-}`` as an empty string)
     model_config = SettingsConfigDict(env_prefix="OURVIDZ_", extra="ignore", frozen=True, env_ignore_empty=True)
+
+    # -- TLS of the broker and Redis (declared before the URLs: their validator reads them)
+    #: CA bundle that signs the servers' certificates (default: the system store)
+    broker_ssl_ca: Path | None = None
+    #: client certificate and key, for servers that require mutual TLS
+    broker_ssl_cert: Path | None = None
+    broker_ssl_key: Path | None = None
+    #: certificate verification of TLS connections (``rediss://``, ``amqps://``)
+    broker_ssl_verify: Literal["required", "optional", "none"] = "required"
 
     # -- wire contract --------------------------------------------------------
     broker_url: str = "redis://127.0.0.1:6379/0"
@@ -173,6 +182,25 @@ class Settings(BaseSettings):
         if scheme not in _BROKER_SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(_BROKER_SCHEMES)}, got {scheme!r}")
         return value
+
+    @field_validator("broker_url", "result_backend", "redis_url", "legacy_redis_url")
+    @classmethod
+    def _tls_params(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A ``rediss://`` URL gets the TLS settings as query parameters (those in the URL win).
+
+        kombu, Celery's Redis backend and redis-py all read them from the URL, and with
+        them kombu uses TLS even under our own transport class.
+        """
+        if value is None or urlsplit(value).scheme != "rediss":
+            return value
+        parts = urlsplit(value)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        present = {key for key, _ in query}
+        wanted = {"ssl_cert_reqs": info.data.get("broker_ssl_verify", "required"),
+                  "ssl_ca_certs": info.data.get("broker_ssl_ca"), "ssl_certfile": info.data.get("broker_ssl_cert"),
+                  "ssl_keyfile": info.data.get("broker_ssl_key")}
+        query += [(key, str(v)) for key, v in wanted.items() if v is not None and key not in present]
+        return urlunsplit(parts._replace(query=urlencode(query)))
 
     # -- derived --------------------------------------------------------------
     @property

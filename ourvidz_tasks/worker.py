@@ -284,9 +284,29 @@ def _received(sender: Any = None, request: Any = None, **_: Any) -> None:
     """Own every message this worker holds, so a crash hands it back quickly (pools and the outbox)."""
     app = getattr(sender, "app", None)
     rt = getattr(app, "ourvidz_runtime", None) or getattr(app, "ourvidz_outbox", None)
-    tag = (getattr(request, "delivery_info", None) or {}).get("delivery_tag")
+    # Celery's request.delivery_info has no delivery_tag; the kombu message has it
+    tag = getattr(getattr(request, "message", None), "delivery_tag", None)
     if rt is not None and rt.recovery is not None and tag:
         rt.recovery.own(str(tag))
+        _held[getattr(request, "id", None)] = str(tag)
+
+
+#: task id -> delivery tag of the messages this worker holds
+_held: dict[Any, str] = {}
+
+
+@signals.task_postrun.connect
+def _ran(sender: Any = None, task_id: Any = None, **_: Any) -> None:
+    """The task ended: its message is acked next. If that ack is lost (broker outage), the
+    owner record expires after the grace and recovery hands the message back."""
+    tag = _held.pop(task_id, None)
+    app = getattr(sender, "app", None)
+    rt = getattr(app, "ourvidz_runtime", None) or getattr(app, "ourvidz_outbox", None)
+    if tag and rt is not None and rt.recovery is not None:
+        try:
+            rt.recovery.release(tag)
+        except redis.RedisError as exc:
+            log.warning("recovery: could not release %s: %s", tag, type(exc).__name__)
 
 
 @signals.worker_ready.connect

@@ -1,13 +1,17 @@
-"""Brokers under faults: a Redis restart mid-run, RabbitMQ end to end, ``rediss://`` settings.
+"""Brokers under faults: Redis restarts mid-run, RabbitMQ end to end, TLS URLs.
 
-- Redis restart: a private ``redis-server`` (AOF, fsync always) is the broker,
-  result backend and bookkeeping Redis of an SDXL pool and its outbox; it is
-  SIGTERMed and started again on the same port and dir while jobs run. Every
-  job must still get exactly one terminal callback.
-- RabbitMQ: the same job through ``amqp://`` (bookkeeping and results on the
-  test Redis), published by a plain Celery producer; raw pickle / non-JSON
-  messages become dead letters and the worker keeps consuming.
-- ``rediss://``: the configuration a TLS URL resolves to (no TLS server).
+- Redis restarts: a private ``redis-server`` (AOF, fsync always) is the broker, result
+  backend and bookkeeping Redis of an SDXL pool and its outbox; it is SIGTERMed and
+  started again on the same port and dir while jobs run (once at a fixed moment, three
+  times at random ones). Every job must still get exactly one terminal callback.
+- Live workers keep their messages: crash recovery requeues only a dead worker's
+  messages, not those of a long job or a long callback outage.
+- RabbitMQ: the same job through ``amqp://`` (bookkeeping and results on the test Redis),
+  published by a plain Celery producer; raw pickle / non-JSON messages become dead
+  letters and the worker keeps consuming; a poison job is given up.
+- TLS: what a ``rediss://`` or ``amqps://`` URL makes every client of a worker send,
+  seen by a plain TCP listener (no TLS server needed): a TLS handshake, never the
+  password in cleartext.
 """
 
 from __future__ import annotations
@@ -176,7 +180,7 @@ def test_redis_restart_mid_run_loses_no_job(tmp_path: Path, pools: Pools, sink: 
         queued_before = client.llen("sdxl")
         outage = server.restart(down=2.0)
         restarted_at = time.time()
-        bodies = {job_id: terminal(sink, job_id, 300) for job_id in ids}
+        bodies = {job_id: terminal(sink, job_id, 120) for job_id in ids}
         # let a late duplicate surface, if there is one
         wait_for(lambda: client.llen("sdxl") == 0 and client.hlen("unacked") == 0, 60, what="queue drained")
         time.sleep(3)
@@ -194,6 +198,56 @@ def test_redis_restart_mid_run_loses_no_job(tmp_path: Path, pools: Pools, sink: 
         assert "Connection to broker lost" in worker.text() or "reconnect" in worker.text().lower()
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_redis_restarts_at_random_moments_lose_no_job(tmp_path: Path, pools: Pools, sink: Sink) -> None:
+    """Three restarts at random moments of a run: the odds of hitting the instant between a
+    BRPOP that pops a message and kombu's write of it to ``unacked`` are much higher."""
+    import random
+
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        url = server.url(0)
+        tag = new_id()[:6]
+        env = dict(OURVIDZ_BROKER_URL=url, OURVIDZ_REDIS_URL=url, OURVIDZ_LEASE_SECONDS="2")
+        pools.start("outbox", OURVIDZ_HOSTNAME=f"restarts-outbox-{tag}", **env)
+        worker = pools.start("sdxl", OURVIDZ_HOSTNAME=f"restarts-sdxl-{tag}", **env)
+        client = server.client()
+        jobs = [tiny_job(steps=8) for _ in range(30)]
+        for job in jobs:
+            publish(client, TASK, job, "sdxl")
+        ids = [j["id"] for j in jobs]
+        seed = int(os.environ.get("OURVIDZ_TEST_SEED") or random.randrange(10**6))
+        rng = random.Random(seed)
+        terminal(sink, ids[0], 120)
+        for _ in range(3):
+            time.sleep(rng.uniform(0.1, 1.5))
+            server.restart(down=1.0)
+        bodies = {job_id: terminal(sink, job_id, 1) for job_id in ids if _ended_soon(sink, job_id)}
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: client.llen("sdxl") == 0 and client.hlen("unacked") == 0, 30, what="queue drained")
+        time.sleep(3)
+        counts = terminal_counts(sink, ids)
+        lost = [i for i, n in counts.items() if n == 0]
+        duplicated = [i for i, n in counts.items() if n > 1]
+        statuses = Counter(b["status"] for b in bodies.values())
+        print(f"{len(jobs)} jobs, 3 Redis restarts (seed {seed}): {statuses['completed']} completed, "
+              f"{statuses['failed']} failed, {len(lost)} lost, {len(duplicated)} duplicated; "
+              f"worker alive: {worker.alive()}")
+        assert not lost and not duplicated, (lost, duplicated)
+        assert statuses["completed"] == len(jobs)
+        assert worker.alive()
+    finally:
+        server.stop()
+
+
+def _ended_soon(sink: Sink, job_id: str, timeout: float = 90) -> bool:
+    try:
+        terminal(sink, job_id, timeout)
+        return True
+    except TimeoutError:
+        return False
 
 
 @pytest.mark.slow
@@ -352,6 +406,46 @@ def test_rabbitmq_non_json_messages_are_dead_letters(amqp_pool: WorkerProcess, s
     assert amqp_pool.alive()
 
 
+@amqp
+@pytest.mark.slow
+def test_rabbitmq_poison_job_is_given_up(pools: Pools, sink: Sink) -> None:
+    """A job that kills its worker every time ends after ``max_deliveries`` on RabbitMQ too.
+
+    RabbitMQ redelivers a dead consumer's message at once, so without the poison guard such a
+    job would take down every worker that picks it up, forever.
+    """
+    from .faults import MARKER
+
+    _purge_rabbit("sdxl", "outbox")
+    env = dict(OURVIDZ_BROKER_URL=AMQP, OURVIDZ_RESULT_BACKEND=BROKER, OURVIDZ_REDIS_URL=BROKER,
+               OURVIDZ_MAX_DELIVERIES="2", OURVIDZ_PROMPT_POLICY="tests.faults:kill_on_marker")
+    tag = new_id()[:6]
+    pools.start("outbox", OURVIDZ_HOSTNAME=f"amqp-poison-outbox-{tag}", **env)
+    job = tiny_job(prompt=f"a {MARKER} prompt")
+    _publisher().send_task(TASK, args=[job], queue="sdxl", argsrepr=f"({job['id']!r},)", kwargsrepr="{}")
+
+    def failed() -> bool:
+        return any(c["body"]["status"] == "failed" for c in sink.callbacks(job["id"]))
+
+    started = 0
+    try:
+        while started < 4 and not failed():
+            worker = pools.start("sdxl", OURVIDZ_HOSTNAME=f"amqp-poison-{started}-{tag}", **env)
+            started += 1
+
+            def crashed_or_done(w: WorkerProcess = worker) -> bool:
+                return not w.alive() or failed()
+
+            wait_for(crashed_or_done, 60, what="a crash or the give-up")
+        print(f"RabbitMQ poison job: {started} workers started, "
+              f"{'given up' if failed() else 'never given up'} after {started - 1 if failed() else started} crashes")
+        body = terminal(sink, job["id"], 10)
+        assert body["status"] == "failed" and "given up after 2 deliveries" in body["error"]["message"]
+        assert started == 3
+    finally:
+        _purge_rabbit("sdxl")
+
+
 # -- rediss:// -------------------------------------------------------------------------------------------------
 
 #: Opens one connection of each kind a worker makes to the Redis URLs (broker channel, result
@@ -424,7 +518,7 @@ class FirstBytes:
 PROBE_PASSWORD = "tls-probe-" + uuid.uuid4().hex[:8]
 
 
-def _tls_probe(query: str, scheme: str = "rediss") -> tuple[dict[str, Any], dict[str, FirstBytes]]:
+def _tls_probe(query: str) -> tuple[dict[str, Any], dict[str, FirstBytes]]:
     """Point a worker's configuration at three listeners; return what its clients did and sent."""
     servers = {name: FirstBytes() for name in ("broker", "backend", "redis")}
     try:

@@ -475,7 +475,7 @@ def test_fuzzed_raw_list_items_are_dead_letters(isolated_broker: str,
                 killer.append(item)
                 raise AssertionError(f"the worker died on this {kind} item: {item[:600]!r}\n{worker.text()[-3000:]}")
             for raw in store.lrange(DEAD_LETTERS, 0, 200):
-                if tag in raw.decode("utf-8", "replace"):
+                if tag in (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)):
                     return json.loads(raw)
             return None
 
