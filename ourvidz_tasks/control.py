@@ -44,7 +44,7 @@ from celery.worker.control import control_command, inspect_command
 
 from .errors import ConfigError, ModelLoadError, WorkerUnavailable
 from .memory import DEFAULT_ESTIMATES_MB, Ledger, Request
-from .worker import runtime
+from .worker import runtime, warm_models
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +225,23 @@ def serve_idle(app: Celery) -> None:
             if _quietly(ledger.has_requests, rt.family):
                 _quietly(serve_requests, rt)
             release_idle(rt)
+            _quietly(predict, rt)
     finally:
         _job_lock.release()
+
+
+def predict(rt: Any) -> list[str]:
+    """Predictive load: work waits in this pool's queue and its model is cold, so ask the
+    ledger to make room now (idle holders nobody needs unload) instead of when the job starts."""
+    if rt.ledger is None or not rt.ledger.queue_depth(rt.family):
+        return []
+    wanted = []
+    for name in warm_models(rt.family, rt.settings):
+        slot = rt.models[name]
+        if slot.model is None:
+            rt.ledger.want(rt.family, name, rt.ledger.estimate(name, slot.default_mb))
+            wanted.append(name)
+    return wanted
 
 
 def release_idle(rt: Any) -> int:

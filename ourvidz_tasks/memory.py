@@ -409,6 +409,13 @@ class Ledger:
 
     # -- plumbing ----------------------------------------------------------------
 
+    def queue_depth(self, pool: str) -> int:
+        """Jobs waiting in ``pool``'s queue (0 when it can't be read)."""
+        try:
+            return int(self._queue_depth(pool))
+        except Exception:
+            return 0
+
     def _depths(self) -> dict[str, int]:
         out = {}
         for pool in self.pools:

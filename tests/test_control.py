@@ -228,3 +228,23 @@ def test_through_a_real_solo_worker(pools: dict[str, FakeRuntime], ledger: Ledge
         wait_until(lambda: chat.models["qwen_instruct"].model is None, 5)  # right after it
         assert busy_seen == [True]
         assert ledger.status()["pools"]["chat"]["busy"] is False
+
+
+def test_predictive_load_makes_room_for_queued_work(store) -> None:
+    """A cold pool with queued jobs asks the idle holder nobody needs to unload, before any job starts."""
+    from ourvidz_tasks.control import predict
+    from ourvidz_tasks.memory import Ledger
+    from ourvidz_tasks.settings import Settings
+
+    depths = {"wan": 2, "sdxl": 0, "chat": 0}
+    ledger = Ledger(store, f"predict-{uuid.uuid4().hex[:6]}", "cpu", 10, queue_depth=lambda pool: depths[pool])
+    held = ledger.reserve("chat", "qwen_instruct", 8, timeout=0)
+    ledger.set_busy("chat", False)
+    wan_slot = SimpleNamespace(model=None, default_mb=6)
+    rt = SimpleNamespace(family="wan", ledger=ledger, settings=Settings(), models={"wan": wan_slot})
+    assert predict(rt) == ["wan"]
+    asked = ledger.pending_requests("chat")
+    assert [(r.action, r.model, r.reason) for r in asked] == [("unload", "qwen_instruct", "predict")]
+    depths["wan"] = 0
+    assert predict(rt) == []  # nothing queued: nothing predicted
+    held.release()
