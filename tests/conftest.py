@@ -28,11 +28,24 @@ SECRET = "test-callback-secret-" + secrets.token_hex(4)
 TINY_CACHE = Path(os.environ.get("OURVIDZ_TEST_TINY_CACHE", ROOT / ".cache" / "tiny"))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _claim_db() -> int:
     """A Redis database (1-15) no other test run holds; flushed for us."""
     token = f"{os.getpid()}-{uuid.uuid4().hex}"
     for db in range(1, 16):
         client = redis.Redis.from_url(f"{REDIS_HOST}/{db}")
+        holder = client.get(LOCK)
+        if holder is not None and not _alive(int(holder.split(b"-", 1)[0])):
+            client.delete(LOCK)  # a run on this machine that died without handing it back
         if client.set(LOCK, token, nx=True, ex=3 * 3600):
             for key in client.scan_iter(count=1000):
                 if key != LOCK.encode():
@@ -67,12 +80,25 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             redis.Redis.from_url(f"{REDIS_HOST}/{db}").flushdb()
 
 
+#: workers started per broker URL (so a test's private database can be handed back)
+_WORKERS: dict[str, list[WorkerProcess]] = {}
+_OUTBOXES: dict[str, WorkerProcess] = {}
+
+
 @pytest.fixture()
-def isolated_broker() -> str:
-    """A second private database, for tests whose workers must not share queues with the session's."""
+def isolated_broker() -> Iterator[str]:
+    """A second private database, for tests whose workers must not share queues with the session's.
+
+    At teardown its workers are stopped and the database is flushed (lock included), so a
+    long suite never runs out of the 15 databases.
+    """
     db = _claim_db()
-    _CLAIMED.append(db)
-    return f"{REDIS_HOST}/{db}"
+    url = f"{REDIS_HOST}/{db}"
+    yield url
+    for worker in _WORKERS.pop(url, []):
+        worker.stop(signal.SIGKILL)
+    _OUTBOXES.pop(url, None)
+    redis.Redis.from_url(url).flushdb()
 
 
 @pytest.fixture(scope="session")
@@ -149,7 +175,7 @@ def worker_env(sink: Sink, family: str, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def start_worker(sink: Sink, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
-    outboxes: dict[str, WorkerProcess] = {}
+    outboxes = _OUTBOXES
 
     def start(family: str, **extra: str) -> WorkerProcess:
         """Start ``bin/worker family``; the first pool on a broker brings its callback outbox."""
@@ -157,10 +183,11 @@ def start_worker(sink: Sink, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         broker = env["OURVIDZ_BROKER_URL"]
         if family != "outbox" and env.get("OURVIDZ_CALLBACKS", "outbox") == "outbox" and broker not in outboxes:
             outboxes[broker] = start("outbox", OURVIDZ_BROKER_URL=broker,
-                                     OURVIDZ_HOSTNAME=f"outbox-{len(outboxes)}-{DB}")
+                                     OURVIDZ_HOSTNAME=f"outbox-{new_id()[:6]}-{DB}")
         log = tmp_path_factory.mktemp("logs") / f"{family}.log"
         worker = WorkerProcess(family, env, log).start()
         started.append(worker)
+        _WORKERS.setdefault(broker, []).append(worker)
         return worker
 
     yield start
