@@ -186,7 +186,6 @@ class Delivery:
         self.client = client or httpx.Client(timeout=settings.http_timeout, follow_redirects=False)
         self.storage = Storage(settings, self.client)
         self.transport = transport or HttpCallbacks(settings, self.client)
-        self.http = HttpCallbacks(settings, self.client)
         self._sender = ThreadPoolExecutor(1, thread_name_prefix="callbacks")
         self._uploads = ThreadPoolExecutor(4, thread_name_prefix="uploads")
         self._lock = threading.Lock()

@@ -87,7 +87,7 @@ def _start(sender: str, instance: Any, **_: Any) -> None:
     client = httpx.Client(timeout=settings.http_timeout, follow_redirects=False)
     recovery = None
     if settings.broker_is_redis:
-        recovery = Recovery(redis.Redis.from_url(settings.broker_url), store, sender,
+        recovery = Recovery(redis.Redis.from_url(settings.broker_url), sender,
                             lease_seconds=settings.lease_seconds, owner_ttl=settings.visibility_timeout)
         recovery.start()
     consumer_app.ourvidz_outbox = OutboxRuntime(  # type: ignore[attr-defined]

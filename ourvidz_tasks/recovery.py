@@ -14,7 +14,7 @@ exceed the longest job). So each worker proves it is alive instead:
   in one transaction, as kombu itself restores messages.
 
 The poison guard counts deliveries per job attempt in Redis
-(:meth:`Recovery.delivered`), so a job that kills its worker every time is
+(:func:`count_delivery`, on every broker), so a job that kills its worker every time is
 given up after ``max_deliveries`` with a ``failed`` callback.
 """
 
@@ -35,11 +35,11 @@ UNACKED, UNACKED_INDEX, UNACKED_MUTEX = "unacked", "unacked_index", "unacked_mut
 
 
 class Recovery:
-    """Heartbeat, owner records, the unacked scanner and the delivery counter of one worker."""
+    """Heartbeat, owner records and the unacked scanner of one worker."""
 
-    def __init__(self, broker: redis.Redis, store: redis.Redis, node: str, *, lease_seconds: float,
+    def __init__(self, broker: redis.Redis, node: str, *, lease_seconds: float,
                  owner_ttl: int, scan: bool = True) -> None:
-        self.broker, self.store, self.node = broker, store, node
+        self.broker, self.node = broker, node
         self.lease = lease_seconds
         self.owner_ttl = owner_ttl
         self.scan_enabled = scan
@@ -126,10 +126,6 @@ class Recovery:
         self.broker.delete(f"ourvidz:owner:{tag}")
         return done
 
-    # -- poison guard --------------------------------------------------------------
-    def delivered(self, job_id: str, retries: int, ttl: int) -> int:
-        """Count one more delivery of this job attempt; return the count."""
-        return count_delivery(self.store, job_id, retries, ttl)
 
 
 def count_delivery(store: redis.Redis, job_id: str, retries: int, ttl: int) -> int:

@@ -214,7 +214,7 @@ def build_runtime(app: Celery, family: str, worker_id: str, settings: Settings |
     )
     if settings.broker_is_redis:
         runtime.recovery = Recovery(
-            redis.Redis.from_url(settings.broker_url), store, worker_id,
+            redis.Redis.from_url(settings.broker_url), worker_id,
             lease_seconds=settings.lease_seconds, owner_ttl=settings.visibility_timeout,
         )
     runtime.ledger = Ledger.for_settings(store, settings, device)

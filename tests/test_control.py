@@ -26,7 +26,7 @@ from celery.worker.control import Panel
 from ourvidz_tasks import control
 from ourvidz_tasks.memory import Ledger, Reservation
 
-from .conftest import BROKER
+from .conftest import BROKER, wait_for
 
 
 class FakeSlot:
@@ -179,13 +179,7 @@ def test_predictive_load_makes_room_then_loads(pools: dict[str, FakeRuntime], le
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError("condition not met")
+    return wait_for(predicate, timeout, interval=0.05)
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import redis
 from ourvidz_tasks.errors import WorkerUnavailable
 from ourvidz_tasks.memory import Heartbeat, Ledger, Reservation, measure_peak, pressure_of
 
-from .conftest import BROKER
+from .conftest import BROKER, wait_for
 
 MakeLedger = Callable[..., Ledger]
 
@@ -43,13 +43,7 @@ def make(store: redis.Redis) -> Iterator[MakeLedger]:
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise TimeoutError("condition not met")
+    return wait_for(predicate, timeout, interval=0.01)
 
 
 def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
