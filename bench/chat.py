@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from figures import figure
 from harness import ROOT, Cluster, summary, write
 
 from ourvidz_tasks.models import resolve_device
@@ -57,7 +58,13 @@ def main() -> None:
 
         cluster.run("ourvidz.sdxl.generate", "sdxl", job(False))
         run_chain(job(True))
-        plain = [cluster.run("ourvidz.sdxl.generate", "sdxl", job(False))[1] for _ in range(5)]
+        plain, hops = [], []
+        for _ in range(5):
+            payload = job(False)
+            published = time.time()
+            plain.append(cluster.run("ourvidz.sdxl.generate", "sdxl", payload)[1])
+            hops.append(min(c["at"] for c in cluster.sink.callbacks(payload["id"])
+                            if c["body"]["status"] == "processing") - published)
         chained, inference = [], []
         for _ in range(5):
             body, wall = run_chain(job(True))
@@ -69,9 +76,13 @@ def main() -> None:
         print(f"{name}: {rate:.0f} tokens/s (tiny, CPU)")
     print(f"enhance adds {added * 1000:.0f}ms to a chain; its inference {summary(inference)['median'] * 1000:.0f}ms; "
           f"beyond inference {beyond * 1000:.0f}ms (dispatch, the hop chat → sdxl)")
+    hop = summary(hops)["median"]
     write("chat", {"tokens_per_s": rates, "plain_job_s": summary(plain), "chain_s": summary(chained),
                    "enhance_inference_s": summary(inference), "enhance_added_s": added,
-                   "enhance_beyond_inference_s": beyond, "device": "cpu (2 cores)"})
+                   "enhance_beyond_inference_s": beyond, "dispatch_hop_s": summary(hops), "device": "cpu (2 cores)"},
+          [figure("enhance → SDXL chain: latency beyond both inferences", beyond * 1000, "ms", reference=hop * 1000,
+                  against="one dispatch hop (publish → processing)", max_ratio=2.0),
+           *[figure(f"{name}: decode speed (tiny, one request)", rate, "tok/s") for name, rate in rates.items()]])
 
 
 if __name__ == "__main__":

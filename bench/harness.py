@@ -71,9 +71,10 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
 
 
-def write(name: str, data: dict[str, Any]) -> Path:
+def write(name: str, data: dict[str, Any], figures: list[dict[str, Any]] | None = None) -> Path:
+    """``bench/out/{name}.json``: the raw data, and the figures ``bench/report.py`` puts in the table."""
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2))
+    path.write_text(json.dumps({**data, "figures": figures or []}, indent=2))
     print(f"wrote {path.relative_to(ROOT)}")
     return path

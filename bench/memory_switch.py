@@ -25,6 +25,7 @@ from typing import Any
 import redis
 import torch
 import transformers
+from figures import figure
 from harness import BROKER, ROOT, summary, write
 
 from ourvidz_tasks.control import SERVE_INTERVAL
@@ -187,7 +188,13 @@ def main() -> None:
             print(f"{name:>12} {d}: {m['total_s']:.3f}s = {ratios[name][d]:.2f}x bare (holder unload "
                   f"{m['holder_unload_s']:.3f}s + coordination {m['coordination_s']:.3f}s + load {m['load_s']:.3f}s)")
     print(f"reserve+release round trip: {data['reserve_release_round_trip']['median_ms']:.2f} ms median")
-    write("memory_switch", data)
+    fast = ledgered["tick_0.02s"]
+    write("memory_switch", data, [
+        *[figure(f"model switch {d.replace('_to_', ' → ')} through the ledger (20 ms tick)",
+                 fast[d]["total_s"]["median"], "s", reference=baseline[d]["median"], against="bare unload + load")
+          for d in ("chat_to_wan", "wan_to_chat")],
+        figure("ledger reserve + release, uncontended", data["reserve_release_round_trip"]["median_ms"], "ms"),
+    ])
 
 
 if __name__ == "__main__":
