@@ -38,7 +38,7 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         self.sink.start()
-        for family in ("outbox", *self.families):  # pools hand callbacks to the outbox consumer
+        for family in self.families:  # the pools alone, as deployed: they deliver their own callbacks
             env = worker_env(self.sink, family, OURVIDZ_TORCH_THREADS=str(self.threads),
                              OURVIDZ_PROGRESS_INTERVAL="1", **self.env)
             self.workers[family] = WorkerProcess(family, env, self.tmp / f"{family}.log").start()

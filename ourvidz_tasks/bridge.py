@@ -52,6 +52,7 @@ import redis
 from .errors import ConfigError
 from .guard import DeadLetters
 from .jobs import FAMILY_OF_TYPE, usable_id
+from .redis_client import connect
 from .settings import load_settings
 
 log = logging.getLogger("ourvidz_tasks.bridge")
@@ -388,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .app import app
 
-    legacy = redis.Redis.from_url(settings.legacy_redis, socket_timeout=args.block + 30, socket_connect_timeout=10)
-    store = redis.Redis.from_url(settings.redis, socket_timeout=30, socket_connect_timeout=10)
+    legacy = connect(settings.legacy_redis, settings, socket_timeout=args.block + 30, socket_connect_timeout=10)
+    store = connect(settings.redis, settings, socket_timeout=30, socket_connect_timeout=10)
     bridge = Bridge(
         legacy, store, CeleryPublisher(app), lists=lists, record_ttl=settings.idempotency_ttl,
         block=args.block, crash_at=crash_at,

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .app import app
-from .errors import JobError
+from .errors import JobError, WorkerUnavailable
+from .faults import retry_once
 from .jobs import EnhanceSpec, parse_chat, usable_id
-from .lifecycle import BaseTask, as_job_error, backoff
+from .lifecycle import BaseTask, as_job_error, backoff, poison_guard
 from .settings import Settings
 from .worker import runtime
 
@@ -35,16 +36,21 @@ DEFAULT_SYSTEM_PROMPT = (
 @app.task(base=BaseTask, bind=True, name="ourvidz.chat.chat")
 def chat(self: BaseTask, request: dict[str, Any]) -> dict[str, Any]:
     """Answer a chat request (CONTRACT.md section 3)."""
-    from .models.qwen import generate_chat
+    from .models.chat_engine import Sampling
 
     rt = runtime(self.app)
+    poisoned = poison_guard(self, rt, "chat")  # a request that stopped its worker each time
+    if poisoned is not None:
+        raise WorkerUnavailable(poisoned)
     try:
         req = parse_chat(request, rt.settings)
-        model = rt.model(req.model)
-        out = generate_chat(
-            model, [m.model_dump() for m in req.messages], max_tokens=req.max_tokens,
-            temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-        )
+        engine = rt.model(req.model)
+        job = req.id or self.request.id or "?"
+        sampling = Sampling(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        messages = [m.model_dump() for m in req.messages]
+        # out of memory: released, then tried once more; a device fault exits (status 75)
+        out = retry_once(lambda: engine.generate(messages, sampling, job=job), family="chat", stage="chat",
+                         device=rt.device, hooks=rt.attempt_hooks, what=f"chat {job}")
     except Exception as exc:
         error = as_job_error(exc)
         if error is None:
@@ -73,12 +79,15 @@ def system_prompt(settings: Settings, spec: EnhanceSpec | None) -> str:
 @app.task(base=BaseTask, bind=True, name="ourvidz.chat.enhance")
 def enhance(self: BaseTask, job: Any) -> Any:
     """The same job with ``prompt`` enhanced (original kept in metadata)."""
-    from .models.qwen import generate_chat
+    from .models.chat_engine import Sampling
 
     if not isinstance(job, dict):
         return job  # the generate step dead-letters or fails it
     job_id = usable_id(job) or "?"
     rt = runtime(self.app)
+    poisoned = poison_guard(self, rt, "enhance")  # it stopped its worker each time: generate goes on
+    if poisoned is not None:
+        return _with_metadata(job, enhancement_error=poisoned)
     prompt = job.get("prompt")
     metadata = job.get("metadata")
     if not isinstance(metadata, dict):
@@ -91,13 +100,16 @@ def enhance(self: BaseTask, job: Any) -> Any:
             raise ValueError(f"the prompt is over {rt.settings.max_prompt_chars} characters")
         spec = EnhanceSpec.model_validate(metadata.get("enhance") or {})
         name = spec.model or rt.settings.enhance_model
-        out = generate_chat(
-            rt.model(name),
-            [{"role": "system", "content": system_prompt(rt.settings, spec)}, {"role": "user", "content": prompt}],
+        sampling = Sampling(
             max_tokens=spec.max_tokens or rt.settings.enhance_max_tokens,
             temperature=spec.temperature if spec.temperature is not None else rt.settings.enhance_temperature,
-            top_p=spec.top_p or 0.9,
+            top_p=spec.top_p or rt.settings.enhance_top_p,
         )
+        messages = [{"role": "system", "content": system_prompt(rt.settings, spec)}, {"role": "user", "content": prompt}]
+        # an enhancement gates a generation: it joins the batch ahead of waiting chats
+        engine = rt.model(name)
+        out = retry_once(lambda: engine.generate(messages, sampling, urgent=True, job=job_id), family="chat",
+                         stage="enhance", device=rt.device, hooks=rt.attempt_hooks, what=f"job {job_id}")
         enhanced = out.response.strip()
         if not enhanced:
             raise ValueError("the model returned an empty prompt")

@@ -22,6 +22,7 @@ import redis
 
 from .errors import ConfigError, JobError
 from .flower import PROGRESS, progress_text
+from .redis_client import connect
 from .settings import Settings, load_settings
 
 PROG = "ourvidz"
@@ -37,6 +38,7 @@ examples:
   ourvidz submit job.json                        # publish, follow the progress bar, print the result
   ourvidz submit --type sdxl_image_fast --user-id u1 --prompt "a red fox" --set config.seed=7
   ourvidz memory                                 # per worker: models loaded and load counts
+  ourvidz memory plan --card-gb 48               # which real models stay resident together, per job shape
   ourvidz replay 5f0c...                         # re-send a job's recorded terminal callback
   ourvidz metrics --port 9100                    # Prometheus: queue depth, ledger, callback backlog"""
 
@@ -291,8 +293,21 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def cmd_memory_plan(args: argparse.Namespace, settings: Settings) -> int:
+    """``ourvidz memory plan --card-gb 48``: from committed data only (no torch, no Redis)."""
+    from .memplan import format_plan, plan
+
+    if args.card_gb is None or args.card_gb <= 0:
+        raise ConfigError("memory plan: --card-gb must be a positive number of GB (e.g. 48 or 80)")
+    data = plan(args.card_gb, context_mb=settings.cuda_context_mb, margin_mb=settings.memory_margin_mb)
+    print(json.dumps(data, indent=2) if args.json else format_plan(data))
+    return EXIT_OK
+
+
 def cmd_memory(args: argparse.Namespace, settings: Settings) -> int:
-    store = redis.Redis.from_url(settings.redis)
+    if args.action == "plan":
+        return cmd_memory_plan(args, settings)
+    store = connect(settings.redis, settings)
     replies = memory_status(args.timeout)
     loads = load_counters(store, args.timeout)
     devices, pools, notes = ledger_tables(replies or [])
@@ -313,12 +328,32 @@ def cmd_memory(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+# -- status ---------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """The callback outbox: depth, oldest body, consumer; exit 1 when a configured consumer is missing or stuck."""
+    from .outbox_store import Outbox, consumer_health
+
+    state = Outbox.for_settings(connect(settings.redis, settings), settings).state()
+    health = consumer_health(state, settings.outbox_consumer)
+    if args.json:
+        print(json.dumps({"outbox": {**state.as_dict(), "consumer_health": health}}, indent=2))
+    else:
+        what = {"draining": f"consumer {state.consumer} drains it", "pools": "the pools drain it (no consumer)",
+                "missing": "consumer MISSING (OURVIDZ_OUTBOX_CONSUMER is set; the pools drain it)",
+                "stuck": f"consumer {state.consumer} STUCK (alive, not delivering)"}[health]
+        oldest = f", oldest {state.oldest_age:g}s" if state.oldest_age is not None else ""
+        last = state.last or {}
+        tried = f"; last try {'ok' if last.get('ok') else last.get('error')}" if last else ""
+        print(f"callback outbox: {state.depth} waiting{oldest}; {what}{tried}")
+    return EXIT_FAILED if health in ("missing", "stuck") else EXIT_OK
+
+
 # -- replay ---------------------------------------------------------------------------
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from .delivery import Delivery
 
     settings.require_delivery()
-    store = redis.Redis.from_url(settings.redis)
+    store = connect(settings.redis, settings)
     delivery = Delivery(settings, f"{PROG}@{socket.gethostname()}", store)  # inline HTTP: we wait for the edge
     try:
         body = delivery.terminal_of(args.job_id)
@@ -342,7 +377,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     from .lifecycle import cancel
 
-    cancel(redis.Redis.from_url(settings.redis), args.job_id)
+    cancel(connect(settings.redis, settings), args.job_id)
     print(f"job {args.job_id}: cancel requested; a running job stops at its next step, a queued one when "
           "it is picked up (failed callback, CANCELLED)")
     return EXIT_OK
@@ -388,9 +423,20 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("memory", help="models loaded per worker (and the memory ledger) as a table",
                        description="Per worker: online or not, the models it loaded and how often, then the\n"
                                    "memory ledger per device (reserved / budget MB).", formatter_class=fmt)
+    m.add_argument("action", nargs="?", choices=("status", "plan"), default="status",
+                   help="status (default): what the workers hold; plan: what the real models need on a card")
+    m.add_argument("--card-gb", type=float, help="plan: the card's memory in GB (e.g. 48 or 80)")
     m.add_argument("--json", action="store_true", help="print JSON instead of tables")
     m.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for worker replies (default 2)")
     m.set_defaults(run=cmd_memory)
+
+    st = sub.add_parser("status", help="the callback outbox: waiting callbacks and its consumer",
+                        description="Callbacks waiting in the outbox (the pools deliver at once; only failed\n"
+                                    "deliveries wait there), the oldest one's age and who drains it. Exit 1\n"
+                                    "when a configured consumer (OURVIDZ_OUTBOX_CONSUMER) is missing or stuck.",
+                        formatter_class=fmt)
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(run=cmd_status)
 
     r = sub.add_parser("replay", help="re-send a job's recorded terminal callback",
                        description="Re-send the terminal callback (completed or failed) recorded for a job,\n"

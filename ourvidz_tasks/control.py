@@ -32,7 +32,6 @@ unload. :func:`install` adds the idle timer to an app.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -42,7 +41,7 @@ from typing import Any, Protocol
 from celery import Celery, bootsteps, signals
 from celery.worker.control import control_command, inspect_command
 
-from .errors import ConfigError, ModelLoadError, WorkerUnavailable
+from .errors import ConfigError, ModelLoadError, OutOfMemory, WorkerUnavailable
 from .memory import DEFAULT_ESTIMATES_MB, Ledger, Request
 from .worker import runtime, warm_models
 
@@ -174,15 +173,18 @@ def serve_requests(rt: Any) -> list[dict[str, Any]]:
                 slot.get(wait=0.0)
             except WorkerUnavailable:
                 continue  # not yet: the request stays until it fits or lapses
-            except (ConfigError, ModelLoadError) as exc:
+            except (ConfigError, ModelLoadError, OutOfMemory) as exc:  # OOM: it loads on first use
                 log.error("requested load of %s failed: %s", req.model, exc)
         ledger.done(req)
         served.append(req.as_dict())
     return served
 
 
-_job_lock = threading.RLock()
+#: jobs running in this process (the chat pool runs several at once, in threads) and whether a
+#: serve_requests is in flight; a job starts only when none is, and serving waits for no job
+_jobs = threading.Condition()
 _depth = 0
+_serving = False
 
 
 @signals.task_prerun.connect
@@ -191,10 +193,21 @@ def _job_started(sender: Any = None, **_: Any) -> None:
     rt = _runtime_of(sender)
     if rt is None:
         return
-    _job_lock.acquire()  # waits for a serve_requests in flight on a timer thread
-    _depth += 1
-    if _depth == 1:
-        _quietly(rt.ledger.set_busy, rt.family, True)
+    with _jobs:
+        _jobs.wait_for(lambda: not _serving)  # a serve_requests in flight on a timer thread
+        _depth += 1
+        if _depth == 1 and not getattr(sender, "marks_own_start", False):
+            _quietly(rt.ledger.set_busy, rt.family, True)
+
+
+def job_started(app: Any) -> None:
+    """A job task's busy mark, set by the job itself right after its ``processing`` callback (the
+    ledger's look at every queue is no part of dispatch); before any model work, as ever."""
+    rt = getattr(app, "ourvidz_runtime", None)
+    if rt is not None and getattr(rt, "ledger", None) is not None:
+        with _jobs:
+            if _depth == 1:
+                _quietly(rt.ledger.set_busy, rt.family, True)
 
 
 @signals.task_postrun.connect
@@ -203,45 +216,79 @@ def _job_ended(sender: Any = None, **_: Any) -> None:
     rt = _runtime_of(sender)
     if rt is None:
         return
-    try:
+    with _jobs:
         _depth = max(0, _depth - 1)
         rt.last_job_ended = time.monotonic()
-        if _depth == 0:
-            _quietly(rt.ledger.set_busy, rt.family, False)
+        if _depth or not _claim_serving():
+            return
+    try:
+        _quietly(rt.ledger.set_busy, rt.family, False)
+        if _quietly(rt.ledger.has_requests, rt.family):  # one HKEYS; the full look only when asked
+            _quietly(serve_requests, rt)
+        if _quietly(predict, rt):  # cold with its work waiting: load now, between jobs
             _quietly(serve_requests, rt)
     finally:
-        with contextlib.suppress(RuntimeError):  # a postrun without its prerun
-            _job_lock.release()
+        _end_serving()
+
+
+def _claim_serving() -> bool:
+    """With ``_jobs`` held: mark a serve in flight (False if one already is)."""
+    global _serving
+    if _serving:
+        return False
+    _serving = True
+    return True
+
+
+def _end_serving() -> None:
+    global _serving
+    with _jobs:
+        _serving = False
+        _jobs.notify_all()
 
 
 def serve_idle(app: Celery) -> None:
     """The idle timer's tick: serve requests, or release an idle on-demand model, unless a job runs."""
     rt: Any = getattr(app, "ourvidz_runtime", None)
     ledger = _own_ledger(app)
-    if ledger is None or not _job_lock.acquire(blocking=False):
+    if ledger is None:
         return
+    with _jobs:
+        if _depth or not _claim_serving():
+            return
     try:
-        if _depth == 0:
-            if _quietly(ledger.has_requests, rt.family):
-                _quietly(serve_requests, rt)
-            release_idle(rt)
-            _quietly(predict, rt)
+        if _quietly(ledger.has_requests, rt.family):
+            _quietly(serve_requests, rt)
+        release_idle(rt)
+        _quietly(predict, rt)
     finally:
-        _job_lock.release()
+        _end_serving()
 
 
 def predict(rt: Any) -> list[str]:
-    """Predictive load: work waits in this pool's queue and its model is cold, so ask the
-    ledger to make room now (idle holders nobody needs unload) instead of when the job starts."""
-    if rt.ledger is None or not rt.ledger.queue_depth(rt.family):
+    """Predictive load, run at the end of every job and on the idle tick: a model this pool
+    keeps warm is cold while work of its family waits (its queue, or a waiter of its family in
+    the ledger), so ask the ledger for room now and load it between jobs once it fits (a
+    ``load`` request with reason ``predict``, carried out by :func:`serve_requests`).
+
+    Costs no Redis round trip while the pool's models are warm. Returns the models asked for.
+    """
+    if rt.ledger is None:
         return []
-    wanted = []
-    for name in warm_models(rt.family, rt.settings):
-        slot = rt.models[name]
-        if slot.model is None:
-            rt.ledger.want(rt.family, name, rt.ledger.estimate(name, slot.default_mb))
-            wanted.append(name)
-    return wanted
+    cold = [name for name in warm_models(rt.family, rt.settings) if rt.models[name].model is None]
+    if not cold or not (rt.ledger.queue_depth(rt.family) or _family_waits(rt.ledger, rt.family)):
+        return []
+    for name in cold:
+        mb = rt.ledger.estimate(name, rt.models[name].default_mb)
+        rt.ledger.want(rt.family, name, mb, ttl=REQUEST_TTL)
+        rt.ledger.request("load", rt.family, name, mb, reason="predict", ttl=REQUEST_TTL)
+        log.info("predictive load of %s on %s: its work waits while it is cold", name, rt.family)
+    return cold
+
+
+def _family_waits(ledger: Ledger, family: str) -> bool:
+    """A ticket of ``family`` waits in the ledger for memory."""
+    return any(t["pool"] == family for t in ledger.status().get("waiters", []))
 
 
 def release_idle(rt: Any) -> int:
@@ -261,7 +308,8 @@ class ServeRequests(bootsteps.StartStopStep):
     """Consumer step: :func:`serve_idle` every :data:`SERVE_INTERVAL` s on the worker's timer.
 
     With an event loop (Redis, AMQP) the timer fires in the thread that runs
-    solo jobs, so only between them; a threaded timer is held off by the job lock.
+    solo jobs, so only between them; a threaded timer (and the chat pool's task threads) is
+    held off by ``_jobs``: it serves only while no job runs.
     """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)

@@ -14,6 +14,7 @@ HTTP transport for an outbox changes nothing for the callers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -39,6 +40,12 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 BUCKET = "workspace-temp"
+#: the most recently ended job ids, oldest first (read by the callback backlog metric)
+ENDED = "ourvidz:jobs:ended"
+#: how many ids ENDED keeps: every key we write is bounded in size or time
+ENDED_LIMIT = 2000
+#: the outbox's hash of job id -> bodies waiting (``outbox_store.JOBS``)
+OUTBOX_JOBS = "ourvidz:outbox:jobs"
 CONTENT_TYPES = {".png": "image/png", ".mp4": "video/mp4", ".webp": "image/webp"}
 Status = Literal["processing", "completed", "failed"]
 T = TypeVar("T")
@@ -107,49 +114,84 @@ class CallbackTransport(Protocol):
 
     ``send`` returns True when the body was delivered before it returned
     (the caller then records a terminal body as delivered), False when it
-    was handed to a consumer that delivers and records it later.
+    was handed to the outbox, which delivers and records it later. ``queued``
+    says that earlier bodies of the job wait in the outbox (this one must
+    follow them).
     """
 
-    def send(self, job_id: str, body: bytes) -> bool: ...
+    def send(self, job_id: str, body: bytes, queued: bool = False) -> bool: ...
 
 
 class HttpCallbacks:
     """Inline HTTP: POST to ``/functions/v1/job-callback``, signed, with retries."""
 
-    def __init__(self, settings: Settings, client: httpx.Client) -> None:
+    def __init__(self, settings: Settings, client: httpx.Client, *, tries: int | None = None,
+                 timeout: float | None = None) -> None:
         base, key = settings.require_delivery()
         self.url = f"{base}/functions/v1/job-callback"
         self.key = key
         secret = settings.job_callback_secret
         self.secret = secret.get_secret_value().encode() if secret else None
         self.client = client
-        self.retry = HttpRetry(settings.http_tries, settings.http_backoff)
+        self.timeout = timeout if timeout is not None else settings.http_timeout
+        self.retry = HttpRetry(tries or settings.http_tries, settings.http_backoff)
 
-    def send(self, job_id: str, body: bytes) -> bool:
+    def send(self, job_id: str, body: bytes, queued: bool = False) -> bool:
         headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
         if self.secret:
             headers["X-Callback-Signature"] = sign(self.secret, body)
-        self.retry(f"callback for job {job_id}", lambda: self.client.post(self.url, content=body, headers=headers))
+        self.retry(f"callback for job {job_id}",
+                   lambda: self.client.post(self.url, content=body, headers=headers, timeout=self.timeout))
         return True
 
 
-class OutboxCallbacks:
-    """Hand callbacks to the outbox consumer (``bin/worker outbox``) through its queue.
+class Backlog(Protocol):
+    """The durable outbox as :class:`OutboxCallbacks` sees it (``outbox_store.Outbox``)."""
 
-    The GPU pool never waits on the edge: the consumer delivers in order,
-    waits out outages durably (the message stays in the broker until
-    delivered) and records terminal bodies as delivered.
+    def push(self, job_id: str, body: bytes) -> None: ...
+    def look(self) -> tuple[int, bool]: ...
+
+
+class OutboxCallbacks:
+    """Deliver at once (one signed POST, short timeout); hand only what fails to the outbox.
+
+    Once a body went to the outbox, every later body of this process goes
+    there too until the outbox is empty again (:meth:`caught_up`, called by
+    the drainer), so each job's callbacks keep their order; a terminal body
+    of a job whose earlier bodies wait there (``queued``) follows them. A
+    pool never waits on the edge for longer than one short try.
     """
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    def __init__(self, http: HttpCallbacks, outbox: Backlog, wake: Any = None) -> None:
+        self.http, self.outbox, self.wake = http, outbox, wake
+        self.behind = False
+        self._lock = threading.Lock()
 
-    def send(self, job_id: str, body: bytes) -> bool:
-        self.app.send_task(
-            "ourvidz.outbox.deliver", args=[job_id, body.decode()], queue="outbox", routing_key="outbox",
-            exchange="", argsrepr=f"({job_id!r},)", kwargsrepr="{}",
-        )
+    def send(self, job_id: str, body: bytes, queued: bool = False) -> bool:
+        with self._lock:
+            if self.behind or queued:
+                return self._hand_over(job_id, body)
+        try:
+            return self.http.send(job_id, body)
+        except DeliveryRefused:
+            raise
+        except DeliveryError as exc:
+            log.warning("job %s: callback handed to the outbox (%s)", job_id, exc)
+            with self._lock:
+                return self._hand_over(job_id, body)
+
+    def _hand_over(self, job_id: str, body: bytes) -> bool:
+        self.outbox.push(job_id, body)
+        self.behind = True
+        if self.wake is not None:
+            self.wake()
         return False
+
+    def caught_up(self) -> None:
+        """The drainer saw an empty outbox: deliver directly again once it is still empty."""
+        with self._lock:
+            if self.behind and self.outbox.look()[0] == 0:
+                self.behind = False
 
 
 class Storage:
@@ -278,10 +320,19 @@ class Delivery:
                 "thumbnail_url": thumb_url, "metadata": metadata}
 
     # -- callbacks --------------------------------------------------------------
-    def processing(self, job_id: str, attempt: int, metadata: dict[str, Any] | None = None) -> None:
-        """Queue a ``processing`` callback; best effort, never blocks the job."""
+    def processing(self, job_id: str, attempt: int, metadata: dict[str, Any] | None = None, *,
+                   wait: bool = False) -> None:
+        """Queue a ``processing`` callback; best effort.
+
+        ``wait``: give it up to ``callback_timeout`` before going on (the first one of a job: the
+        edge hears of the job before the pool spends its CPU elsewhere; an edge that does not
+        answer in time gets it later, in order, from the outbox).
+        """
         body = callback_body(job_id, self.worker_id, "processing", attempt=attempt, metadata=metadata)
-        self._sender.submit(self._send_quietly, job_id, dumps(body))
+        future = self._sender.submit(self._send_quietly, job_id, dumps(body))
+        if wait:
+            with contextlib.suppress(TimeoutError):
+                future.result(timeout=self.settings.callback_timeout + 1.0)
 
     def _send_quietly(self, job_id: str, body: bytes) -> None:
         try:
@@ -292,16 +343,20 @@ class Delivery:
     def _key(self, job_id: str, what: str) -> str:
         return f"ourvidz:job:{job_id}:{what}"
 
+    def final_key(self, job_id: str) -> str:
+        """Where the job's terminal body is recorded."""
+        return self._key(job_id, "final")
+
     def terminal_of(self, job_id: str) -> dict[str, Any] | None:
         """The recorded terminal body of ``job_id``, if the job already ended."""
-        raw = self.redis.get(self._key(job_id, "final"))
+        raw = self.redis.get(self.final_key(job_id))
         return json.loads(raw) if raw else None
 
     def delivered(self, job_id: str) -> bool:
         return bool(self.redis.exists(self._key(job_id, "delivered")))
 
     def mark_delivered(self, job_id: str) -> None:
-        self.redis.set(self._key(job_id, "delivered"), "1", ex=self.settings.idempotency_ttl)
+        self.redis.set(self._key(job_id, "delivered"), "1", ex=self.settings.terminal_ttl)
 
     def replay(self, job_id: str) -> bool:
         """Send the job's recorded terminal callback again (same ``callback_id``); False if none."""
@@ -316,23 +371,36 @@ class Delivery:
         """Record the terminal body (first one wins) and deliver it; return what was recorded.
 
         Waits for the job's earlier callbacks, so the edge sees them in order.
-        A delivery that fails for good is logged and kept for replay; it does
-        not fail the job, whose result is already in storage.
+        One round trip records it and reads what delivery needs; a body that
+        can't be delivered now is kept (outbox, or for replay): the job's
+        result is already in storage.
         """
         job_id = body["job_id"]
-        ttl = self.settings.idempotency_ttl
-        if not self.redis.set(self._key(job_id, "final"), dumps(body), nx=True, ex=ttl):
-            body = self.terminal_of(job_id) or body
-        self.redis.rpush("ourvidz:jobs:ended", job_id)
-        self.redis.expire("ourvidz:jobs:ended", ttl)
-        self.resend(job_id, body)
+        ttl = self.settings.terminal_ttl
+        final = self._key(job_id, "final")
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(final, dumps(body), nx=True, ex=ttl)
+            pipe.get(final)
+            pipe.rpush(ENDED, job_id)
+            pipe.ltrim(ENDED, -ENDED_LIMIT, -1)
+            pipe.expire(ENDED, ttl)
+            pipe.exists(self._key(job_id, "delivered"))
+            pipe.hexists(OUTBOX_JOBS, job_id)
+            first, recorded, _, _, _, delivered, queued = pipe.execute()
+        if not first and recorded:
+            body = json.loads(recorded)
+        if not delivered:
+            self._deliver(job_id, body, bool(queued))
         return body
 
     def resend(self, job_id: str, body: dict[str, Any]) -> bool:
         """Send a recorded terminal body unless it was delivered; True when delivered or handed over."""
         if self.delivered(job_id):
             return True
-        future: Future[bool] = self._sender.submit(self.transport.send, job_id, dumps(body))
+        return self._deliver(job_id, body, bool(self.redis.hexists(OUTBOX_JOBS, job_id)))
+
+    def _deliver(self, job_id: str, body: dict[str, Any], queued: bool) -> bool:
+        future: Future[bool] = self._sender.submit(self.transport.send, job_id, dumps(body), queued)
         try:
             delivered_now = future.result()
         except DeliveryError as exc:

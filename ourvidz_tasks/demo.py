@@ -26,7 +26,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(os.environ.get("OURVIDZ_DEMO_DIR", ROOT / "demo-output"))
-ROLES = ("outbox", "sdxl", "chat", "wan")  # the outbox consumer delivers the pools' callbacks
+ROLES = ("sdxl", "chat", "wan")  # the pools alone: they deliver their own callbacks
 
 
 def free_port() -> int:

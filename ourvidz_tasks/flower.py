@@ -23,6 +23,8 @@ import signal
 import sys
 from typing import Any
 
+from tornado.options import Error as TornadoOptionError
+
 from .errors import ConfigError
 from .redact import HIDDEN
 from .settings import load_settings
@@ -89,12 +91,14 @@ def parser() -> argparse.ArgumentParser:
             "FLOWER_BASIC_AUTH=user:password must be set in the environment (never on the command line).\n"
             "Without it, --local-only serves 127.0.0.1 only, with no password (the API still answers 401).\n"
             "Other arguments go to Flower, e.g. --persistent=True --db=/data/flower.\n"
+            "Every Flower option is also read from FLOWER_<OPTION> (FLOWER_PORT=5556); a flag beats its variable.\n"
             "The broker comes from OURVIDZ_BROKER_URL, as for the workers."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--port", type=int, default=5555, help="port to listen on (default 5555)")
-    p.add_argument("--address", default=None, help="address to bind (default 0.0.0.0; 127.0.0.1 with --local-only)")
+    p.add_argument("--port", type=int, default=None, help="port to listen on (FLOWER_PORT; default 5555)")
+    p.add_argument("--address", default=None,
+                   help="address to bind (FLOWER_ADDRESS; default 0.0.0.0, 127.0.0.1 with --local-only)")
     p.add_argument("--local-only", action="store_true",
                    help="bind 127.0.0.1 only; allowed without FLOWER_BASIC_AUTH")
     return p
@@ -107,35 +111,54 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError("pass FLOWER_BASIC_AUTH in the environment, not on the command line (ps shows argv)")
         settings = load_settings()
         secret = settings.flower_basic_auth.get_secret_value() if settings.flower_basic_auth else ""
-        address = args.address or ("127.0.0.1" if args.local_only else "0.0.0.0")
         if secret:
             check_auth(secret)
         elif not args.local_only:
             raise ConfigError("FLOWER_BASIC_AUTH is not set (user:password); "
                               "--local-only serves 127.0.0.1 without a password")
-        if args.local_only and not _is_loopback(address):
-            raise ConfigError(f"--local-only binds a loopback address, not {address!r}")
+        if not secret:
+            os.environ.pop("FLOWER_BASIC_AUTH", None)  # an empty value would read as one empty credential
+        flags = [f"--{name}={value}" for name, value in (("port", args.port), ("address", args.address))
+                 if value is not None]
+        options = resolve_options([*flags, *rest], args.local_only)
     except ConfigError as exc:
         print(f"bin/flower: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    if not secret:
-        os.environ.pop("FLOWER_BASIC_AUTH", None)  # an empty value would read as one empty credential
-    run(args.port, address, rest)
+    run(options)
 
 
-def run(port: int, address: str, flower_args: list[str]) -> None:
-    """Start Flower as ``celery flower`` does, with our defaults (env and arguments still win)."""
+def resolve_options(flower_args: list[str], local_only: bool) -> Any:
+    """Flower's options as ``celery flower`` resolves them (env, then config file, then flags), with our defaults.
+
+    Our defaults go in first, so ``FLOWER_<OPTION>`` and flags still win; an address nobody
+    set is 0.0.0.0, or 127.0.0.1 with ``local_only``, which refuses any other address.
+    """
     from flower import command
-    from flower.app import Flower
-    from flower.urls import settings as web_settings
     from tornado.options import options
-
-    from .app import app
 
     options.tasks_columns = COLUMNS
     options.format_task = format_task
-    command.apply_env_options()  # FLOWER_BASIC_AUTH and any other FLOWER_* option
-    command.apply_options("flower", [f"--port={port}", f"--address={address}", *flower_args])
+    try:
+        command.apply_env_options()  # FLOWER_BASIC_AUTH, FLOWER_PORT, FLOWER_ADDRESS, ... (a bad value raises)
+        command.apply_options("flower", flower_args)
+    except (ValueError, KeyError, TypeError, TornadoOptionError) as exc:
+        raise ConfigError(f"bad Flower option: {exc}") from None
+    if not options.address and not options.unix_socket:
+        options.address = "127.0.0.1" if local_only else "0.0.0.0"
+    if local_only and (options.unix_socket or not _is_loopback(options.address)):
+        where = options.unix_socket or options.address
+        raise ConfigError(f"--local-only binds a loopback address, not {where!r}")
+    return options
+
+
+def run(options: Any) -> None:
+    """Start Flower as ``celery flower`` does, on options from :func:`resolve_options`."""
+    from flower import command
+    from flower.app import Flower
+    from flower.urls import settings as web_settings
+
+    from .app import app
+
     command.extract_settings()
     command.setup_logging()
     dashboard = Flower(capp=app, options=options, **web_settings)

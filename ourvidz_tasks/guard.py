@@ -28,6 +28,9 @@ from kombu.exceptions import ContentDisallowed
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
+from .redis_client import connect
+from .settings import load_settings
+
 log = logging.getLogger(__name__)
 
 DEAD_LETTERS = "ourvidz:dead"
@@ -189,6 +192,16 @@ class RedisTransport(kombu_redis.Transport):
     Channel = Channel
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """:class:`Channel` on the primary its sentinels name (``sentinel://`` broker URLs)."""
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Redis Sentinel transport using :class:`SentinelChannel`."""
+
+    Channel = SentinelChannel
+
+
 class Consumer(CeleryConsumer):
     """Celery's consumer; undecodable, unknown and invalid tasks become dead letters."""
 
@@ -197,7 +210,7 @@ class Consumer(CeleryConsumer):
         raw = body if isinstance(body, (bytes, str)) else getattr(message, "body", None)
         queue = (getattr(message, "delivery_info", None) or {}).get("routing_key")
         try:
-            (hooks.dead or DeadLetters(redis.Redis.from_url(self.app.conf.ourvidz_redis_url))).push(
+            (hooks.dead or DeadLetters(connect(self.app.conf.ourvidz_redis_url, load_settings()))).push(
                 reason, raw=raw if isinstance(raw, (bytes, str)) else None, queue=queue, task_id=headers.get("id")
             )
         except Exception as exc:  # never let bookkeeping kill the consumer

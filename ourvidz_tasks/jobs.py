@@ -19,10 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import InvalidJob
 from .settings import Settings
+from .steps import MAX_SCHEDULE as MAX_SCHEDULE  # re-exported: the step arithmetic lives in steps.py
+from .steps import exact_copy_plan as exact_copy_plan
+from .steps import img2img_steps as img2img_steps
+from .steps import steps_run_of as steps_run_of
+from .steps import strength_for as strength_for
 
 SEED_MODULUS = 2**31
-#: the longest img2img schedule (the SDXL scheduler's training steps)
-MAX_SCHEDULE = 1000
+#: exact-copy mode's denoise cap (section 6)
+EXACT_COPY_DENOISE = 0.05
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _RESOLUTION = re.compile(r"^\s*(\d{2,5})\s*[x*X]\s*(\d{2,5})\s*$")
 
@@ -40,6 +45,11 @@ TIME_LIMITS = {
 }
 FAMILY_OF_TYPE = {**{t: "sdxl" for t in SDXL_TYPES}, **{t: "wan" for t in WAN_TYPES}}
 REFERENCE_MODES = ("none", "single", "start", "end", "both")
+#: ``both`` fixes a first and a last frame: the shortest clip with frames between them
+MIN_BOTH_FRAMES = 5
+#: the old system's ``sample_shift`` (it ran 5.0 at 480x832); ``OURVIDZ_WAN_SHIFT`` overrides per size
+DEFAULT_WAN_SHIFT = 5.0
+MIN_SHIFT, MAX_SHIFT = 0.1, 50.0
 CHAT_MODELS = ("qwen_instruct", "qwen_base")
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -77,6 +87,7 @@ class JobConfig(_Loose):
     frames: int | None = None
     frame_num: int | None = None
     fps: int | None = None
+    sample_shift: Number | None = None
     reference_mode: str | None = None
     image: str | None = None
     first_frame: str | None = None
@@ -192,9 +203,13 @@ def _check_id(value: str, field: str) -> None:
         raise InvalidJob(f"`{field}` must be 1-128 characters of [A-Za-z0-9_-]", field=field)
 
 
+_UNION_TAGS = ("float", "int", "str", "bool", "none")
+
+
 def _invalid(exc: ValidationError) -> InvalidJob:
     first = exc.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "job"
+    # a union (``float | int``) adds the member's type to the location: not a field
+    field = ".".join(str(part) for part in first["loc"] if part not in _UNION_TAGS) or "job"
     got = first.get("input")
     shown = repr(got) if isinstance(got, (int, float, bool)) or (isinstance(got, str) and len(got) < 40) else type(got).__name__
     return InvalidJob(f"`{field}`: {first['msg']}; got {shown}", field=field)
@@ -313,28 +328,6 @@ class SdxlParams:
         return len(self.seeds)
 
 
-def img2img_steps(steps: int, strength: float) -> tuple[float, int, bool]:
-    """``(strength, steps_run, raised)``: at least one step always runs.
-
-    diffusers runs ``int(steps * strength)`` steps; below 1 it refuses, so the
-    strength is raised to exactly one step's worth and that is reported.
-    """
-    run = int(steps * strength)
-    if run >= 1:
-        return strength, run, False
-    return 1.0 / steps, 1, True
-
-
-def exact_copy_schedule(run: int, strength: float) -> int:
-    """The schedule length ``n`` with ``int(n * strength) == run`` (6 / 0.05 → 120)."""
-    n = max(run, round(run / strength))
-    while int(n * strength) > run:
-        n -= 1
-    while int(n * strength) < run:
-        n += 1
-    return n
-
-
 def sdxl_params(job: Job, settings: Settings) -> SdxlParams:
     """Section 6 for SDXL: sizes, steps, seeds, img2img modes."""
     c, m = job.config, job.metadata
@@ -371,8 +364,9 @@ def sdxl_params(job: Job, settings: Settings) -> SdxlParams:
     if c.pipeline is not None and c.pipeline not in ("txt2img", "img2img"):
         raise InvalidJob(f"`config.pipeline` must be txt2img or img2img for SDXL; got {c.pipeline[:40]!r}", field="config.pipeline")
 
-    wants_i2i = c.pipeline == "img2img" or (reference is not None and c.pipeline != "txt2img")
-    exact = bool(m.exact_copy_mode) and not job.prompt.strip() and wants_i2i
+    # exact copy is img2img by definition: without a usable reference it fails (sdxl._reference)
+    exact = bool(m.exact_copy_mode) and not job.prompt.strip()
+    wants_i2i = exact or c.pipeline == "img2img" or (reference is not None and c.pipeline != "txt2img")
     steps_run, raised = steps, False
     if not wants_i2i:
         return SdxlParams(
@@ -381,13 +375,11 @@ def sdxl_params(job: Job, settings: Settings) -> SdxlParams:
             job.compel_enabled, job.compel_weights,
         )
     if exact:
-        denoise = min(float(denoise) if denoise is not None else 0.05, 0.05)
+        denoise = min(float(denoise) if denoise is not None else EXACT_COPY_DENOISE, EXACT_COPY_DENOISE)
         if denoise <= 0:
-            denoise = 0.05
+            denoise = EXACT_COPY_DENOISE
         steps_run = min(max(steps, 6), 10)
-        # a schedule longer than the scheduler's 1000 training steps is refused by diffusers
-        denoise = max(denoise, steps_run / MAX_SCHEDULE)
-        steps = exact_copy_schedule(steps_run, denoise)
+        steps, denoise = exact_copy_plan(steps_run, denoise)
         guidance, negative = 1.0, None
     else:
         denoise = float(denoise) if denoise is not None else settings.sdxl_denoise
@@ -424,6 +416,7 @@ class WanParams:
     reference_mode: Literal["none", "single", "start", "end", "both"]
     references: dict[str, tuple[str, str]]  #: role ("single"/"first"/"last") → (field, url)
     enhanced_type: bool
+    shift: float  #: the flow-matching schedule's shift (``config.sample_shift``, else per resolution)
 
 
 def frame_count(requested: int) -> int:
@@ -453,7 +446,8 @@ def wan_params(job: Job, settings: Settings) -> WanParams:
     _range("config.fps", fps, 8, 24)
     (seed,), random_seed = _seeds(job, 1)
 
-    single = _first(("config.image", c.image), ("metadata.reference_image_url", m.reference_image_url))
+    single = _first(("config.image", c.image), ("metadata.reference_image_url", m.reference_image_url),
+                    ("reference_image_url", job.reference_image_url))
     first = _first(("config.first_frame", c.first_frame), ("metadata.start_reference_url", m.start_reference_url))
     last = _first(("config.last_frame", c.last_frame), ("metadata.end_reference_url", m.end_reference_url))
     mode = c.reference_mode
@@ -464,9 +458,17 @@ def wan_params(job: Job, settings: Settings) -> WanParams:
             f"`config.reference_mode` must be one of {', '.join(REFERENCE_MODES)}; got {mode[:40]!r}",
             field="config.reference_mode",
         )
+    frames = frame_count(requested)
     if mode == "both" and output == "image":
         raise InvalidJob(
-            f"`config.reference_mode` 'both' needs a video type; {kind!r} makes one frame", field="config.reference_mode"
+            f"`config.reference_mode` 'both' needs a video type of at least {MIN_BOTH_FRAMES} frames "
+            f"(`config.frames`); {kind!r} makes one frame", field="config.reference_mode"
+        )
+    if mode == "both" and frames < MIN_BOTH_FRAMES:
+        field = frames_field or "config.frames"
+        raise InvalidJob(
+            f"`{field}` must give at least {MIN_BOTH_FRAMES} frames after rounding down to 4k+1 for "
+            f"reference_mode 'both' (a first and a last frame); got {requested} → {frames}", field=field
         )
     needed = {"none": (), "single": ("single",), "start": ("first",), "end": ("last",), "both": ("first", "last")}[mode]
     names = {"single": ("config.image", single), "first": ("config.first_frame", first), "last": ("config.last_frame", last)}
@@ -478,10 +480,28 @@ def wan_params(job: Job, settings: Settings) -> WanParams:
         references[role] = (field, url)
     return WanParams(
         job.the_id, job.user_id or "", kind, job.prompt, _negative(job), output, width, height,
-        frame_count(requested), requested, fps, steps, guidance, seed, random_seed,
+        frames, requested, fps, steps, guidance, seed, random_seed,
         mode,  # type: ignore[arg-type]
-        references, kind.endswith("_enhanced"),
+        references, kind.endswith("_enhanced"), _shift(job, settings, width, height),
     )
+
+
+def wan_shift(settings: Settings, width: int, height: int) -> float:
+    """The default flow shift of a WAN size: ``OURVIDZ_WAN_SHIFT``'s ``WxH`` entry (either
+    orientation), else its ``*`` entry."""
+    table = settings.wan_shift
+    for key in (f"{width}x{height}", f"{height}x{width}", "*"):
+        if key in table:
+            return float(table[key])
+    return DEFAULT_WAN_SHIFT
+
+
+def _shift(job: Job, settings: Settings, width: int, height: int) -> float:
+    value = job.config.sample_shift
+    if value is None:
+        return wan_shift(settings, width, height)
+    _range("config.sample_shift", value, MIN_SHIFT, MAX_SHIFT)
+    return float(value)
 
 
 # -- chat --------------------------------------------------------------------

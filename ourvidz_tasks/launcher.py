@@ -1,4 +1,4 @@
-"""``bin/worker sdxl|chat|wan|outbox``: one solo-pool worker on its role's queue.
+"""``bin/worker sdxl|chat|wan|outbox``: one worker on its role's queue (solo; chat: threads).
 
 ``outbox`` is the light callback consumer (no model); the others are GPU pools.
 
@@ -28,7 +28,8 @@ MODEL_VARS = {
 def check(family: str, settings: Settings) -> None:
     """Raise ConfigError (one line) when this pool cannot work with ``settings``."""
     settings.require_delivery()
-    if family in MODEL_VARS and settings.model_source == "local":
+    remote = family == "chat" and settings.chat_server_url
+    if family in MODEL_VARS and settings.model_source == "local" and not remote:
         for name in MODEL_VARS[family]:
             path: Path | None = getattr(settings, name)
             env = f"OURVIDZ_{name.upper()}"
@@ -45,9 +46,12 @@ def check(family: str, settings: Settings) -> None:
 
 
 def worker_argv(family: str, settings: Settings, extra: list[str]) -> list[str]:
+    # chat: task threads feeding the one in-process engine (no fork, one model), twice the batch
+    # so that requests wait inside the pool, where enhancements pass chats
+    pool = ["--pool", "threads", "--concurrency", str(2 * settings.chat_concurrency)] if family == "chat" \
+        else ["--pool", "solo", "--concurrency", "1"]
     return [
-        "worker", "--queues", family, "--hostname", node_name(family, settings),
-        "--pool", "solo", "--concurrency", "1", "--task-events",
+        "worker", "--queues", family, "--hostname", node_name(family, settings), *pool, "--task-events",
         "--without-gossip", "--without-mingle", "--loglevel", "INFO", *extra,
     ]
 

@@ -20,15 +20,20 @@ from typing import Any
 
 import redis
 from celery import Task
+from celery.exceptions import Reject
 
 from . import events
+from .control import job_started
 from .delivery import callback_body
 from .errors import Cancelled, DeliveryError, JobError, JobTimeout, ModelLoadError, OutOfMemory, WorkerUnavailable
+from .faults import EXIT_DEVICE_FAULT as EXIT_DEVICE_FAULT
+from .faults import detach, device_fault, exit_on_device_fault, is_oom
 from .jobs import TIME_LIMITS, Job, parse_job, usable_id
 from .media import Output
-from .memory import measure_peak
-from .recovery import count_delivery
-from .worker import Runtime, runtime
+from .memprobe import Measurement
+from .models import release_memory
+from .recovery import count_delivery, queue_count_delivery
+from .worker import Runtime, flush_task_events, runtime
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +100,9 @@ def backoff(retries: int, base: float = 2.0, cap: float = 600.0) -> float:
     return random.uniform(0.5, 1.0) * min(cap, base * 2**retries)
 
 
-#: exit status of a worker that stopped after a device fault (its supervisor restarts it)
-EXIT_DEVICE_FAULT = 75
-
-
 def is_device_fault(exc: BaseException) -> bool:
-    """A CUDA error other than out-of-memory: the process's device state can't be trusted."""
-    name = type(exc).__name__
-    return name == "AcceleratorError" or (isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
-                                          and "out of memory" not in str(exc))
+    """A CUDA error other than out-of-memory anywhere in ``exc``'s chain (see :mod:`.faults`)."""
+    return device_fault(exc) is not None
 
 
 def retries_for(error: JobError, default: int) -> int:
@@ -111,18 +110,23 @@ def retries_for(error: JobError, default: int) -> int:
     return 1 if isinstance(error, ModelLoadError) else default
 
 
-def as_job_error(exc: BaseException) -> JobError | None:
-    """Map library exceptions to wire errors (None: not one we know)."""
+def as_job_error(exc: BaseException, what: str = "a task") -> JobError | None:
+    """Map library exceptions to wire errors (None: not one we know).
+
+    Every pool maps its errors here, so a device fault can't be swallowed: the
+    process exits with status 75 (:func:`~ourvidz_tasks.faults.exit_on_device_fault`;
+    ``what`` names the job in that log line). Out-of-memory anywhere in the chain
+    (a model load wraps it) is ``OOM_ERROR``.
+    """
+    exit_on_device_fault(exc, what)
+    if isinstance(exc, JobError) and not isinstance(exc, ModelLoadError):
+        return exc
+    if is_oom(exc):
+        return exc if isinstance(exc, OutOfMemory) else OutOfMemory("the device ran out of memory")
     if isinstance(exc, JobError):
         return exc
     if isinstance(exc, DeliveryError):
         return WorkerUnavailable(str(exc))
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return None
-    if isinstance(exc, torch.OutOfMemoryError):
-        return OutOfMemory("the device ran out of memory")
     return None
 
 
@@ -142,9 +146,39 @@ class BaseTask(Task):  # type: ignore[misc]
         options.setdefault("kwargsrepr", "{}")
         return super().apply_async(args, kwargs, **options)
 
+    #: a job task records its start itself, right after its ``processing`` callback is on its way
+    marks_own_start = False
+
+    def mark_started(self) -> None:
+        """Flower's task events now (a solo pool would flush them only after the task), the
+        ``STARTED`` state in the result backend (``ourvidz submit`` shows it) and, for a job
+        task, the pool's busy mark in the memory ledger."""
+        flush_task_events(self.app)
+        if self.marks_own_start:
+            job_started(self.app)
+        if self.request.id and not self.request.is_eager:
+            self.update_state(state="STARTED", meta={"pid": os.getpid(), "hostname": self.request.hostname})
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """A pool's job that reaches a process with no warmed-up runtime goes back to its queue.
+
+        Pools consume only once warm (:func:`~ourvidz_tasks.worker.warm_up`), so this is the
+        last guard: never a job taken and dropped without a callback.
+        """
+        if self.name.split(".")[1:2] != ["outbox"] and getattr(self.app, "ourvidz_runtime", None) is None:
+            log.error("task %s reached %s before it was warm; back to its queue", task_id, self.request.hostname)
+            time.sleep(NOT_READY_PAUSE)  # no hot loop while this process stays unready
+            raise Reject("this process is not a warmed-up ourvidz pool", requeue=True)
+
+
+#: seconds an unready process holds a job before handing it back
+NOT_READY_PAUSE = 1.0
+
 
 class JobTask(BaseTask):
     """Base of the generation tasks: the job lifecycle in :meth:`execute`."""
+
+    marks_own_start = True
 
     def execute(self, payload: Any, family: str, work: Work) -> dict[str, Any]:
         rt = runtime(self.app)
@@ -153,22 +187,25 @@ class JobTask(BaseTask):
             raw = json.dumps(payload)[:65536] if payload is not None else None
             rt.dead.push("no usable job id", raw=raw, queue=family, task_id=self.request.id)
             return {"status": "dead_letter", "reason": "no usable job id"}
-        recorded = rt.delivery.terminal_of(job_id)
+        recorded, deliveries, cancelled = _admit(rt, job_id, self.request.retries)
         if recorded is not None:
             log.info("job %s already ended (%s); not run again", job_id, recorded["status"])
             rt.delivery.resend(job_id, recorded)
             return recorded
 
         attempt = self.request.retries + 1
-        # every broker redelivers a message whose worker died (RabbitMQ at once, Redis via leases)
-        deliveries = count_delivery(rt.redis, job_id, self.request.retries, rt.settings.idempotency_ttl)
         if deliveries > rt.settings.max_deliveries:
             return self._poison(rt, job_id, attempt, deliveries)
         started = time.perf_counter()
-        rt.delivery.processing(job_id, attempt)
+        rt.delivery.processing(job_id, attempt, wait=True)
+        self.mark_started()  # Flower's events and the STARTED state, while the callback travels
         metadata: dict[str, Any] = {}
+        body: dict[str, Any] | None = None
+        retry: BaseException | None = None
+        oom = False
+        error_dict: dict[str, Any] = {}
         try:
-            if rt.redis.exists(cancel_key(job_id)):
+            if cancelled:
                 raise Cancelled("the job was cancelled before it started")
             job = parse_job(payload, rt.settings, family)
             metadata.update(_enhancement(job))
@@ -181,9 +218,10 @@ class JobTask(BaseTask):
                 model_time = 0.0
             else:
                 limit = rt.settings.time_limits.get(job.the_type, TIME_LIMITS.get(job.the_type, rt.settings.max_job_seconds))
-                with measure_peak(rt.device) as peak:
+                # working memory of the model call only: a load or an OOM attempt inside restarts it
+                with rt.measure() as peak:
                     generated = work(rt, job, Progress(self, rt, job_id, attempt, limit))
-                _remember_peak(rt, generated.shape or job.the_type, peak.mb)
+                _remember_peak(rt, generated.shape or job.the_type, peak)
                 model_time = time.perf_counter() - started
                 metadata.update(generated.metadata)
                 assets = rt.delivery.publish(job.user_id or "", job_id, generated.outputs, generated.metadata)
@@ -193,23 +231,25 @@ class JobTask(BaseTask):
             body = callback_body(job_id, rt.worker_id, "completed", attempt=attempt, assets=assets, metadata=metadata)
             log.info("job %s completed in %.2fs (model %.2fs)", job_id, total, model_time)
         except Exception as exc:
-            error = as_job_error(exc)
-            if is_device_fault(exc):
-                # the CUDA context may be corrupt: leave the job unacknowledged (it is requeued
-                # when this worker's heartbeat stops) and exit so the supervisor starts a clean one
-                log.critical("job %s: device fault (%s); the worker exits, the job is requeued", job_id,
-                             type(exc).__name__)
-                logging.shutdown()
-                os._exit(EXIT_DEVICE_FAULT)  # no warm shutdown: it could ack the job
+            # a device fault exits here (status 75, the message unacknowledged: it is requeued)
+            error = as_job_error(exc, f"job {job_id}")
+            oom = isinstance(error, OutOfMemory)
             if error is None:
                 log.exception("job %s: unexpected %s", job_id, type(exc).__name__)
                 error = WorkerUnavailable(f"internal error ({type(exc).__name__})")
                 error_dict = {**error.as_dict(), "retryable": False}
+            elif error.retryable and self.request.retries < retries_for(error, self.max_retries):
+                log.warning("job %s: %s, retry %d", job_id, error.code, attempt)
+                retry = error
             else:
-                if error.retryable and self.request.retries < retries_for(error, self.max_retries):
-                    log.warning("job %s: %s, retry %d", job_id, error.code, attempt)
-                    raise self.retry(exc=error, countdown=backoff(self.request.retries)) from None
                 error_dict = error.as_dict()
+            if oom:
+                detach(error)  # its traceback would keep the failed run's tensors alive
+        if oom:
+            release_memory(rt.device)  # outside the except: the failed run's frames are gone
+        if retry is not None:
+            raise self.retry(exc=retry, countdown=backoff(self.request.retries))
+        if body is None:
             metadata["processing_time"] = round(time.perf_counter() - started, 3)
             body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata=metadata, error=error_dict)
             log.info("job %s failed: %s", job_id, error_dict["code"])
@@ -220,6 +260,18 @@ class JobTask(BaseTask):
         error = _poison_error(deliveries)
         body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata={}, error=error)
         return end_job(rt, {}, body)
+
+
+def _admit(rt: Runtime, job_id: str, retries: int) -> tuple[dict[str, Any] | None, int, bool]:
+    """One round trip before the ``processing`` callback: the terminal record (the job already
+    ended?), one more delivery counted (every broker redelivers a message whose worker died:
+    RabbitMQ at once, Redis via leases) and the cancel flag."""
+    with rt.redis.pipeline(transaction=False) as pipe:
+        pipe.get(rt.delivery.final_key(job_id))
+        queue_count_delivery(pipe, job_id, retries, rt.settings.idempotency_ttl)
+        pipe.exists(cancel_key(job_id))
+        recorded, deliveries, _, cancelled = pipe.execute()
+    return (json.loads(recorded) if recorded else None), int(deliveries), bool(cancelled)
 
 
 def end_job(rt: Runtime, payload: Any, body: dict[str, Any]) -> dict[str, Any]:
@@ -236,15 +288,51 @@ def end_job(rt: Runtime, payload: Any, body: dict[str, Any]) -> dict[str, Any]:
     return recorded
 
 
-def _remember_peak(rt: Runtime, shape: str, mb: int) -> None:
-    """On CUDA, grow the reservations of the models this job used to weights + the largest peak seen."""
-    if rt.ledger is None or rt.device.type != "cuda":
+def _remember_peak(rt: Runtime, shape: str, peak: Measurement | None) -> None:
+    """Record a job's measured working memory (a call that returned) and re-size what the models hold.
+
+    Every device kind (the probe is chosen at start). The first call after a
+    load also records what it left allocated (the model's caches) as resident;
+    what the process's very first call leaves (libraries' one-time workspaces,
+    kept whether a model is loaded or not) is the process's own, like its CUDA
+    context: the per-pool allowance of the budget covers it, not the model.
+    The reservation becomes weights + resident + the largest recent working
+    memory of the model's shapes + slack: it shrinks when recent calls needed
+    less, and grows only when that fits now.
+    """
+    if rt.ledger is None or peak is None:
         return
+    first_call = rt.measured_calls == 0
+    rt.measured_calls += 1
+    if first_call and peak.resident_mb:
+        log.info("%s: the process's first model call kept %d MB (one-time, the process's own)",
+                 rt.family, peak.resident_mb)
     for name in rt.used:
-        rt.ledger.record_peak(name, shape, mb)
+        if name in rt.fresh:
+            rt.ledger.record_resident(name, 0 if first_call else peak.resident_mb)
+            rt.fresh.discard(name)
+        rt.ledger.record_work(name, shape, peak.mb)
         slot = rt.models[name]
         if slot.reservation is not None:
-            slot.reservation.resize(rt.ledger.estimate(name, slot.default_mb))
+            slot.reservation.resize(slot.estimate())
+    rt.cap_memory()
+
+
+def poison_guard(task: Task, rt: Runtime, kind: str) -> str | None:
+    """The poison guard of a task without a job lifecycle (chat, enhance): why it is given up, or None.
+
+    Counts one more delivery of this task attempt under its Celery id (a
+    redelivered message keeps it); past ``max_deliveries`` (the request
+    stopped its worker each time, e.g. a device fault) it is given up.
+    """
+    task_id = task.request.id
+    if not task_id:
+        return None
+    deliveries = count_delivery(rt.redis, f"{kind}:{task_id}", task.request.retries, rt.settings.idempotency_ttl)
+    if deliveries <= rt.settings.max_deliveries:
+        return None
+    log.error("%s %s: delivered %d times, given up as poison", kind, task_id, deliveries)
+    return str(_poison_error(deliveries)["message"])
 
 
 def _poison_error(deliveries: int) -> dict[str, Any]:

@@ -38,9 +38,14 @@ next. A live holder that was reclaimed anyway (stalled past its lease) is
 reinstated at its next refresh, even over the budget: the memory is really
 held, and the accounts say so.
 
-Sizes: a reservation is the model's weights plus the peak working memory of
-the largest job shape seen (:meth:`~Ledger.record_peak`, measured with
-:func:`measure_peak`); before the first measurement, a configured estimate.
+Sizes (:meth:`~Ledger.estimate`): a reservation is the model's weights,
+counted exactly at load (parameter and buffer bytes, :meth:`~Ledger.record_weights`),
+plus the working memory of the job shape, plus allocator slack (``slack``,
+a fraction). Working memory is measured around the model call only
+(:mod:`ourvidz_tasks.memprobe`) and kept as the largest of the shape's last
+``window`` measurements (:meth:`~Ledger.record_work`): a recent value that
+goes down again, never an all-time maximum. Before the first measurement,
+the first estimate computed from the model's config (:mod:`ourvidz_tasks.memplan`).
 """
 
 from __future__ import annotations
@@ -48,23 +53,25 @@ from __future__ import annotations
 import json
 import logging
 import math
-import resource
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
 
-from ._ledger_lua import MAX_SCRIPT as _MAX_SCRIPT
+from . import memplan
 from ._ledger_lua import OPS as _OPS
 from ._ledger_lua import PRELUDE as _PRELUDE
+from ._ledger_lua import RECENT_SCRIPT as _RECENT_SCRIPT
 from ._ledger_lua import STATE as _STATE
+from .devices import canonical_device
 from .errors import WorkerUnavailable
+from .memprobe import Measurement, default_budget, probe_for
 
 if TYPE_CHECKING:
     import torch
@@ -75,12 +82,27 @@ log = logging.getLogger(__name__)
 
 MB = 2**20
 POOLS = ("sdxl", "chat", "wan")
-#: configured estimates (MB) before the first measurement: the seeds' figures
-DEFAULT_ESTIMATES_MB: dict[str, int] = {"sdxl": 10240, "qwen_instruct": 15360, "qwen_base": 15360, "wan": 30720}
+#: first estimates (MB) before anything is measured: weights from the published configs plus the
+#: working memory of each model's default job shape plus slack (:mod:`ourvidz_tasks.memplan`)
+DEFAULT_ESTIMATES_MB: dict[str, int] = {m: memplan.estimate_mb(m) for m in ("sdxl", "qwen_instruct", "qwen_base", "wan")}
+#: the first estimate of a tiny test model (MB, of it working memory): measured at its first load and job
+TINY_FIRST_MB, TINY_FIRST_WORK_MB = 64, 48
 #: ``used / budget`` below each bound; above the last one: ``critical``
 PRESSURE = ((0.6, "low"), (0.8, "medium"), (0.95, "high"))
 STATE_TTL = 24 * 3600
 SIZES_TTL = 30 * 24 * 3600
+
+
+def first_estimate(model: str, *, tiny: bool = False, slack: float = memplan.SLACK) -> dict[str, int]:
+    """``default_mb`` and ``default_work_mb`` of a model before anything is measured.
+
+    A real model: weights from its published config plus its default job
+    shape's working memory plus slack (:func:`ourvidz_tasks.memplan.estimate`).
+    """
+    if tiny or model not in memplan.sizes()["families"]:
+        return {"default_mb": TINY_FIRST_MB, "default_work_mb": TINY_FIRST_WORK_MB}
+    e = memplan.estimate(model, slack=slack)
+    return {"default_mb": e.total_mb, "default_work_mb": e.work_mb}
 
 
 def mb_of(nbytes: int) -> int:
@@ -211,6 +233,7 @@ class Ledger:
         self, store: redis.Redis, host: str, device: str, budget_mb: int, *,
         lease_seconds: float = 15, pools: Sequence[str] = POOLS, preferred: str | None = "sdxl",
         patience: float = 30.0, poll: float = 0.05, queue_depth: Callable[[str], int] | None = None,
+        slack: float = 0.0, window: int = 5,
     ) -> None:
         if budget_mb <= 0:
             raise ValueError(f"`budget_mb` must be positive, got {budget_mb}")
@@ -219,23 +242,32 @@ class Ledger:
         self.redis, self.host, self.device, self.budget_mb = store, host, device, int(budget_mb)
         self.lease_seconds, self.pools, self.preferred = lease_seconds, tuple(pools), preferred or ""
         self.patience, self.poll = patience, poll
+        self.slack, self.window = slack, max(1, int(window))
         self.prefix = f"ourvidz:ledger:{host}:{device}"
         self.keys = [f"{self.prefix}:{name}" for name in _STATE]
         self.key = dict(zip(_STATE, self.keys, strict=True))
         self.sizes_key = f"{self.prefix}:sizes"
         self._queue_depth = queue_depth or self._broker_depth
         self._scripts = {name: store.register_script(_PRELUDE + body) for name, body in _OPS.items()}
-        self._max = store.register_script(_MAX_SCRIPT)
+        self._recent = store.register_script(_RECENT_SCRIPT)
 
     @classmethod
     def for_settings(cls, store: redis.Redis, settings: Settings, device: torch.device | str,
                      **options: Any) -> Ledger:
-        """The ledger of ``device`` on this host, budget from settings (else :func:`default_budget_mb`)."""
+        """The ledger of ``device`` on this host, budget from settings (else :func:`default_budget_mb`).
+
+        Keyed by ``OURVIDZ_DEVICE`` in its one spelling (``cpu:1``, ``cuda:1``: the host's card, even
+        where the process sees it renumbered), else by ``device``.
+        """
         # the node's host part: pools that share a GPU share it (compose sets one OURVIDZ_HOSTNAME)
         host = settings.hostname or socket.gethostname()
-        budget = settings.vram_budget_mb or default_budget_mb(device)
+        budget = settings.vram_budget_mb or default_budget_mb(
+            device, pools=len(options.get("pools", POOLS)), context_mb=settings.cuda_context_mb,
+            margin_mb=settings.memory_margin_mb)
         options.setdefault("lease_seconds", settings.lease_seconds)
-        return cls(store, host, str(device), budget, **options)
+        options.setdefault("slack", settings.memory_slack)
+        options.setdefault("window", settings.memory_window)
+        return cls(store, host, canonical_device(settings.device or str(device)), budget, **options)
 
     @property
     def lease_ms(self) -> int:
@@ -333,25 +365,76 @@ class Ledger:
 
     # -- sizes -------------------------------------------------------------------
 
-    def record_peak(self, model: str, shape_key: str, mb: int) -> int:
-        """Working memory of one job shape (MB above the weights); returns the largest kept for it."""
-        return int(self._max(keys=[self.sizes_key], args=[f"peak:{model}:{shape_key}", int(mb), SIZES_TTL]))
+    def record_work(self, model: str, shape_key: str, mb: int) -> int:
+        """One measurement of a job shape's working memory (MB above the weights).
+
+        Returns the shape's recent value: the largest of its last ``window``
+        measurements (one bad sample ages out; the value can go down).
+        """
+        return int(self._recent(keys=[self.sizes_key],
+                                args=[f"work:{model}:{shape_key}", int(mb), self.window, SIZES_TTL]))
+
+    record_peak = record_work  # the first name of it
+
+    def record_resident(self, model: str, mb: int) -> None:
+        """What the first call after a load left allocated (the model's caches; MB): held with the weights.
+
+        Measured again at every load, replacing the last value.
+        """
+        with self.redis.pipeline() as pipe:
+            pipe.hset(self.sizes_key, f"resident:{model}", max(0, int(mb)))
+            pipe.expire(self.sizes_key, SIZES_TTL)
+            pipe.execute()
 
     def record_weights(self, model: str, mb: int) -> None:
-        """The model's weights as loaded (MB)."""
+        """The model's weights as loaded (MB): parameter and buffer bytes, exact; replaces the last."""
         with self.redis.pipeline() as pipe:
             pipe.hset(self.sizes_key, f"weights:{model}", int(mb))
             pipe.expire(self.sizes_key, SIZES_TTL)
             pipe.execute()
 
-    def estimate(self, model: str, default_mb: int) -> int:
-        """What to reserve for ``model``: weights + the largest peak seen, else ``default_mb``."""
-        sizes = {_s(k): int(v) for k, v in self.redis.hgetall(self.sizes_key).items()}
-        peaks = [v for k, v in sizes.items() if k.startswith(f"peak:{model}:")]
-        weights = sizes.get(f"weights:{model}")
-        if not peaks:
-            return max(default_mb, weights or 0)
-        return (weights if weights is not None else default_mb) + max(peaks)
+    def sizes(self, model: str) -> dict[str, Any]:
+        """What is known of ``model``: ``weights`` (MB or None), ``work`` (recent MB per shape),
+        ``first`` (the first measurement per shape), ``samples`` (the last ones, newest first)."""
+        raw = {_s(k): _s(v) for k, v in self.redis.hgetall(self.sizes_key).items()}
+        out: dict[str, Any] = {"weights": None, "resident": 0, "work": {}, "first": {}, "samples": {}}
+        if f"weights:{model}" in raw:
+            out["weights"] = int(raw[f"weights:{model}"])
+        out["resident"] = int(raw.get(f"resident:{model}", 0))
+        for key, value in raw.items():
+            kind, _, rest = key.partition(":")
+            name, _, shape = rest.partition(":")
+            if name != model or not shape:
+                continue
+            try:
+                if kind == "work":
+                    samples = [int(v) for v in json.loads(value)]
+                    out["samples"][shape] = samples
+                    out["work"][shape] = max(samples) if samples else 0
+                elif kind == "first":
+                    out["first"][shape] = int(value)
+            except (ValueError, TypeError):  # a value another version wrote: not ours to trust
+                log.warning("ledger sizes: unreadable %s, ignored", key)
+        return out
+
+    def estimate(self, model: str, default_mb: int, shape: str | None = None, *, default_work_mb: int = 0) -> int:
+        """What to reserve for ``model``: weights (+ resident caches) + working memory of ``shape`` + slack (MB).
+
+        Working memory: the shape's recent value; an unmeasured shape (or
+        none given) takes the largest recent value of the model's shapes.
+        Before anything is measured: ``default_mb`` (the first estimate,
+        ``default_work_mb`` of it working memory); measured weights with no
+        working memory yet never reserve less than that first estimate.
+        """
+        known = self.sizes(model)
+        weights, works = known["weights"], known["work"]
+        work = works.get(shape) if shape is not None and shape in works else max(works.values(), default=None)
+        if weights is None and work is None:
+            return default_mb
+        w = (weights + known["resident"]) if weights is not None else max(0, default_mb - default_work_mb)
+        total = w + (work if work is not None else default_work_mb)
+        total += math.ceil(total * self.slack)
+        return total if work is not None else max(default_mb, total)
 
     # -- reading -----------------------------------------------------------------
 
@@ -518,64 +601,18 @@ class Heartbeat:
 # -- measuring -------------------------------------------------------------------
 
 
-@dataclass
-class Peak:
-    """Filled by :func:`measure_peak` when its block ends."""
-
-    bytes: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def mb(self) -> int:
-        return mb_of(self.bytes)
-
-
 @contextmanager
-def measure_peak(device: torch.device | str | None = None) -> Iterator[Peak]:
-    """Working memory of the block: bytes above what was allocated when it began.
-
-    CUDA: the allocator's peak (``torch.cuda.max_memory_allocated``) minus the
-    allocation at the start. CPU has no allocator peak: the growth of the
-    process's maximum resident set, a lower bound (0 when the process was
-    already that large); CPU reservations are the weights
-    (:func:`~ourvidz_tasks.models.module_bytes`) plus this.
-    """
-    import torch
-
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    peak = Peak()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        base = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        try:
-            yield peak
-        finally:
-            torch.cuda.synchronize(dev)
-            peak.bytes = max(0, torch.cuda.max_memory_allocated(dev) - base)
-            peak.extra = {"base": base}
-    else:
-        before = _max_rss()
-        try:
-            yield peak
-        finally:
-            peak.bytes = max(0, _max_rss() - before)
+def measure_peak(device: torch.device | str | None = None) -> Iterator[Measurement]:
+    """Working memory of the block with the probe of ``device``'s kind (:mod:`ourvidz_tasks.memprobe`)."""
+    with probe_for(device if device is not None else "cpu").measure() as measurement:
+        yield measurement
 
 
-def default_budget_mb(device: torch.device | str) -> int:
-    """No ``OURVIDZ_VRAM_BUDGET_MB``: the GPU's total memory, or the machine's RAM on CPU."""
-    import os
-
-    import torch
-
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return mb_of(torch.cuda.get_device_properties(dev.index or 0).total_memory)
-    return mb_of(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
-def _max_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def default_budget_mb(device: torch.device | str, *, pools: int = len(POOLS), context_mb: int = 768,
+                      margin_mb: int = 1024) -> int:
+    """No ``OURVIDZ_VRAM_BUDGET_MB``: the card minus one CUDA context per pool and a safety margin
+    (on CPU: the machine's RAM minus the margin)."""
+    return default_budget(device, pools=pools, context_mb=context_mb, margin_mb=margin_mb).budget_mb
 
 
 def _s(value: Any) -> str:

@@ -35,8 +35,12 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from . import events
+from .autoscale import autoscale_metrics
+from .delivery import ENDED, ENDED_LIMIT
+from .devices import device_index
 from .guard import DEAD_LETTERS
 from .jobs import FAMILY_OF_TYPE
+from .redis_client import connect
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,10 +50,8 @@ QUEUES = ROLES = ("sdxl", "chat", "wan", "outbox")
 LEGACY_LISTS = ("sdxl_queue", "wan_queue")
 #: kombu's Redis transport keeps unacked messages in this hash
 UNACKED = "unacked"
-#: delivery.py appends every ended job id here (see ``Delivery.finish``)
-ENDED = "ourvidz:jobs:ended"
-#: how many of the most recently ended jobs the backlog looks at
-BACKLOG_WINDOW = 2000
+#: how many of the most recently ended jobs (delivery.ENDED) the backlog looks at: all it keeps
+BACKLOG_WINDOW = ENDED_LIMIT
 LEDGER_META = "ourvidz:ledger:*:meta"
 #: kombu's Redis transport: list ``queue`` plus one list per priority step
 PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
@@ -179,9 +181,9 @@ class ClusterCollector(Collector):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.broker = redis.Redis.from_url(settings.broker_url) if settings.broker_is_redis else None
-        self.store = redis.Redis.from_url(settings.redis)
-        self.legacy = redis.Redis.from_url(settings.legacy_redis)
+        self.broker = connect(settings.broker_url, settings) if settings.broker_is_redis else None
+        self.store = connect(settings.redis, settings)
+        self.legacy = connect(settings.legacy_redis, settings)
         self._lock = threading.Lock()
         if self.broker is None:
             log.warning("queue depth needs a Redis broker; on RabbitMQ use its own Prometheus plugin")
@@ -216,10 +218,13 @@ class ClusterCollector(Collector):
                 pipe.hlen(UNACKED)
                 *lengths, unacked = pipe.execute()
             steps = len(PRIORITY_SUFFIXES)
-            for i, queue in enumerate(QUEUES):
-                depth.add_metric([queue], sum(lengths[i * steps:(i + 1) * steps]))
+            waiting = {queue: sum(lengths[i * steps:(i + 1) * steps]) for i, queue in enumerate(QUEUES)}
+            for queue, count in waiting.items():
+                depth.add_metric([queue], count)
             yield depth
             yield _gauge("ourvidz_unacked_messages", "Messages taken by a worker and not yet acknowledged", unacked)
+            lists = {queue: [queue + suffix for suffix in PRIORITY_SUFFIXES] for queue in QUEUES}
+            yield from autoscale_metrics(self.broker, self.store, lists, waiting)
         legacy = GaugeMetricFamily("ourvidz_legacy_queue_depth", "Raw jobs waiting in the edge function's lists",
                                    labels=["list"])
         with self.legacy.pipeline(transaction=False) as pipe:
@@ -231,6 +236,7 @@ class ClusterCollector(Collector):
         yield _gauge("ourvidz_dead_letters", "Entries in the dead-letter list", self.store.llen(DEAD_LETTERS))
         yield _gauge("ourvidz_callback_backlog", "Ended jobs whose terminal callback is not delivered yet",
                      callback_backlog(self.store))
+        yield from outbox_metrics(self.store, self.settings)
         reserved = GaugeMetricFamily("ourvidz_ledger_reserved_mb", "GPU memory reserved in the ledger, MB",
                                      labels=["host", "device"])
         budget = GaugeMetricFamily("ourvidz_ledger_budget_mb", "GPU memory budget of the ledger, MB",
@@ -242,6 +248,23 @@ class ClusterCollector(Collector):
         yield budget
 
 
+def outbox_metrics(store: redis.Redis, settings: Settings) -> Iterator[Metric]:
+    """The callback outbox: bodies waiting, the oldest one's age, and its consumer's health."""
+    from .outbox_store import Outbox, consumer_health
+
+    state = Outbox.for_settings(store, settings).state()
+    yield _gauge("ourvidz_outbox_depth", "Callbacks waiting in the outbox (failed deliveries and those behind them)",
+                 state.depth)
+    yield _gauge("ourvidz_outbox_oldest_seconds", "Age of the oldest callback in the outbox (0 when empty)",
+                 state.oldest_age or 0.0)
+    health = consumer_health(state, settings.outbox_consumer)
+    consumer = GaugeMetricFamily("ourvidz_outbox_consumer", "1 for the outbox consumer's current health",
+                                 labels=["health"])
+    for name in ("draining", "pools", "missing", "stuck"):
+        consumer.add_metric([name], 1 if name == health else 0)
+    yield consumer
+
+
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, documentation)
     family.add_metric([], value)
@@ -250,8 +273,8 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 # -- serving ----------------------------------------------------------------------
 def port_for(base: int, role: str, device: str | None) -> int:
-    """The metrics port of a process: ``base`` + role offset (:data:`ROLES`) + 4 per GPU index above 0."""
-    gpu = int(device.split(":")[1]) if role != "outbox" and device and device.startswith("cuda:") else 0
+    """The metrics port of a process: ``base`` + role offset (:data:`ROLES`) + 4 per device index above 0."""
+    gpu = device_index(device) if role != "outbox" else 0
     return base + ROLES.index(role) + len(ROLES) * gpu
 
 

@@ -4,10 +4,17 @@ kombu keeps a delivered, unacknowledged message in the ``unacked`` hash and
 hands it back only after ``visibility_timeout`` (hours here, since it must
 exceed the longest job). So each worker proves it is alive instead:
 
-- a heartbeat key ``ourvidz:alive:{node}`` (TTL ``lease_seconds``), refreshed
-  every ``lease_seconds / 3`` by a daemon thread;
-- an owner record ``ourvidz:owner:{delivery_tag}`` written when the worker
-  receives a message (``task_received``), ETA-held retries included;
+- the owner is one process *incarnation*, ``{node}/{random id}``, never the
+  node name alone: a supervisor restarts a killed pool under the same name
+  (``sdxl@gpu0``), and that new process must not look like the owner of what
+  its dead predecessor held;
+- a heartbeat key ``ourvidz:alive:{node}/{incarnation}`` (TTL
+  ``lease_seconds``), refreshed every ``lease_seconds / 3`` by a daemon thread;
+  ``ourvidz:incarnation:{node}`` names the node's newest incarnation;
+- an owner record ``ourvidz:owner:{delivery_tag}`` (the incarnation) written
+  when the worker receives a message (``task_received``), ETA-held retries included;
+- at start, a worker requeues at once every message an earlier incarnation of
+  its node name held (node names are unique per live process, as Celery requires);
 - every worker scans ``unacked`` on the same period: a message whose owner's
   heartbeat is gone (the worker was killed) or that has no owner after a
   grace period goes back to the head of its queue, under kombu's own mutex,
@@ -24,7 +31,8 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+import uuid
+from typing import Any, cast
 
 import redis
 from kombu.transport.redis import Mutex, MutexHeld
@@ -34,34 +42,58 @@ log = logging.getLogger(__name__)
 UNACKED, UNACKED_INDEX, UNACKED_MUTEX = "unacked", "unacked_index", "unacked_mutex"
 
 
+def node_of(owner: str) -> str:
+    """The node name of an owner record (``node/incarnation``; older records hold the node alone)."""
+    return owner.rsplit("/", 1)[0] if "/" in owner else owner
+
+
 class Recovery:
-    """Heartbeat, owner records and the unacked scanner of one worker."""
+    """Heartbeat, owner records and the unacked scanner of one worker process (one incarnation)."""
 
     def __init__(self, broker: redis.Redis, node: str, *, lease_seconds: float,
                  owner_ttl: int, scan: bool = True) -> None:
         self.broker, self.node = broker, node
+        self.incarnation = uuid.uuid4().hex[:12]
+        #: what owner records and the heartbeat key name: this process, not its node name
+        self.identity = f"{node}/{self.incarnation}"
         self.lease = lease_seconds
         self.owner_ttl = owner_ttl
         self.scan_enabled = scan
+        #: earlier incarnations' messages still to hand back (kombu's mutex was busy, or no broker yet)
+        self._reclaim_pending = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="recovery", daemon=True)
 
     # -- liveness ------------------------------------------------------------------
     def start(self) -> None:
-        self.beat()
+        """Announce this incarnation, hand back what earlier ones held, and keep beating.
+
+        A broker that does not answer yet is not fatal: the thread retries every period.
+        """
+        try:
+            self.beat()
+            self.reclaim()
+        except redis.RedisError as exc:
+            log.warning("recovery: broker not answering at start (%s); retrying", type(exc).__name__)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.broker.delete(self._alive(self.node))
+        try:
+            self.broker.delete(self._alive(self.identity))
+        except redis.RedisError as exc:
+            log.warning("recovery: could not remove the heartbeat: %s", type(exc).__name__)
 
     def beat(self) -> None:
-        self.broker.set(self._alive(self.node), str(time.time()), px=int(self.lease * 1000))
+        with self.broker.pipeline() as pipe:
+            pipe.set(self._alive(self.identity), str(time.time()), px=int(self.lease * 1000))
+            pipe.set(f"ourvidz:incarnation:{self.node}", self.incarnation, ex=max(1, int(self.owner_ttl)))
+            pipe.execute()
 
     def own(self, delivery_tag: str) -> None:
-        """Record that this worker holds ``delivery_tag`` (called on receipt)."""
-        self.broker.set(f"ourvidz:owner:{delivery_tag}", self.node, ex=self.owner_ttl)
+        """Record that this incarnation holds ``delivery_tag`` (called on receipt)."""
+        self.broker.set(f"ourvidz:owner:{delivery_tag}", self.identity, ex=self.owner_ttl)
 
     def release(self, delivery_tag: str) -> None:
         """The task of ``delivery_tag`` ended: keep the record only for the grace period."""
@@ -72,36 +104,77 @@ class Recovery:
         while not self._stop.wait(period):
             try:
                 self.beat()
+                if self._reclaim_pending:
+                    self.reclaim()
                 if self.scan_enabled:
                     self.scan()
             except redis.RedisError as exc:
                 log.warning("recovery: %s", type(exc).__name__)
 
     @staticmethod
-    def _alive(node: str) -> str:
-        return f"ourvidz:alive:{node}"
+    def _alive(identity: str) -> str:
+        return f"ourvidz:alive:{identity}"
+
+    def _owner(self, tag: str) -> str | None:
+        raw = self.broker.get(f"ourvidz:owner:{tag}")
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    def reclaim(self) -> int:
+        """Requeue at once every message an earlier incarnation of this node name held.
+
+        That process is gone (this one took its name), so there is no lease to wait for.
+        """
+        restored, pending = 0, False
+        for raw_tag in self.broker.zrange(UNACKED_INDEX, 0, -1):
+            tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
+            owner = self._owner(tag)
+            if owner is None or owner == self.identity or node_of(owner) != self.node:
+                continue
+            got = self._restore_locked(tag, owner, "earlier incarnation")
+            pending = pending or got < 0
+            restored += max(got, 0)
+        self._reclaim_pending = pending
+        return restored
 
     # -- the scanner ---------------------------------------------------------------
     def scan(self) -> int:
-        """Restore messages whose owner is dead; return how many."""
-        grace = self.lease * 2
-        cutoff = time.time() - grace
-        candidates = self.broker.zrangebyscore(UNACKED_INDEX, 0, cutoff)
+        """Restore messages whose owner is dead; return how many.
+
+        Not in the first ``lease`` seconds after the broker (re)started: heartbeats written just
+        before a restart may have expired while it was down, and live workers need one beat
+        period to reconnect and refresh theirs; a live worker's job must not run twice.
+        """
+        if int(self.broker.info("server").get("uptime_in_seconds", 0)) < self.lease:
+            return 0
+        # the grace is for messages without an owner record only (just delivered: the receiver may not
+        # have written it yet); an owner whose heartbeat lapsed is dead, so a lost host's jobs come back
+        # one lease after its last beat, however recently they were delivered (tests/test_fleet.py)
+        cutoff = time.time() - self.lease * 2
         restored = 0
-        for raw_tag in candidates:
+        entries = cast("list[tuple[bytes, float]]", self.broker.zrange(UNACKED_INDEX, 0, -1, withscores=True))
+        for raw_tag, delivered in entries:
             tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
-            raw_owner = self.broker.get(f"ourvidz:owner:{tag}")
-            owner = raw_owner.decode() if isinstance(raw_owner, bytes) else raw_owner
+            owner = self._owner(tag)
+            if owner is None and delivered > cutoff:
+                continue
             if owner is not None and self.broker.exists(self._alive(owner)):
                 continue
-            try:
-                with Mutex(self.broker, UNACKED_MUTEX, 30):
-                    if self._restore(tag):
-                        restored += 1
-                        log.warning("recovery: message %s of dead worker %s requeued", tag, owner or "?")
-            except MutexHeld:
+            got = self._restore_locked(tag, owner, "dead worker")
+            if got < 0:
                 break
+            restored += got
         return restored
+
+    def _restore_locked(self, tag: str, owner: str | None, why: str) -> int:
+        """Restore one message under kombu's mutex: 1 restored, 0 gone already, -1 mutex busy."""
+        try:
+            with Mutex(self.broker, UNACKED_MUTEX, 30):
+                if self._restore(tag):
+                    log.warning("recovery: message %s of %s %s requeued", tag, why, owner or "?")
+                    return 1
+        except MutexHeld:
+            return -1
+        return 0
 
     def _restore(self, tag: str) -> bool:
         done = False
@@ -130,9 +203,14 @@ class Recovery:
 
 def count_delivery(store: redis.Redis, job_id: str, retries: int, ttl: int) -> int:
     """Count one more delivery of this job attempt (any broker); return the count."""
-    key = f"ourvidz:deliveries:{job_id}:{retries}"
     with store.pipeline() as pipe:
-        pipe.incr(key)
-        pipe.expire(key, ttl)
+        queue_count_delivery(pipe, job_id, retries, ttl)
         count, _ = pipe.execute()
     return int(count)
+
+
+def queue_count_delivery(pipe: Any, job_id: str, retries: int, ttl: int) -> None:
+    """:func:`count_delivery` as two commands on the caller's pipeline (results: the count, True)."""
+    key = f"ourvidz:deliveries:{job_id}:{retries}"
+    pipe.incr(key)
+    pipe.expire(key, ttl)

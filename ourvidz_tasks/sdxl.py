@@ -15,11 +15,11 @@ from typing import Any
 from PIL import Image
 
 from .app import app
-from .errors import I2IPipelineError, InvalidJob, OutOfMemory, ReferenceUnavailable, UnsafeReference
+from .errors import I2IPipelineError, InvalidJob, ReferenceUnavailable, UnsafeReference
+from .faults import Remedy
 from .jobs import Job, SdxlParams, sdxl_params
 from .lifecycle import Generated, JobTask, Progress, as_job_error
 from .media import ImageOutput
-from .models import release_memory
 from .worker import Runtime
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,8 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
     from .models.sdxl import run_sdxl
 
     params = sdxl_params(job, rt.settings)
+    reference, fallback = _reference(rt, params)  # before the model: a job that must fail fails first
     model = rt.model("sdxl")
-    reference, fallback = _reference(rt, params)
     pipeline = "img2img" if reference is not None else "txt2img"
     pipe = partial(
         run_sdxl, model, prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
@@ -44,70 +44,51 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
         on_step=progress, compel=params.compel, compel_weights=params.compel_weights,
     )
     images: list[Image.Image] | None = None
+    stepped: dict[str, Any] | None = None
     if reference is not None:
+        i2i = partial(pipe, image=reference, strength=params.denoise_strength)
         try:
-            images = pipe(seeds=params.seeds, image=reference, strength=params.denoise_strength)
+            images, stepped = _stepping_down(rt, model, i2i, params.seeds, "img2img", params.job_id)
         except Exception as exc:
-            error = as_job_error(exc)
+            error = as_job_error(exc, f"job {params.job_id}")  # a device fault exits here
             if error is not None and not isinstance(error, I2IPipelineError):
-                raise error from exc
+                raise  # out of memory after every remedy, cancelled, timed out: not a reason to fall back
             if params.exact_copy:
                 raise I2IPipelineError(f"img2img failed: {type(exc).__name__}") from exc
             log.warning("job %s: img2img failed (%s), falling back to txt2img", params.job_id, type(exc).__name__)
             fallback = {"code": "I2I_PIPELINE_ERROR", "reason": f"img2img failed: {type(exc).__name__}", "used": "txt2img"}
             pipeline = "txt2img"
     if images is None:
-        images, stepped = _stepping_down(rt, model, partial(pipe), params.seeds)
-    else:
-        stepped = None
+        images, stepped = _stepping_down(rt, model, pipe, params.seeds, "txt2img", params.job_id)
     generated = _describe(params, images, pipeline, fallback)
     if stepped:
         generated.metadata["oom_step_down"] = stepped
     return generated
 
 
-def _stepping_down(rt: Runtime, model: Any, pipe: Callable[..., list[Image.Image]],
-                   seeds: list[int]) -> tuple[list[Image.Image], dict[str, Any] | None]:
-    """Run the batch; on out-of-memory free memory and step down, keeping every image's seed.
+def _stepping_down(rt: Runtime, model: Any, pipe: Callable[..., list[Image.Image]], seeds: list[int],
+                   stage: str, job_id: str) -> tuple[list[Image.Image], dict[str, Any] | None]:
+    """Run the batch through SDXL's remedies (:func:`~ourvidz_tasks.models.remedies.sdxl_ladder`).
 
-    A batch of 6 runs whole, then as 3+3, then one by one; then one by one
-    with VAE tiling and slicing; then (CUDA only) with model CPU offload,
-    after which the model is unloaded so the next job starts clean. The
-    images are those of an un-stepped run: each image has its own generator.
+    6 images run whole, then as 3+3, then one by one, then one by one with
+    VAE tiling and slicing, then with model CPU offload (after which the
+    model is unloaded, so the next job starts clean). The images are those
+    of an un-stepped run: each image has its own generator.
     """
-    import torch
+    from .models.remedies import DiffusionRemedies, run_with_remedies, sdxl_ladder
 
-    vae = model.t2i.vae
-    plans: list[tuple[str, int]] = [("batch", size) for size in sorted({len(seeds), -(-len(seeds) // 2), 1}, reverse=True)]
-    plans.append(("vae_tiling", 1))
-    if model.device.type == "cuda":
-        plans.append(("cpu_offload", 1))
-    failed: list[str] = []
-    try:
-        for remedy, size in plans:
-            if remedy == "vae_tiling":
-                vae.enable_tiling()
-                vae.enable_slicing()
-            elif remedy == "cpu_offload":
-                model.t2i.enable_model_cpu_offload(device=model.device)
-            try:
-                images: list[Image.Image] = []
-                for start in range(0, len(seeds), size):
-                    chunk = seeds[start:start + size]
-                    if rt.settings.fault_oom_batch and len(chunk) >= rt.settings.fault_oom_batch:
-                        raise torch.OutOfMemoryError(f"simulated by OURVIDZ_FAULT_OOM_BATCH={rt.settings.fault_oom_batch}")
-                    images += pipe(seeds=chunk)
-                return images, ({"failed": failed, "batch": size, "remedy": remedy} if failed else None)
-            except (OutOfMemory, torch.OutOfMemoryError):
-                failed.append(f"{remedy}:{size}")
-                release_memory(model.device)
-        raise OutOfMemory(f"SDXL ran out of memory even one image at a time ({len(seeds)} image(s), {', '.join(failed)})")
-    finally:
-        if any(f.startswith("batch:1") for f in failed):
-            vae.disable_tiling()
-            vae.disable_slicing()
-        if any(f.startswith(("vae_tiling", "cpu_offload")) for f in failed):
-            rt.models["sdxl"].unload()  # offload hooks stay on the modules
+    remedies = DiffusionRemedies(model.i2i if stage == "img2img" else model.t2i, model.device,
+                                 rt.models["sdxl"].unload)
+
+    def run(remedy: Remedy) -> list[Image.Image]:
+        size = remedy.batch or len(seeds)
+        images: list[Image.Image] = []
+        for start in range(0, len(seeds), size):
+            images += pipe(seeds=seeds[start:start + size])
+        return images
+
+    return run_with_remedies(remedies, sdxl_ladder(remedies, len(seeds)), run, family="sdxl", stage=stage,
+                             total=len(seeds), hooks=rt.attempt_hooks, what=f"job {job_id}")
 
 
 def _reference(rt: Runtime, params: SdxlParams) -> tuple[Image.Image | None, dict[str, Any] | None]:

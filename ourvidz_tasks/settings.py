@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -18,10 +17,12 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .devices import canonical_device
 from .errors import ConfigError
 
-_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-_BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+_BROKER_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp")
+#: the most retries a generation task takes (``lifecycle.JobTask.max_retries``)
+MAX_TASK_RETRIES = 3
 
 
 def _default_cache() -> Path:
@@ -48,6 +49,12 @@ class Settings(BaseSettings):
     result_backend: str | None = None
     redis_url: str | None = None
     legacy_redis_url: str | None = None
+    #: the sentinel group (primary) name that ``sentinel://`` URLs resolve (docs/brokers.md)
+    sentinel_master: str = Field("mymaster", min_length=1)
+    #: the sentinels' own password (``requirepass`` of ``redis-server --sentinel``), if any
+    sentinel_password: SecretStr | None = None
+    #: RabbitMQ: ``quorum`` declares the queues as quorum queues (replicated; docs/brokers.md)
+    amqp_queue_type: Literal["classic", "quorum"] = "classic"
     supabase_url: str | None = Field(None, validation_alias="SUPABASE_URL")
     supabase_service_key: SecretStr | None = Field(None, validation_alias="SUPABASE_SERVICE_KEY")
     job_callback_secret: SecretStr | None = Field(None, validation_alias="JOB_CALLBACK_SECRET")
@@ -113,14 +120,36 @@ class Settings(BaseSettings):
     idle_unload_seconds: dict[str, float] = Field(default_factory=lambda: {"wan": 300.0})
     #: per-job-type time limits in seconds (JSON map over the defaults; the solo pool ignores Celery's)
     time_limits: dict[str, float] = Field(default_factory=dict)
-    #: fault injection for tests: a batch of at least this many images raises torch.OutOfMemoryError
-    fault_oom_batch: int | None = Field(None, ge=1)
+    #: ``module:callable`` plug-ins, comma-separated, each called once with the worker's Runtime at
+    #: start (they may add attempt hooks around model calls: tracing, fault injection in tests)
+    runtime_plugins: Annotated[tuple[str, ...], NoDecode] = ()
     #: seconds a model load waits for GPU memory before WORKER_UNAVAILABLE (retried)
     memory_wait: float = Field(600.0, gt=0)
-    #: how pools send callbacks: through the outbox consumer (``bin/worker outbox``) or inline
+    #: the default budget (no ``vram_budget_mb``) is the card minus this per pool (its CUDA context)...
+    cuda_context_mb: int = Field(768, ge=0)
+    #: ...minus this safety margin
+    memory_margin_mb: int = Field(1024, ge=0)
+    #: allocator slack a reservation adds to weights + working memory (a fraction)
+    memory_slack: float = Field(0.05, ge=0, le=1)
+    #: working memory per job shape is the largest of the last this many measurements (it can go down)
+    memory_window: int = Field(5, ge=1, le=100)
+    #: cap each CUDA pool at its reservation (``torch.cuda.set_per_process_memory_fraction``)
+    memory_cap: bool = False
+    #: how pools send callbacks: ``outbox`` = at once, what fails goes to the durable outbox in Redis
+    #: (drained by the pools, or ``bin/worker outbox`` when one runs); ``inline`` = at once with
+    #: retries, what fails is kept for ``ourvidz replay`` only
     callbacks: Literal["outbox", "inline"] = "outbox"
+    #: seconds a pool waits on one callback before handing it to the outbox (outbox mode)
+    callback_timeout: float = Field(2.0, gt=0)
+    #: the longest pause between two delivery tries of the outbox while the edge is down
+    outbox_max_pause: float = Field(10.0, gt=0)
+    #: a ``bin/worker outbox`` consumer is part of this deployment: report it when missing or stuck
+    outbox_consumer: bool = False
     #: seconds a dead worker's heartbeat takes to expire; its job is requeued soon after
     lease_seconds: float = Field(15.0, ge=1)
+    #: seconds a starting pool retries its warmup while Redis does not answer, then it exits 69
+    #: (its supervisor restarts it); it consumes nothing before it is warm
+    startup_wait: float = Field(300.0, gt=0)
     #: deliveries of one job attempt before it is given up as poison (it kills its worker)
     max_deliveries: int = Field(3, ge=1)
     #: node name override (tests); default ``{family}@{hostname}``
@@ -138,12 +167,34 @@ class Settings(BaseSettings):
     wan_height: int = Field(832, ge=16)
     wan_frames: int = Field(83, ge=1, le=83)
     wan_fps: int = Field(16, ge=8, le=24)
+    #: WAN flow shift by size when a job has no ``config.sample_shift`` (JSON map ``"WxH"`` -> shift,
+    #: either orientation, ``"*"`` for the rest); the old system ran 5.0 at 480x832
+    wan_shift: dict[str, Annotated[float, Field(gt=0, le=50)]] = Field(default_factory=lambda: {"*": 5.0})
     #: default model and budget of an enhancement without ``metadata.enhance``
     enhance_model: Literal["qwen_instruct", "qwen_base"] = "qwen_instruct"
     enhance_max_tokens: int = Field(200, ge=1, le=2048)
     enhance_temperature: float = Field(0.7, ge=0, le=2)
+    #: top_p of an enhancement whose ``metadata.enhance`` names none
+    enhance_top_p: float = Field(0.9, gt=0, le=1)
 
-    @field_validator("fetch_allow", mode="before")
+    # -- the chat pool's engine (README "Chat at scale") -----------------------
+    #: requests decoded together on the one model (the worker runs twice as many threads,
+    #: so up to this many more wait inside the pool, enhancements first)
+    chat_concurrency: int = Field(8, ge=1, le=256)
+    #: tokens the preallocated KV cache holds for all running requests together; the ledger
+    #: reserves its bytes with the weights, and a request needing more is INVALID_JOB
+    chat_cache_tokens: int = Field(16384, ge=64)
+    #: an OpenAI-compatible server (vLLM, SGLang) that answers the chat tasks instead of an
+    #: in-process model, e.g. ``http://127.0.0.1:8000``
+    chat_server_url: str | None = None
+    #: the server's model name for each of ours (JSON map; default: our names)
+    chat_server_models: dict[str, str] = Field(default_factory=dict)
+    #: the GPU memory the server holds, reserved in this pool's ledger while it is in use
+    chat_server_memory_mb: int = Field(0, ge=0)
+    #: seconds one request to the server may take
+    chat_server_timeout: float = Field(600.0, gt=0)
+
+    @field_validator("fetch_allow", "runtime_plugins", mode="before")
     @classmethod
     def _split_allow(cls, value: object) -> object:
         if isinstance(value, str):
@@ -164,9 +215,8 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str | None) -> str | None:
-        if value is not None and not _DEVICE.match(value):
-            raise ValueError(f"must be 'cpu' or 'cuda:N', got {value!r}")
-        return value
+        # one spelling per device (``cuda`` -> ``cuda:0``, ``cpu:0`` -> ``cpu``): one ledger per card
+        return None if value is None else canonical_device(value)
 
     @field_validator("broker_url", "result_backend", "redis_url", "legacy_redis_url", "supabase_url")
     @classmethod
@@ -205,7 +255,7 @@ class Settings(BaseSettings):
     # -- derived --------------------------------------------------------------
     @property
     def broker_is_redis(self) -> bool:
-        return urlsplit(self.broker_url).scheme in ("redis", "rediss")
+        return urlsplit(self.broker_url).scheme in ("redis", "rediss", "sentinel")
 
     @property
     def redis(self) -> str:
@@ -228,6 +278,13 @@ class Settings(BaseSettings):
     def visibility_timeout(self) -> int:
         """Longer than the longest job plus the largest retry countdown."""
         return self.max_job_seconds + self.max_retry_countdown + 600
+
+    @property
+    def terminal_ttl(self) -> int:
+        """Seconds a terminal record lives: ``idempotency_ttl``, but never less than
+        ``visibility_timeout`` plus every retry's largest countdown (a redelivered or
+        retried job must still find it)."""
+        return max(self.idempotency_ttl, self.visibility_timeout + MAX_TASK_RETRIES * self.max_retry_countdown)
 
     def require_delivery(self) -> tuple[str, str]:
         """``(SUPABASE_URL, SUPABASE_SERVICE_KEY)`` or a ConfigError."""

@@ -9,6 +9,7 @@ text-to-video with ``REFERENCE_FRAME_ERROR`` in the job metadata.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 from PIL import Image
@@ -42,22 +43,29 @@ def _needs_enhancement(task: JobTask, payload: Any) -> bool:
 
 
 def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
+    from .models.remedies import DiffusionRemedies, run_with_remedies, wan_ladder
     from .models.wan import run_wan
 
     params = wan_params(job, rt.settings)
     model = rt.model("wan")
     references, fallback = _references(rt, params, model.conditions_on_frames)
     mode = params.reference_mode if fallback is None else "none"
-    frames = run_wan(
-        model, prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
+    conditioning: dict[str, Any] = {}
+    run = partial(
+        run_wan, model, prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
         height=params.height, num_frames=params.frames, steps=params.steps,
         guidance_scale=params.guidance_scale, seed=params.seed, reference_mode=mode,
         reference=references.get("single"), first_frame=references.get("first"),
-        last_frame=references.get("last"), on_step=progress,
+        last_frame=references.get("last"), on_step=progress, shift=params.shift,
+        on_conditioning=conditioning.update,
     )
+    remedies = DiffusionRemedies(model.pipe, model.device, rt.models["wan"].unload)  # OOM: step down
+    frames, stepped = run_with_remedies(remedies, wan_ladder(remedies), lambda _remedy: run(), family="wan",
+                                        stage=params.output, total=1, hooks=rt.attempt_hooks,
+                                        what=f"job {params.job_id}")
     described: dict[str, Any] = {
         "seed": params.seed, "steps": params.steps, "guidance_scale": params.guidance_scale,
-        "pipeline": "vace" if mode != "none" else "t2v", "reference_mode": mode,
+        "pipeline": "vace" if mode != "none" else "t2v", "reference_mode": mode, "sample_shift": params.shift,
     }
     output: Output
     if params.output == "image":
@@ -70,10 +78,13 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
     metadata: dict[str, Any] = {
         "frame_num": int(frames.shape[0]), "frames_requested": params.frames_requested,
         "reference_mode": params.reference_mode, "seed": params.seed, "seed_was_random": params.seed_was_random,
-        "resolution": f"{params.width}x{params.height}",
+        "resolution": f"{params.width}x{params.height}", "sample_shift": params.shift,
+        "conditioning": conditioning,
     }
     if fallback:
         metadata["fallback"] = fallback
+    if stepped:
+        metadata["oom_step_down"] = stepped
     return Generated([output], metadata, shape=f"{params.width}x{params.height}x{params.frames}")
 
 

@@ -9,27 +9,35 @@ consumes (``bin/worker sdxl`` consumes ``sdxl``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
+import httpx
 import redis
 from celery import Celery, signals
 
-from . import events, metrics
-from .delivery import Delivery, OutboxCallbacks
-from .errors import ConfigError, ModelLoadError, WorkerUnavailable
+from . import devices, events, metrics
+from .delivery import Delivery
+from .errors import ConfigError, ModelLoadError, OutOfMemory, WorkerUnavailable
+from .faults import AttemptHook, load_failure, load_plugins
 from .fetch import ReferenceFetcher
 from .guard import DeadLetters, hooks
 from .jobs import FAMILY_OF_TYPE, usable_id
-from .memory import DEFAULT_ESTIMATES_MB, Heartbeat, Ledger, Reservation, mb_of
+from .memory import Heartbeat, Ledger, Reservation, first_estimate, mb_of
+from .memprobe import CudaProbe, Measurement, Probe, configure_cuda_allocator, probe_for
+from .models import release_memory
+from .outbox_store import Drainer, pool_callbacks
 from .policy import PromptPolicy, load_policy
 from .recovery import Recovery
 from .redact import install_log_filter
+from .redis_client import connect
 from .settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -38,8 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FAMILIES = ("sdxl", "chat", "wan")
-#: the ledger's first estimate of a tiny model (the real ones are measured after loading)
-TINY_ESTIMATE_MB = 1
+#: serializes model loads of a pool whose tasks run in threads (chat)
+_loading = threading.Lock()
 LOADS_TTL = 7 * 24 * 3600
 
 
@@ -61,12 +69,13 @@ class ModelSlot:
 
     def __init__(self, name: str, loader: Callable[[], Loaded], on_load: Callable[[str, float], None], *,
                  pool: str, ledger: Ledger | None = None, heartbeat: Heartbeat | None = None,
-                 default_mb: int = 0, wait: float = 600.0) -> None:
+                 default_mb: int = 0, default_work_mb: int = 0, wait: float = 600.0) -> None:
         self.name, self.pool = name, pool
         self._loader = loader
         self._on_load = on_load
         self.ledger, self.heartbeat = ledger, heartbeat
-        self.default_mb, self.wait = default_mb, wait
+        #: the first estimate (MB) before anything is measured, ``default_work_mb`` of it working memory
+        self.default_mb, self.default_work_mb, self.wait = default_mb, default_work_mb, wait
         self.reservation: Reservation | None = None
         self.model: Loaded | None = None
         self.loads = 0
@@ -75,17 +84,22 @@ class ModelSlot:
         if self.model is not None:
             return self.model
         if self.ledger is not None:
-            mb = self.ledger.estimate(self.name, self.default_mb)
+            mb = self.estimate()
             self.reservation = self.ledger.reserve(self.pool, self.name, mb, timeout=self.wait if wait is None else wait)
+            if self.heartbeat is not None:  # from now: a load may take longer than the lease
+                self.heartbeat.add(self.reservation)
         started = time.perf_counter()
+        failure: Exception | None = None
+        loaded: Loaded | None = None
         try:
-            self.model = self._loader()
-        except (ConfigError, ModelLoadError):
+            loaded = self._loader()
+        except Exception as exc:  # a device fault exits here; OOM becomes OutOfMemory
+            failure = load_failure(self.name, exc)
+        if loaded is None:  # outside the except: the failed load's tensors went with its frames
             self._release()
-            raise
-        except Exception as exc:
-            self._release()
-            raise ModelLoadError(f"{self.name} failed to load: {type(exc).__name__}") from exc
+            release_memory()
+            raise failure or ModelLoadError(f"{self.name}: its loader returned nothing")
+        self.model = loaded
         self.loads += 1
         seconds = time.perf_counter() - started
         self._on_load(self.name, seconds)
@@ -93,10 +107,14 @@ class ModelSlot:
         events.model_loaded.send(sender=self.name, model=self.name, seconds=seconds, nbytes=nbytes)
         if self.ledger is not None and self.reservation is not None:
             self.ledger.record_weights(self.name, mb_of(nbytes))
-            self.reservation.resize(self.ledger.estimate(self.name, self.default_mb))  # measured, not guessed
-            if self.heartbeat is not None:
-                self.heartbeat.add(self.reservation)
+            self.reservation.resize(self.estimate())  # weights measured, not guessed
         return self.model
+
+    def estimate(self, shape: str | None = None) -> int:
+        """What the ledger should hold for this model (running ``shape``, else its largest recent shape)."""
+        if self.ledger is None:
+            return self.default_mb
+        return self.ledger.estimate(self.name, self.default_mb, shape, default_work_mb=self.default_work_mb)
 
     def unload(self) -> int:
         if self.model is None:
@@ -130,6 +148,8 @@ class Runtime:
     policy: PromptPolicy
     dead: DeadLetters
     recovery: Recovery | None = None
+    #: delivers the callback outbox while no `bin/worker outbox` does (outbox mode)
+    drainer: Drainer | None = None
     ledger: Ledger | None = None
     heartbeat: Heartbeat | None = None
     models: dict[str, ModelSlot] = field(default_factory=dict)
@@ -137,12 +157,54 @@ class Runtime:
     used: set[str] = field(default_factory=set)
     #: monotonic time the last job ended (drives the idle unload)
     last_job_ended: float = field(default_factory=time.monotonic)
+    #: called before every model call that may step down on OOM (see :mod:`.faults`); plug-ins add them
+    attempt_hooks: list[AttemptHook] = field(default_factory=list)
+    #: this device kind's memory probe, and the measurement of the model call running now
+    probe: Probe | None = None
+    measurement: Measurement | None = None
+    #: models loaded since their last measured call (that call measures what they keep resident)
+    fresh: set[str] = field(default_factory=set)
+    #: model calls measured in this process (the first one's leftovers are the process's own)
+    measured_calls: int = 0
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[Measurement | None]:
+        """Measure the working memory of a job's model call; a load or an attempt restarts it."""
+        if self.probe is None:
+            yield None
+            return
+        with self.probe.measure() as m:
+            self.measurement = m
+            try:
+                yield m
+            finally:
+                self.measurement = None
+
+    def cap_memory(self) -> None:
+        """``OURVIDZ_MEMORY_CAP``: on CUDA, this process may hold at most what its models reserve."""
+        if self.settings.memory_cap and isinstance(self.probe, CudaProbe):
+            held = sum(s.reservation.mb for s in self.models.values() if s.reservation is not None)
+            if held:
+                self.probe.cap(held)
+
+    def restart_measurement(self, *_: object) -> None:
+        """What came before (a load, an attempt that ran out of memory) is not working memory."""
+        if self.measurement is not None:
+            self.measurement.restart()
 
     def model(self, name: str) -> Any:
         self.used.add(name)
-        return self.models[name].get()
+        slot = self.models[name]
+        loaded = slot.model
+        if loaded is not None:
+            return loaded
+        with _loading:  # the chat pool runs several task threads: one load at a time
+            return slot.get()
 
     def record_load(self, name: str, seconds: float) -> None:
+        self.restart_measurement()
+        self.fresh.add(name)
+        self.cap_memory()
         log.info("%s loaded in %.2fs on %s", name, seconds, self.device)
         key = f"ourvidz:loads:{self.worker_id}"
         with self.redis.pipeline() as pipe:
@@ -153,6 +215,8 @@ class Runtime:
     def close(self) -> None:
         if self.recovery is not None:
             self.recovery.stop()
+        if self.drainer is not None:
+            self.drainer.stop()
         for slot in self.models.values():
             slot.unload()
         if self.heartbeat is not None:
@@ -162,11 +226,9 @@ class Runtime:
 
 
 def node_name(family: str, settings: Settings) -> str:
-    """``{family}@{host}``, or ``{family}.gpuN@{host}`` on ``cuda:N`` with N > 0."""
-    host = settings.hostname or socket.gethostname()
-    device = settings.device or ""
-    index = int(device.split(":")[1]) if device.startswith("cuda:") else 0
-    return f"{family}.gpu{index}@{host}" if index > 0 else f"{family}@{host}"
+    """``{family}@{host}``, or ``{family}.gpuN@{host}`` / ``{family}.cpuN@{host}`` on ``cuda:N`` / ``cpu:N``
+    with N > 0 (:func:`ourvidz_tasks.devices.node_name`)."""
+    return devices.node_name(family, settings.hostname or socket.gethostname(), settings.device)
 
 
 def _loaders(family: str, settings: Settings, device: torch.device) -> dict[str, Callable[[], Loaded]]:
@@ -178,11 +240,16 @@ def _loaders(family: str, settings: Settings, device: torch.device) -> dict[str,
         from .models.wan import load_wan
 
         return {"wan": lambda: load_wan(settings, device)}
-    from .models.qwen import load_qwen
+    if settings.chat_server_url:  # an external engine answers; nothing loads here
+        from .chat_remote import RemoteChat
+
+        return {"qwen_instruct": lambda: RemoteChat(settings, "qwen_instruct"),
+                "qwen_base": lambda: RemoteChat(settings, "qwen_base")}
+    from .models.chat_engine import load_chat_engine
 
     return {
-        "qwen_instruct": lambda: load_qwen(settings, "qwen_instruct", device),
-        "qwen_base": lambda: load_qwen(settings, "qwen_base", device),
+        "qwen_instruct": lambda: load_chat_engine(settings, "qwen_instruct", device),
+        "qwen_base": lambda: load_chat_engine(settings, "qwen_base", device),
     }
 
 
@@ -195,6 +262,7 @@ def warm_models(family: str, settings: Settings) -> list[str]:
 
 def build_runtime(app: Celery, family: str, worker_id: str, settings: Settings | None = None) -> Runtime:
     """Everything a pool needs, built once: clients, policy, model slots."""
+    configure_cuda_allocator()  # before the first CUDA allocation
     import torch
 
     from .models import resolve_device
@@ -203,33 +271,36 @@ def build_runtime(app: Celery, family: str, worker_id: str, settings: Settings |
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // len(FAMILIES))
     torch.set_num_threads(threads)
     device = resolve_device(settings.device)
-    store = redis.Redis.from_url(settings.redis)
+    store = connect(settings.redis, settings)
     dead = DeadLetters(store)
+    client = httpx.Client(timeout=settings.http_timeout, follow_redirects=False)
+    transport, drainer = pool_callbacks(settings, store, client, worker_id) if settings.callbacks == "outbox" \
+        else (None, None)
     runtime = Runtime(
         settings=settings, family=family, worker_id=worker_id, device=device, redis=store,
-        delivery=Delivery(settings, worker_id, store,
-                          transport=OutboxCallbacks(app) if settings.callbacks == "outbox" else None),
+        delivery=Delivery(settings, worker_id, store, client=client, transport=transport),
         fetcher=ReferenceFetcher(settings),
-        policy=load_policy(settings.prompt_policy), dead=dead,
+        policy=load_policy(settings.prompt_policy), dead=dead, drainer=drainer,
     )
     if settings.broker_is_redis:
         runtime.recovery = Recovery(
-            redis.Redis.from_url(settings.broker_url), worker_id,
+            connect(settings.broker_url, settings), worker_id,
             lease_seconds=settings.lease_seconds, owner_ttl=settings.visibility_timeout,
         )
     runtime.ledger = Ledger.for_settings(store, settings, device)
     runtime.heartbeat = runtime.ledger.keepalive()
 
-    def default_mb(name: str) -> int:
-        return TINY_ESTIMATE_MB if settings.model_source == "tiny" else DEFAULT_ESTIMATES_MB[name]
-
+    runtime.probe = probe_for(device)
+    runtime.attempt_hooks.append(runtime.restart_measurement)
     runtime.models = {
         name: ModelSlot(name, loader, runtime.record_load, pool=family, ledger=runtime.ledger,
-                        heartbeat=runtime.heartbeat, default_mb=default_mb(name), wait=settings.memory_wait)
+                        heartbeat=runtime.heartbeat, wait=settings.memory_wait,
+                        **first_estimate(name, tiny=settings.model_source == "tiny", slack=settings.memory_slack))
         for name, loader in _loaders(family, settings, device).items()
     }
     hooks.dead = dead
     hooks.raw_job = lambda job: republish_raw(app, job)
+    load_plugins(settings.runtime_plugins, runtime)
     return runtime
 
 
@@ -251,31 +322,86 @@ def runtime(app: Celery) -> Runtime:
     return rt
 
 
+#: exit status of a pool whose Redis did not answer within ``OURVIDZ_STARTUP_WAIT`` (its supervisor restarts it)
+EXIT_NOT_READY = 69
+
+
+def exit_before_consuming(status: int) -> NoReturn:
+    """End a pool that never consumed: Celery would turn a SystemExit raised here into status 0."""
+    logging.shutdown()
+    os._exit(status)
+
+
+def _warm(rt: Runtime) -> None:
+    """Load the pool's start models; Redis must answer (the ledger and the load counts live there)."""
+    rt.redis.ping()
+    if rt.recovery is not None:
+        rt.recovery.broker.ping()
+    for name in warm_models(rt.family, rt.settings):
+        try:  # SDXL waits to be resident; the others load now only if they fit
+            rt.models[name].get(wait=None if rt.family == "sdxl" else 0.0)
+        except (WorkerUnavailable, OutOfMemory):
+            log.info("%s: no GPU memory free at start; it loads on first use", name)
+
+
+def warm_up(rt: Runtime, sender: str) -> None:
+    """Warm up once Redis answers, again from scratch after every Redis error (a restart mid-warmup).
+
+    Celery starts consuming only after ``celeryd_after_setup`` returns, so a pool never takes
+    a job before it is ready. After ``startup_wait`` seconds without Redis the process exits
+    with :data:`EXIT_NOT_READY` and its supervisor restarts it.
+    """
+    deadline = time.monotonic() + rt.settings.startup_wait
+    pause = 0.5
+    while True:
+        try:
+            _warm(rt)
+            return
+        except redis.RedisError as exc:
+            for slot in rt.models.values():  # a load's bookkeeping may be half done: start over
+                with contextlib.suppress(redis.RedisError):
+                    slot.unload()
+                if slot.reservation is not None and rt.heartbeat is not None:
+                    rt.heartbeat.discard(slot.reservation)
+                slot.model, slot.reservation = None, None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.critical("%s: Redis did not answer within %gs (%s); exiting so that the supervisor restarts it",
+                             sender, rt.settings.startup_wait, type(exc).__name__)
+                exit_before_consuming(EXIT_NOT_READY)
+            log.warning("%s not ready: Redis does not answer (%s); warmup again in %.1fs", sender,
+                        type(exc).__name__, min(pause, left))
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 5.0)
+
+
 @signals.celeryd_after_setup.connect
 def _warmup(sender: str, instance: Any, **_: Any) -> None:
     app: Celery = instance.app
     install_log_filter()
     queues = sorted(app.amqp.queues.consume_from or {})
     families = [q for q in queues if q in FAMILIES]
-    if len(families) != 1:
+    if len(families) > 1:  # it would take jobs of families it has no model for
+        log.critical("worker %s consumes %s: one model family per pool (bin/worker sdxl|chat|wan)", sender, queues)
+        exit_before_consuming(2)
+    if not families:
         if queues != ["outbox"]:
-                log.warning("worker %s consumes %s: no model family to warm up", sender, queues)
+            log.warning("worker %s consumes %s: no model family to warm up", sender, queues)
         return
     family = families[0]
     rt = build_runtime(app, family, sender)
     metrics.start(rt.settings, family)  # before the warm loads, so they are counted
+    log.info("%s warming up", sender)
     try:
-        for name in warm_models(family, rt.settings):
-            try:  # SDXL waits to be resident; the others load now only if they fit
-                rt.models[name].get(wait=None if family == "sdxl" else 0.0)
-            except WorkerUnavailable:
-                log.info("%s: no GPU memory free at start; it loads on first use", name)
+        warm_up(rt, sender)
     except (ConfigError, ModelLoadError) as exc:
         log.critical("warmup failed: %s", exc)
-        raise SystemExit(3) from None
+        exit_before_consuming(3)
     app.ourvidz_runtime = rt  # type: ignore[attr-defined]
     if rt.recovery is not None:
-        rt.recovery.start()
+        rt.recovery.start()  # hands back at once what an earlier process of this name held
+    if rt.drainer is not None:
+        rt.drainer.start()
     log.info("%s ready: %s on %s", sender, ", ".join(warm_models(family, rt.settings)), rt.device)
 
 
@@ -317,8 +443,20 @@ def _keep_consumer(sender: Any, **_: Any) -> None:
 @signals.task_prerun.connect
 def _flush_task_events(sender: Any = None, **_: Any) -> None:
     """Send task-received/task-started now: a solo pool flushes buffered task events only
-    between jobs, so Flower would see a running job only once it ended."""
-    consumer = getattr(getattr(sender, "app", None), "ourvidz_consumer", None)
+    between jobs, so Flower would see a running job only once it ended. A job task does it
+    itself right after its ``processing`` callback is on its way (off the dispatch path)."""
+    if getattr(sender, "marks_own_start", False):
+        return
+    mark = getattr(sender, "mark_started", None)
+    if mark is not None:
+        mark()
+    else:
+        flush_task_events(getattr(sender, "app", None))
+
+
+def flush_task_events(app: Any) -> None:
+    """Publish the task events the worker buffered (Flower sees them at once)."""
+    consumer = getattr(app, "ourvidz_consumer", None)
     dispatcher = getattr(consumer, "event_dispatcher", None)
     if dispatcher is not None:
         dispatcher.flush()

@@ -69,6 +69,7 @@ os.environ.update({
 })
 os.environ.setdefault("SUPABASE_URL", "http://127.0.0.1:9")  # replaced per worker by the sink's URL
 
+from ourvidz_tasks.devices import node_name  # noqa: E402
 from ourvidz_tasks.sink import Sink  # noqa: E402
 
 _CLAIMED = [DB]
@@ -82,7 +83,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 #: workers started per broker URL (so a test's private database can be handed back)
 _WORKERS: dict[str, list[WorkerProcess]] = {}
-_OUTBOXES: dict[str, WorkerProcess] = {}
 
 
 @pytest.fixture()
@@ -97,7 +97,6 @@ def isolated_broker() -> Iterator[str]:
     yield url
     for worker in _WORKERS.pop(url, []):
         worker.stop(signal.SIGKILL)
-    _OUTBOXES.pop(url, None)
     redis.Redis.from_url(url).flushdb()
 
 
@@ -118,16 +117,24 @@ class WorkerProcess:
 
     def __init__(self, family: str, env: dict[str, str], log: Path) -> None:
         self.family, self.log = family, log
-        self.node = f"{family}@{env['OURVIDZ_HOSTNAME']}"
+        self.node = node_name(family, env["OURVIDZ_HOSTNAME"], env.get("OURVIDZ_DEVICE"))  # sdxl.cpu1@host on cpu:1
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 240) -> WorkerProcess:
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> WorkerProcess:
+        """Start the process without waiting for it to be ready (what a supervisor does)."""
         self.handle = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [str(ROOT / "bin" / "worker"), self.family], cwd=ROOT, env=self.env,
             stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True,
         )
+        return self
+
+    def wait_ready(self, timeout: float = 240) -> WorkerProcess:
+        assert self.proc is not None
         deadline = time.time() + timeout
         while time.time() < deadline:
             if f"{self.node} ready." in self.text():
@@ -175,15 +182,11 @@ def worker_env(sink: Sink, family: str, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def start_worker(sink: Sink, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
-    outboxes = _OUTBOXES
 
     def start(family: str, **extra: str) -> WorkerProcess:
-        """Start ``bin/worker family``; the first pool on a broker brings its callback outbox."""
+        """Start ``bin/worker family`` (the pools alone deliver their callbacks: no outbox consumer)."""
         env = worker_env(sink, family, **extra)
         broker = env["OURVIDZ_BROKER_URL"]
-        if family != "outbox" and env.get("OURVIDZ_CALLBACKS", "outbox") == "outbox" and broker not in outboxes:
-            outboxes[broker] = start("outbox", OURVIDZ_BROKER_URL=broker,
-                                     OURVIDZ_HOSTNAME=f"outbox-{new_id()[:6]}-{DB}")
         log = tmp_path_factory.mktemp("logs") / f"{family}.log"
         worker = WorkerProcess(family, env, log).start()
         started.append(worker)

@@ -1,9 +1,14 @@
-"""Fault injection through the prompt-policy seam (``OURVIDZ_PROMPT_POLICY``), for tests only."""
+"""Fault injection for tests: the prompt-policy seam (`OURVIDZ_PROMPT_POLICY`) and runtime plug-ins (`OURVIDZ_RUNTIME_PLUGINS`)."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import signal
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 from ourvidz_tasks.policy import default_policy
 
@@ -26,3 +31,89 @@ def cuda_fault_once(prompt: str) -> None:
         open(flag, "w").close()
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     default_policy(prompt)
+
+
+# -- attempt hooks (OURVIDZ_RUNTIME_PLUGINS=tests.faults:inject) --------------------------------------
+
+#: the rules file the test writes; read by the hook at each attempt (test code only)
+RULES_ENV = "OURVIDZ_TEST_FAULT_RULES"
+
+
+def inject(rt: Any) -> None:
+    """A runtime plug-in: raise what the rules in ``$OURVIDZ_TEST_FAULT_RULES`` (a JSON list) say.
+
+    A rule ``{"stage": "txt2img", "remedies": ["batch"], "min_batch": 2, "error": "oom", "times": 1}``
+    matches attempts of that stage (``"*"``: any) whose remedy is listed (absent: any) and whose batch
+    is at least ``min_batch``; ``error`` is ``oom`` (``torch.OutOfMemoryError``), ``cuda`` (a
+    ``RuntimeError("CUDA error: ...")`` wrapped in another exception, as a library would) or
+    ``accelerator`` (``torch.AcceleratorError``). ``times`` (absent: always) counts down in the file,
+    so a requeued job runs clean on the next worker. Every firing is appended to ``<rules>.log``.
+    """
+    path = os.environ.get(RULES_ENV)
+    if path:
+        rt.attempt_hooks.append(lambda attempt: _fire(Path(path), attempt))
+
+
+def fail_loads(rt: Any) -> None:
+    """A runtime plug-in: every model load of this worker hits a CUDA error (wrapped as a load error)."""
+    for slot in rt.models.values():
+        def broken() -> Any:
+            try:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            except RuntimeError as exc:
+                raise ValueError("could not move the weights") from exc
+        slot._loader = broken
+
+
+def _fire(path: Path, attempt: Any) -> None:
+    import torch
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rules = json.loads(path.read_text()) if path.exists() else []
+        for rule in rules:
+            if rule.get("stage", "*") not in ("*", attempt.stage):
+                continue
+            if "remedies" in rule and attempt.remedy not in rule["remedies"]:
+                continue
+            if attempt.batch < rule.get("min_batch", 0) or rule.get("times", 1) <= 0:
+                continue
+            if "times" in rule:
+                rule["times"] -= 1
+                path.write_text(json.dumps(rules))
+            with open(path.with_suffix(".log"), "a") as log:
+                log.write(json.dumps({**asdict(attempt), "error": rule["error"]}) + "\n")
+            break
+        else:
+            return
+    if rule["error"] == "oom":
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+    if rule["error"] == "accelerator":
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    try:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+    except RuntimeError as exc:
+        raise ValueError("the pipeline failed") from exc  # found by following __cause__
+
+
+def fired(path: Path) -> list[dict[str, Any]]:
+    """The attempts the hook raised on, in order."""
+    log = path.with_suffix(".log")
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def set_rules(path: Path, *rules: dict[str, Any]) -> None:
+    """Replace the rules (none: no fault) and forget what fired."""
+    path.write_text(json.dumps(list(rules)))
+    path.with_suffix(".log").unlink(missing_ok=True)
+
+
+def fault_env(broker: str, rules: Path, **extra: str) -> dict[str, str]:
+    """Worker settings for a pool on ``broker`` with the fault plug-in reading ``rules``.
+
+    The lease is short, so a crashed worker's job comes back within seconds, but not so short
+    that a busy 2-core machine (each OOM remedy runs a full ``gc.collect``) lets a live
+    worker's heartbeat lapse and its held retries get redelivered.
+    """
+    return {"OURVIDZ_BROKER_URL": broker, "OURVIDZ_RUNTIME_PLUGINS": "tests.faults:inject",
+            RULES_ENV: str(rules), "OURVIDZ_LEASE_SECONDS": "6", **extra}

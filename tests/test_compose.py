@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from ourvidz_tasks.devices import device_index, local_cuda_index, node_name
 from ourvidz_tasks.launcher import ROLES
 from ourvidz_tasks.metrics import port_for
 
@@ -29,6 +30,8 @@ from .conftest import ROOT
 
 IMAGE = "ourvidz-tasks:latest"
 POOLS = ("sdxl", "chat", "wan")
+#: the pool set of the host's second card (profile gpu1): service -> role
+GPU1 = {f"{name}-gpu1": name for name in POOLS}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +118,7 @@ def test_every_variable_compose_reads_is_in_env_example() -> None:
 # -- what the services are ----------------------------------------------------------------
 def test_services(compose: str) -> None:
     services = rendered(compose, ROOT / ".env.example")["services"]
-    assert set(services) == {"redis", *POOLS, "outbox", "flower", "metrics", "bridge"}
+    assert set(services) == {"redis", *POOLS, *GPU1, "outbox", "flower", "metrics", "bridge"}
 
     redis = services["redis"]
     assert "--appendonly yes" in redis["command"] and "--maxmemory-policy noeviction" in redis["command"]
@@ -131,16 +134,16 @@ def test_services(compose: str) -> None:
         assert pool["environment"]["OURVIDZ_DEVICE"] == "cuda:0"
         assert pool["depends_on"]["redis"]["condition"] == "service_healthy"
     assert len(gpus) == 1 and len(next(iter(gpus))) == 1, "the three pools share one GPU"
-    hostnames = {services[name]["environment"]["OURVIDZ_HOSTNAME"] for name in (*POOLS, "outbox")}
+    hostnames = {services[name]["environment"]["OURVIDZ_HOSTNAME"] for name in (*POOLS, *GPU1, "outbox")}
     assert len(hostnames) == 1, "one host name: the pools of one GPU share one memory ledger"
     assert "deploy" not in services["outbox"] and "deploy" not in services["flower"]
 
     # metrics: every role's endpoint on the port its offset gives, published on loopback only
-    for role in (*POOLS, "outbox"):
-        env = services[role]["environment"]
+    for name, role in (*((r, r) for r in (*POOLS, "outbox")), *GPU1.items()):
+        env = services[name]["environment"]
         port = port_for(int(env["OURVIDZ_METRICS_PORT"]), role, env.get("OURVIDZ_DEVICE"))
         assert env["OURVIDZ_METRICS_ADDRESS"] == "0.0.0.0"
-        assert _published(services[role]) == {port}
+        assert _published(services[name]) == {port}
     assert _published(services["metrics"]) == {9100} and "9100" in argv_of(services["metrics"])
 
     flower = services["flower"]
@@ -151,6 +154,35 @@ def test_services(compose: str) -> None:
     for name, service in services.items():
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_a_two_gpu_host_runs_one_pool_set_per_card(compose: str) -> None:
+    """``--profile gpu1``: the second card's pools, pinned to card 1 alone, under their own node names and
+    memory ledger, beside the same outbox consumer, Flower and metrics exporter (one of each per host)."""
+    services = rendered(compose, ROOT / ".env.example")["services"]
+    sets = {0: {name: name for name in POOLS}, 1: GPU1}
+    nodes, ledgers, ports = set(), set(), set()
+    for card, members in sets.items():
+        for name, role in members.items():
+            pool = services[name]
+            env = pool["environment"]
+            assert pool.get("profiles") == (["gpu1"] if card else None), name
+            assert argv_of(pool)[-1] == role
+            [reservation] = pool["deploy"]["resources"]["reservations"]["devices"]
+            assert reservation["device_ids"] == [str(card)], f"{name} reserves card {card} alone"
+            assert env["OURVIDZ_DEVICE"] == f"cuda:{card}" and device_index(env["OURVIDZ_DEVICE"]) == card
+            # the container sees only its card, as its cuda:0; the host index still names node and ledger
+            assert local_cuda_index(card, {k: str(v) for k, v in env.items()}) == 0
+            nodes.add(node_name(role, env["OURVIDZ_HOSTNAME"], env["OURVIDZ_DEVICE"]))
+            ledgers.add((env["OURVIDZ_HOSTNAME"], env["OURVIDZ_DEVICE"]))
+            ports.update(_published(pool))
+    assert {"sdxl@gpu0", "sdxl.gpu1@gpu0", "chat.gpu1@gpu0", "wan.gpu1@gpu0"} <= nodes and len(nodes) == 6
+    assert ledgers == {("gpu0", "cuda:0"), ("gpu0", "cuda:1")}, "one memory ledger per card"
+    assert ports == {9101, 9102, 9103, 9105, 9106, 9107}
+    shared = [n for n, s in services.items() if "deploy" not in s and s.get("image") == IMAGE and not s.get("profiles")]
+    assert sorted(shared) == ["flower", "metrics", "outbox"], "no per-card copy of the shared services"
+    for name in GPU1:
+        assert _settings_of(services[name])["broker"] == _settings_of(services["sdxl"])["broker"]
 
 
 def _published(service: dict[str, Any]) -> set[int]:

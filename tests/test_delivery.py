@@ -6,6 +6,11 @@ import hashlib
 import hmac
 import io
 import json
+import logging
+import os
+import subprocess
+import sys
+import time
 
 import httpx
 import numpy as np
@@ -13,13 +18,16 @@ import pytest
 import redis
 from PIL import Image
 
-from ourvidz_tasks.delivery import Delivery, callback_body, dumps, sign
+from ourvidz_tasks.delivery import Delivery, HttpCallbacks, callback_body, dumps, sign
 from ourvidz_tasks.errors import DeliveryError
+from ourvidz_tasks.guard import DeadLetters
 from ourvidz_tasks.media import ImageOutput, VideoOutput
+from ourvidz_tasks.metrics import outbox_metrics
+from ourvidz_tasks.outbox_store import JOBS, LIST, LOCK, STUCK_SECONDS, Drainer, Outbox, pool_callbacks
 from ourvidz_tasks.settings import Settings
 from ourvidz_tasks.sink import Sink
 
-from .conftest import KEY, SECRET, new_id
+from .conftest import KEY, ROOT, SECRET, new_id
 
 
 @pytest.fixture()
@@ -116,3 +124,140 @@ def test_a_thumbnail_failure_never_fails_the_asset(delivery: Delivery, sink: Sin
     assert asset["thumbnail_url"] is None
     assert asset["metadata"]["thumbnail_error"]["code"] == "THUMBNAIL_GENERATION_ERROR"
     assert asset["url"].endswith("/0.png")
+
+
+# -- the outbox: at once from the pool, only what fails waits durably in Redis ------------------------
+
+@pytest.fixture()
+def private(isolated_broker: str) -> redis.Redis:
+    """A database of its own: no running pool drains this outbox behind the test's back."""
+    return redis.Redis.from_url(isolated_broker)
+
+
+def _pool_transport(sink: Sink, store: redis.Redis, node: str = "sdxl@test") -> tuple[Delivery, Drainer]:
+    settings = Settings(SUPABASE_URL=sink.url, http_backoff=0.01, callback_timeout=5, callbacks="outbox")
+    client = httpx.Client(follow_redirects=False)
+    transport, drainer = pool_callbacks(settings, store, client, node)
+    return Delivery(settings, node, store, client=client, transport=transport), drainer
+
+
+def _statuses(sink: Sink, job_id: str) -> list[str]:
+    return [c["body"]["status"] for c in sink.callbacks(job_id)]
+
+
+def test_a_pool_delivers_at_once_and_the_outbox_stays_empty(sink: Sink, private: redis.Redis) -> None:
+    delivery, _ = _pool_transport(sink, private)
+    job_id = new_id()
+    try:
+        delivery.processing(job_id, 1)
+        delivery.finish(callback_body(job_id, "sdxl@test", "completed", attempt=1))
+    finally:
+        delivery.close()
+    assert _statuses(sink, job_id) == ["processing", "completed"]  # before finish returned: no drainer ran
+    assert delivery.delivered(job_id)
+    assert private.llen(LIST) == 0 and not private.exists(JOBS)
+
+
+def test_failed_deliveries_wait_in_the_outbox_in_order_and_a_drainer_delivers_them(
+        sink: Sink, private: redis.Redis) -> None:
+    delivery, drainer = _pool_transport(sink, private)
+    first, second = new_id(), new_id()
+    sink.faults(callback=503)
+    try:
+        delivery.processing(first, 1, {"progress": 0})
+        delivery.processing(first, 1, {"progress": 50})
+        delivery.finish(callback_body(first, "sdxl@test", "completed", attempt=1))
+        sink.faults()  # the edge is back, but this pool is behind: the next job waits its turn
+        delivery.processing(second, 1)
+        delivery.finish(callback_body(second, "sdxl@test", "failed", attempt=1, error={"code": "INVALID_JOB"}))
+        assert sink.callbacks(first) == [] and sink.callbacks(second) == []
+        assert private.llen(LIST) == 5 and not delivery.delivered(first)
+        sink.faults(callback=503)
+        assert drainer.outbox.drain(drainer.send, "t") == "blocked" and private.llen(LIST) == 5
+        sink.faults()
+        assert drainer.outbox.drain(drainer.send, "t") == "empty"
+        arrived = [(c["body"]["job_id"], c["body"]["status"]) for c in sink.callbacks()
+                   if c["body"]["job_id"] in (first, second)]
+        assert arrived == [(first, "processing"), (first, "processing"), (first, "completed"),
+                           (second, "processing"), (second, "failed")]
+        assert [c["body"]["metadata"].get("progress") for c in sink.callbacks(first)][:2] == [0, 50]
+        assert all(c["signature_ok"] for c in sink.callbacks(first) + sink.callbacks(second))
+        assert delivery.delivered(first) and delivery.delivered(second) and not private.exists(JOBS)
+        drainer.on_empty()  # what the drainer thread calls once it finds the outbox empty
+        third = new_id()
+        delivery.processing(third, 1)
+        delivery.close()
+        assert _statuses(sink, third) == ["processing"] and private.llen(LIST) == 0  # direct again
+    finally:
+        sink.faults()
+        delivery.close()
+
+
+def test_a_terminal_body_follows_its_jobs_bodies_already_in_the_outbox(sink: Sink, private: redis.Redis) -> None:
+    """A job redelivered to another pool: its predecessor's bodies wait in the outbox, so its terminal waits too."""
+    job_id = new_id()
+    other, _ = _pool_transport(sink, private, "sdxl@other")
+    try:
+        Outbox.for_settings(private, other.settings).push(job_id, dumps(callback_body(job_id, "a", "processing", attempt=1)))
+        other.finish(callback_body(job_id, "sdxl@other", "completed", attempt=1))
+        assert sink.callbacks(job_id) == [] and private.llen(LIST) == 2
+        Drainer(Outbox.for_settings(private, other.settings), other.transport.http.send, "d").tick()  # type: ignore[attr-defined]
+        assert _statuses(sink, job_id) == ["processing", "completed"] and other.delivered(job_id)
+    finally:
+        other.close()
+
+
+def test_one_drainer_at_a_time_and_a_refused_body_is_a_dead_letter(sink: Sink, private: redis.Redis) -> None:
+    outbox = Outbox.for_settings(private, Settings(SUPABASE_URL=sink.url))
+    job_id = new_id()
+    outbox.push(job_id, dumps(callback_body(job_id, "w", "completed", attempt=1)))
+    assert private.set(LOCK, "someone-else", px=60_000)
+    assert outbox.drain(lambda *_: pytest.fail("a second drainer sent"), "me") == "busy"
+    private.delete(LOCK)
+    sink.faults(callback=400)
+    try:
+        http = HttpCallbacks(Settings(SUPABASE_URL=sink.url), httpx.Client(), tries=1)
+        assert outbox.drain(http.send, "me") == "empty"
+    finally:
+        sink.faults()
+    (dead,) = DeadLetters(private).entries()
+    assert dead["job_id"] == job_id and "refused" in dead["reason"] and private.llen(LIST) == 0
+
+
+def _status(url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    environ.update(OURVIDZ_REDIS_URL=url, **env)
+    return subprocess.run([sys.executable, "-m", "ourvidz_tasks.cli", "status", "--json"], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _health(store: redis.Redis, settings: Settings) -> str:
+    (family,) = [m for m in outbox_metrics(store, settings) if m.name == "ourvidz_outbox_consumer"]
+    (health,) = [s.labels["health"] for s in family.samples if s.value == 1]
+    return str(health)
+
+
+def test_a_configured_consumer_that_is_missing_or_stuck_shows_in_logs_status_and_metrics(
+        sink: Sink, private: redis.Redis, isolated_broker: str, caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(SUPABASE_URL=sink.url, outbox_consumer=True)
+    outbox = Outbox.for_settings(private, settings)
+    pool = Drainer(outbox, lambda *_: None, "sdxl@test", expect_consumer=True)
+    with caplog.at_level(logging.WARNING, logger="ourvidz_tasks.outbox_store"):
+        pool.tick()
+    assert "no live `bin/worker outbox` consumer" in caplog.text
+    missing = _status(isolated_broker, OURVIDZ_OUTBOX_CONSUMER="1")
+    assert missing.returncode == 1 and json.loads(missing.stdout)["outbox"]["consumer_health"] == "missing"
+    assert _health(private, settings) == "missing"
+    assert _status(isolated_broker).returncode == 0  # none configured: the pools drain, nothing is wrong
+
+    outbox.beat("outbox@test", ttl=60)  # a consumer that is alive, but whose outbox does not move
+    job_id = new_id()
+    private.rpush(LIST, json.dumps({"job_id": job_id, "body": "{}", "at": time.time() - 2 * STUCK_SECONDS}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ourvidz_tasks.outbox_store"):
+        pool.tick()
+    assert private.llen(LIST) == 1  # a live consumer drains; the pool leaves it alone
+    assert "the consumer is alive but the oldest callback has waited" in caplog.text
+    stuck = json.loads(_status(isolated_broker, OURVIDZ_OUTBOX_CONSUMER="1").stdout)["outbox"]
+    assert stuck["consumer_health"] == "stuck" and stuck["consumer"] == "outbox@test" and stuck["depth"] == 1
+    assert _health(private, settings) == "stuck"

@@ -1,12 +1,14 @@
-"""The TypeScript edge publisher (edge/), run by Node against the real cluster.
+"""The TypeScript edge publisher (edge/), run by Node and by Deno against the real cluster.
 
 ``npm test`` in edge/ type-checks the publisher (web-standard APIs only, as on
-Deno) and runs its unit tests. The end-to-end run points it at a small
+Deno) and runs its unit tests; ``deno check`` and ``deno test`` do the same on
+Deno, the runtime of Supabase Edge Functions (the binary comes from the ``deno``
+npm package, a devDependency). The end-to-end run points the publisher at a small
 Upstash-REST-compatible server in front of the test Redis, with real SDXL and
 chat workers consuming what it sends; this file then checks the callbacks in
-the sink, the messages that crossed the REST API, and that the same job pushed
-raw onto the legacy ``sdxl_queue`` (through ``bin/bridge``) produces the same
-signed ``completed`` callback.
+the sink, the messages that crossed the REST API, and (under Node) that the same
+job pushed raw onto the legacy ``sdxl_queue`` (through ``bin/bridge``) produces
+the same signed ``completed`` callback.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import base64
 import copy
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,10 @@ TOKEN = "upstash-test-token-" + secrets.token_hex(6)
 NODE = shutil.which("node") and shutil.which("npm")
 
 pytestmark = pytest.mark.skipif(not NODE, reason="node and npm are needed to test the TypeScript publisher (edge/)")
+#: what ``npm ci`` installs that the tests run: a node_modules without one is stale
+INSTALLED = (".package-lock.json", "tsx/package.json", "typescript/package.json", "deno/package.json")
+#: the environment variables the e2e test reads
+E2E_ENV = ("UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN", "OURVIDZ_EDGE_REPORT")
 
 
 def run(command: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> str:
@@ -49,10 +56,23 @@ def run(command: list[str], env: dict[str, str] | None = None, timeout: float = 
 
 @pytest.fixture(scope="module")
 def node_modules() -> Path:
-    """edge/node_modules, installed from package-lock.json (``npm ci``) when missing."""
-    if not (EDGE / "node_modules" / ".package-lock.json").exists():
+    """edge/node_modules, installed from package-lock.json (``npm ci``) when missing or stale."""
+    if not all((EDGE / "node_modules" / name).exists() for name in INSTALLED):
         run(["npm", "ci", "--no-audit", "--no-fund"], timeout=600)
     return EDGE / "node_modules"
+
+
+@pytest.fixture(scope="module")
+def deno(node_modules: Path) -> list[str]:
+    """The Deno binary of the ``deno`` npm package, quiet and offline-safe."""
+    command = [str(node_modules / ".bin" / "deno")]
+    assert "deno 2." in run([*command, "--version"], env=deno_env())
+    return command
+
+
+def deno_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTASH_", "OURVIDZ_EDGE_"))}
+    return {**env, "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "DENO_NO_PROMPT": "1", **extra}
 
 
 @pytest.fixture
@@ -73,6 +93,15 @@ def test_typescript_typechecks_and_unit_tests(node_modules: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UPSTASH_", "OURVIDZ_EDGE_"))}
     text = run(["npm", "test"], env=env)
     assert "# fail 0" in text and "# pass " in text, text[-3000:]
+
+
+def test_deno_typechecks_and_runs_the_unit_tests(deno: list[str]) -> None:
+    # the publisher alone, as an Edge Function imports it: Deno's own types, no Node ones
+    assert "error" not in run([*deno, "check", "src/mod.ts"], env=deno_env()).lower()
+    # the unit tests (node:test, which Deno runs), type-checked by Deno first; read-only and no network
+    text = run([*deno, "test", "--no-prompt", "--allow-read", "--allow-env", "test/"], env=deno_env())
+    passed = re.search(r"^ok \| (\d+) passed \| 0 failed", text, re.M)
+    assert passed and int(passed.group(1)) >= 15, text[-3000:]  # every unit test file ran
 
 
 def normalized(body: dict[str, Any]) -> dict[str, Any]:
@@ -102,8 +131,41 @@ def test_typescript_publisher_end_to_end(node_modules: Path, upstash: UpstashRes
            "OURVIDZ_EDGE_REPORT": str(report_path)}
     text = run(["node", "--import", "tsx", "--test", "test/e2e.test.ts"], env=env)
     assert "# fail 0" in text and "# skipped 0" in text, text[-3000:]
-    report = json.loads(report_path.read_text())
+    single, body = check_report(json.loads(report_path.read_text()), upstash, sink)
 
+    # done when: the same job pushed raw onto the legacy list gives the same signed completed callback
+    bridge.ready()
+    raw = {**copy.deepcopy(single), "id": new_id()}
+    store.rpush("sdxl_queue", json.dumps(raw))
+    raw_body = terminal(sink, raw["id"])
+    assert all(c["signature_ok"] for c in sink.callbacks(raw["id"]))
+    assert normalized(raw_body) == normalized(body)
+    assert stored(sink, raw_body["assets"][0]["url"]) == stored(sink, body["assets"][0]["url"])  # the same PNG bytes
+    assert bridge.stop() == 0
+
+
+@pytest.mark.slow
+def test_deno_publisher_end_to_end(deno: list[str], upstash: UpstashRest, sdxl_worker: WorkerProcess,
+                                   chat_worker: WorkerProcess, sink: Sink, tmp_path: Path) -> None:
+    """The same e2e test file under Deno, with only the permissions an Edge Function would need."""
+    report_path = tmp_path / "report.json"
+    env = deno_env(UPSTASH_REDIS_REST_URL=upstash.url, UPSTASH_REDIS_REST_TOKEN=TOKEN,
+                   OURVIDZ_EDGE_REPORT=str(report_path))
+    host = upstash.url.split("://", 1)[1].rstrip("/")
+    seen = {e["headers"]["id"] for e in upstash.pushed("sdxl") + upstash.pushed("chat")}
+    text = run([*deno, "test", "--no-prompt", f"--allow-net={host}", f"--allow-env={','.join(E2E_ENV)}",
+                "--allow-read", f"--allow-write={report_path}", "test/e2e.test.ts"], env=env)
+    assert re.search(r"^ok \| 6 passed \| 0 failed", text, re.M), text[-3000:]
+    assert "ignored" not in text.split("ok | ", 1)[1].splitlines()[0], text[-2000:]
+    check_report(json.loads(report_path.read_text()), upstash, sink, seen)
+
+
+def check_report(report: dict[str, Any], upstash: UpstashRest, sink: Sink,
+                 before: Collection[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the e2e run published (``report``) completed; returns the single job and its terminal callback.
+
+    ``before``: task ids pushed by an earlier run through the same REST stand-in, left out.
+    """
     # a single job: one signed completed callback, shaped as the schema says
     single = report["single"]["job"]
     body = terminal(sink, single["id"])
@@ -122,7 +184,7 @@ def test_typescript_publisher_end_to_end(node_modules: Path, upstash: UpstashRes
     assert report["chat"]["response"] is not None
 
     # what crossed the REST API: envelopes with the job id only outside the body, and no secret
-    envelopes = upstash.pushed("sdxl") + upstash.pushed("chat")
+    envelopes = [e for e in upstash.pushed("sdxl") + upstash.pushed("chat") if e["headers"]["id"] not in before]
     assert len(envelopes) >= 4  # job, chain, two chats
     for envelope in envelopes:
         outside = json.dumps({**envelope, "body": None})
@@ -135,13 +197,4 @@ def test_typescript_publisher_end_to_end(node_modules: Path, upstash: UpstashRes
     first = by_id[report["chain"]["taskId"]]
     assert first["headers"]["task"] == "ourvidz.chat.enhance"
     assert [step["task"] for step in decoded(first)[2]["chain"]] == ["ourvidz.sdxl.generate"]
-
-    # done when: the same job pushed raw onto the legacy list gives the same signed completed callback
-    bridge.ready()
-    raw = {**copy.deepcopy(single), "id": new_id()}
-    store.rpush("sdxl_queue", json.dumps(raw))
-    raw_body = terminal(sink, raw["id"])
-    assert all(c["signature_ok"] for c in sink.callbacks(raw["id"]))
-    assert normalized(raw_body) == normalized(body)
-    assert stored(sink, raw_body["assets"][0]["url"]) == stored(sink, body["assets"][0]["url"])  # the same PNG bytes
-    assert bridge.stop() == 0
+    return single, body

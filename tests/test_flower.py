@@ -55,13 +55,14 @@ def base_env(**extra: str) -> dict[str, str]:
 class FlowerProcess:
     """``bin/flower`` on a free port, its output in a log file."""
 
-    def __init__(self, log: Path, *args: str, **env: str) -> None:
-        self.port = free_port()
+    def __init__(self, log: Path, *args: str, port: int | None = None, port_flag: bool = True, **env: str) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         handle = open(log, "wb")
+        flags = ["--port", str(self.port)] if port_flag else []
         self.proc = subprocess.Popen(
-            [str(ROOT / "bin" / "flower"), "--port", str(self.port), *args], cwd=ROOT, env=base_env(**env),
+            [str(ROOT / "bin" / "flower"), *flags, *args], cwd=ROOT, env=base_env(**env),
             stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
         )
         handle.close()
@@ -195,6 +196,35 @@ def test_local_only_serves_loopback_without_password(tmp_path: Path) -> None:
         assert httpx.get(f"{process.url}/api/workers", timeout=10).status_code == 401  # the API: never open
     finally:
         process.stop()
+
+
+def test_local_only_refuses_a_wide_address_from_the_environment() -> None:
+    run = subprocess.run([str(ROOT / "bin" / "flower"), "--local-only"], env=base_env(FLOWER_ADDRESS="0.0.0.0"),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "loopback" in run.stderr and "'0.0.0.0'" in run.stderr
+
+
+@pytest.mark.slow
+def test_flower_environment_options_work_and_flags_win(tmp_path: Path) -> None:
+    """Flower's own ``FLOWER_<OPTION>`` settings configure ``bin/flower``; a flag still beats its variable."""
+    env_port, flag_port = free_port(), free_port()
+    by_env = FlowerProcess(tmp_path / "env.log", port=env_port, port_flag=False, FLOWER_PORT=str(env_port),
+                           FLOWER_ADDRESS="127.0.0.1", FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}",
+                           FLOWER_URL_PREFIX="dash")
+    by_flag = FlowerProcess(tmp_path / "flag.log", "--local-only", port=flag_port, FLOWER_PORT=str(env_port + 1))
+    try:
+        by_env.url = f"{by_env.url}/dash"
+        by_env.wait_ready()
+        assert f"Visit me at http://127.0.0.1:{env_port}/dash/" in by_env.text()
+        assert httpx.get(f"{by_env.url}/api/workers", timeout=10).status_code == 401
+        assert httpx.get(f"{by_env.url}/api/workers", auth=(USER, PASSWORD), timeout=30).status_code == 200
+        by_flag.wait_ready()
+        assert f"Visit me at http://127.0.0.1:{flag_port}" in by_flag.text()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{env_port + 1}/healthcheck", timeout=5)
+    finally:
+        by_env.stop()
+        by_flag.stop()
 
 
 # -- auth, pools, tasks -------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 from ourvidz_tasks.errors import InvalidJob
 from ourvidz_tasks.jobs import (
-    exact_copy_schedule,
+    exact_copy_plan,
     frame_count,
     img2img_steps,
     parse_chat,
@@ -154,8 +154,9 @@ def test_steps_times_strength_below_one_is_raised_to_one_step() -> None:
 
 @pytest.mark.parametrize(("run", "strength"), [(6, 0.05), (10, 0.05), (7, 0.03), (6, 0.01), (8, 0.049)])
 def test_exact_copy_schedule(run: int, strength: float) -> None:
-    assert int(exact_copy_schedule(run, strength) * strength) == run
-    assert exact_copy_schedule(6, 0.05) == 120 or run != 6 or strength != 0.05
+    schedule, used = exact_copy_plan(run, strength)
+    assert int(schedule * used) == run and used == strength  # these strengths are kept as given
+    assert exact_copy_plan(6, 0.05) == (120, 0.05)
 
 
 def test_wan_frames_sizes_and_references() -> None:

@@ -1,19 +1,23 @@
-"""The callback outbox: the GPU pool never waits on the edge; an outage loses nothing."""
+"""Callbacks with the pools alone: delivered at once, an outage waited out in the outbox, in order; nothing lost."""
 
 from __future__ import annotations
 
 import os
+import socket
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
 from ourvidz_tasks.delivery import Delivery
+from ourvidz_tasks.outbox_store import CONSUMER, LIST
 from ourvidz_tasks.settings import Settings
 from ourvidz_tasks.sink import Sink
 
-from .conftest import WorkerProcess, new_id, terminal, wait_for
+from .conftest import KEY, SECRET, WorkerProcess, new_id, terminal, wait_for
 from .wire import publish
 
 OUTAGE = float(os.environ.get("OURVIDZ_TEST_OUTAGE_SECONDS", "10"))
@@ -22,6 +26,49 @@ OUTAGE = float(os.environ.get("OURVIDZ_TEST_OUTAGE_SECONDS", "10"))
 def job() -> dict[str, Any]:
     return {"id": new_id(), "type": "sdxl_image_fast", "user_id": "user_123", "prompt": "a quiet harbour",
             "config": {"resolution": "256x256", "num_inference_steps": 2, "seed": 3}}
+
+
+def _arrivals(sink: Sink, jobs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    ids = {j["id"] for j in jobs}
+    return [(c["body"]["job_id"], c["body"]["status"]) for c in sink.callbacks() if c["body"]["job_id"] in ids]
+
+
+def assert_in_order(sink: Sink, jobs: list[dict[str, Any]], terminal_status: dict[str, str] | None = None,
+                    *, one_after_another: bool = True) -> None:
+    """Every job: ``processing`` first, attempts and progress rising, exactly one terminal and it comes last,
+    all signed; and (``one_after_another``: jobs that one solo pool ran one after the other, no retries)
+    the jobs arrive one after the other, in publish order."""
+    for payload in jobs:
+        calls = sink.callbacks(payload["id"])
+        statuses = [c["body"]["status"] for c in calls]
+        want = (terminal_status or {}).get(payload["id"], "completed")
+        assert statuses[0] == "processing" and statuses[-1] == want, statuses
+        assert statuses.count("completed") + statuses.count("failed") == 1, statuses
+        assert all(c["signature_ok"] for c in calls)
+        progress = [(c["body"]["metadata"]["attempt"], c["body"]["metadata"].get("progress", 0))
+                    for c in calls if c["body"]["status"] == "processing"]
+        assert progress == sorted(progress), progress
+    if not one_after_another:
+        return
+    arrived = [job_id for job_id, _ in _arrivals(sink, jobs)]
+    runs = [job_id for i, job_id in enumerate(arrived) if i == 0 or arrived[i - 1] != job_id]
+    assert runs == [j["id"] for j in jobs], "jobs arrived out of order or interleaved"
+
+
+def test_the_pools_alone_deliver_every_callback(sdxl_worker: WorkerProcess, store: redis.Redis, sink: Sink) -> None:
+    """CONTRACT section 5: `bin/worker sdxl` with nothing else running is a complete deployment."""
+    assert not store.exists(CONSUMER)  # no `bin/worker outbox` on this broker
+    jobs = [job() for _ in range(3)]
+    bad = {"id": new_id(), "type": "sdxl_image_fast", "user_id": "user_123", "prompt": "x",
+           "config": {"num_inference_steps": "x"}}
+    for payload in [*jobs, bad]:
+        publish(store, "ourvidz.sdxl.generate", payload, "sdxl")
+    for payload in [*jobs, bad]:
+        terminal(sink, payload["id"], 120)
+    assert_in_order(sink, [*jobs, bad], {bad["id"]: "failed"})
+    for payload in [*jobs, bad]:
+        wait_for(lambda p=payload: store.exists(f"ourvidz:job:{p['id']}:delivered"), 10, what="the delivered mark")
+    assert store.llen(LIST) == 0
 
 
 @pytest.mark.slow
@@ -37,21 +84,48 @@ def test_callbacks_wait_out_an_outage_and_arrive_in_order(sdxl_worker: WorkerPro
         wait_for(lambda: all(store.exists(f"ourvidz:job:{j['id']}:final") for j in jobs), 120, what="jobs to end")
         finished_in = time.time() - down_at
         assert all(sink.callbacks(j["id"]) == [] for j in jobs)
+        assert store.llen(LIST) >= 2 * len(jobs)  # every body waits, durably, in Redis
         time.sleep(max(0.0, OUTAGE - finished_in))
     finally:
         sink.faults()
     for payload in jobs:
-        body = terminal(sink, payload["id"], 120)
-        assert body["status"] == "completed"
-        calls = sink.callbacks(payload["id"])
-        statuses = [c["body"]["status"] for c in calls]
-        assert statuses[0] == "processing" and statuses[-1] == "completed" and statuses.count("completed") == 1
-        assert all(c["signature_ok"] for c in calls)
-        progress = [c["body"]["metadata"].get("progress", 0) for c in calls if c["body"]["status"] == "processing"]
-        assert progress == sorted(progress)
+        assert terminal(sink, payload["id"], 120)["status"] == "completed"
         wait_for(lambda p=payload: store.exists(f"ourvidz:job:{p['id']}:delivered"), 10, what="the delivered mark")
+    assert_in_order(sink, jobs)
     print(f"{len(jobs)} jobs finished in {finished_in:.1f}s during a {OUTAGE:.0f}s callback outage; "
           f"all {len(jobs)} terminal callbacks delivered after it, in order")
+
+
+@pytest.mark.slow
+def test_an_edge_down_then_up_gets_every_callback_in_order_from_the_pool_alone(
+        start_worker: Callable[..., WorkerProcess], isolated_broker: str, tmp_path: Path) -> None:
+    """The edge's host is gone (connection refused), then back on the same address: no outbox consumer runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    edge = Sink(tmp_path / "edge", KEY, SECRET, port=port).start()
+    store = redis.Redis.from_url(isolated_broker)
+    pool = start_worker("sdxl", OURVIDZ_BROKER_URL=isolated_broker, SUPABASE_URL=edge.url,
+                 OURVIDZ_HOSTNAME=f"edge-down-{new_id()[:6]}")
+    edge.stop()  # Supabase is gone: storage and the callback endpoint
+    jobs = [job() for _ in range(3)]
+    for payload in jobs:
+        publish(store, "ourvidz.sdxl.generate", payload, "sdxl")
+    # each job computed, found storage down and waits for its retry; its callbacks wait in the outbox
+    wait_for(lambda: all(f"job {j['id']}: WORKER_UNAVAILABLE, retry" in pool.text() for j in jobs), 120,
+             what="every job to meet the outage")
+    assert store.llen(LIST) >= len(jobs) and not store.exists(CONSUMER)
+    edge = Sink(tmp_path / "edge", KEY, SECRET, port=port).start()
+    try:
+        for payload in jobs:
+            assert terminal(edge, payload["id"], 120)["status"] == "completed"
+        for payload in jobs:
+            wait_for(lambda p=payload: store.exists(f"ourvidz:job:{p['id']}:delivered"), 10, what="the mark")
+        assert_in_order(edge, jobs, one_after_another=False)
+        assert all(len({c["body"]["metadata"]["attempt"] for c in edge.callbacks(j["id"])}) > 1 for j in jobs)
+        assert store.llen(LIST) == 0
+    finally:
+        edge.stop()
 
 
 def test_replay_resends_the_last_callback(sdxl_worker: WorkerProcess, store: redis.Redis, sink: Sink) -> None:

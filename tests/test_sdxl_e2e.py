@@ -140,6 +140,21 @@ def test_exact_copy_without_usable_reference_fails(sdxl_worker: WorkerProcess, s
     assert body["status"] == "failed" and body["error"]["code"] == "I2I_PIPELINE_ERROR"
 
 
+@pytest.mark.parametrize("steps", [49, 98, 103, 107])  # int(n * (1 / n)) == 0 for these
+def test_a_raised_single_step_runs_img2img(steps: int, sdxl_worker: WorkerProcess, store: redis.Redis,
+                                          sink: Sink) -> None:
+    """Raising to one step once computed 1 / n, which runs zero steps for these n: the pipeline
+    refused and the job quietly fell back to txt2img."""
+    url = reference_url(sink, "raised.png", (200, 30, 30), (30, 30, 200))
+    payload = job(config={"image": url, "num_inference_steps": steps, "denoise_strength": 0.001,
+                          "width": 64, "height": 64})
+    body = run(store, sink, payload)
+    assert body["status"] == "completed" and "fallback" not in body["metadata"], body
+    meta = body["assets"][0]["metadata"]
+    assert (meta["pipeline"], meta["steps"], meta["steps_run"]) == ("img2img", steps, 1)
+    assert body["metadata"]["steps_raised"]["steps_run"] == 1
+
+
 def test_unsafe_reference_is_invalid_job(sdxl_worker: WorkerProcess, store: redis.Redis, sink: Sink) -> None:
     body = run(store, sink, job(config={"image": "file:///etc/passwd"}))
     assert body["error"]["code"] == "INVALID_JOB" and "config.image" in body["error"]["message"]

@@ -176,6 +176,7 @@ export interface JobConfig {
   frames?: number | null;
   frame_num?: number | null;
   fps?: number | null;
+  sample_shift?: number | null;
   reference_mode?: "none" | "single" | "start" | "end" | "both" | null;
   image?: string | null;
   first_frame?: string | null;

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..devices import local_cuda_index
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -28,16 +29,25 @@ StepCallback = Callable[[int, int], None]
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """``OURVIDZ_DEVICE`` as a torch device: default the first GPU, else CPU."""
+    """``OURVIDZ_DEVICE`` as this process's torch device: default the first GPU, else CPU.
+
+    ``cpu:N`` (a simulated device) computes on the CPU; ``cuda:N`` is the host's card N, renumbered
+    as the container sees it (:func:`ourvidz_tasks.devices.local_cuda_index`).
+    """
     import torch
 
     if name is None:
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
+    if device.type == "cpu":
+        return torch.device("cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"OURVIDZ_DEVICE: {name} requested but CUDA is not available")
-        index = device.index or 0
+        try:
+            index = local_cuda_index(device.index or 0, os.environ)
+        except ValueError as exc:
+            raise ConfigError(f"OURVIDZ_DEVICE: {exc}") from None
         if index >= torch.cuda.device_count():
             raise ConfigError(f"OURVIDZ_DEVICE: {name} requested but only {torch.cuda.device_count()} GPU(s) exist")
         return torch.device("cuda", index)

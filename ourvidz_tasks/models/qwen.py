@@ -24,7 +24,7 @@ from . import build_once, compute_dtype, module_bytes, release_memory
 
 if TYPE_CHECKING:
     import torch
-    from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
     from ..settings import Settings
 
@@ -263,13 +263,12 @@ def _load_folder(folder: Path, name: QwenName, device: torch.device, *, source: 
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         model.eval()
     except torch.OutOfMemoryError:
-        release_memory(device)
-        raise
+        raise  # the slot releases memory once this traceback is gone (faults.load_failure)
     except Exception as exc:
-        release_memory(device)
         raise ModelLoadError(f"{name}: could not load {folder}: {type(exc).__name__}: {_short(exc)}") from exc
     if name == "qwen_instruct" and not tokenizer.chat_template:
         raise ModelLoadError(f"{name}: {folder} has no chat template")
+    model.generation_config = plain_generation_config(model.generation_config)
     return QwenModel(name=name, model=model, tokenizer=tokenizer, device=device, source=source)
 
 
@@ -343,22 +342,17 @@ def generate_chat(
     input_ids = encoded["input_ids"].to(model.device)
     attention_mask = encoded["attention_mask"].to(model.device)
     stop_ids = _stop_ids(model)
-    options: dict[str, object] = {
-        "max_new_tokens": max_tokens,
-        "eos_token_id": stop_ids,
-        "pad_token_id": _pad_id(model, stop_ids),
-    }
-    if temperature > 0:
-        options.update(do_sample=True, temperature=float(temperature), top_p=float(top_p))
-    else:
-        options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    config = sampling_config(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
+                             stop_ids=stop_ids, pad_id=_pad_id(model, stop_ids))
 
     devices = [model.device.index or 0] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.inference_mode():
         if seed is not None:
             torch.manual_seed(seed)
         start = time.perf_counter()
-        output = cast("GenerationMixin", model.model).generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+        output = cast("GenerationMixin", model.model).generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+        )
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
         elapsed = time.perf_counter() - start
@@ -378,6 +372,39 @@ def generate_chat(
         finish_reason="length" if hit_limit else "stop",
         generation_time=elapsed,
     )
+
+
+def plain_generation_config(loaded: GenerationConfig) -> GenerationConfig:
+    """The checkpoint's generation config with only its token ids kept.
+
+    Qwen2.5 ships sampling defaults (``top_k``, ``top_p``, ``temperature``,
+    ``repetition_penalty``) that ``generate`` would merge into every call where
+    a parameter is left unset; chat is pure inference on what the caller sends,
+    so nothing but the bos/eos/pad ids survives loading.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=loaded.bos_token_id, eos_token_id=loaded.eos_token_id,
+                            pad_token_id=loaded.pad_token_id)
+
+
+def sampling_config(*, max_tokens: int, temperature: float, top_p: float, stop_ids: list[int],
+                    pad_id: int | None) -> GenerationConfig:
+    """Every parameter that shapes the next token, set explicitly (README "Chat sampling").
+
+    Greedy when ``temperature`` is 0, else plain sampling with ``temperature``
+    and ``top_p``; no top-k, min-p, typical-p, repetition penalty or n-gram ban.
+    """
+    from transformers import GenerationConfig
+
+    neutral: dict[str, Any] = {
+        "max_new_tokens": max_tokens, "min_new_tokens": 0, "num_beams": 1, "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0, "eos_token_id": stop_ids, "pad_token_id": pad_id,
+    }
+    if temperature > 0:
+        return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, typical_p=1.0,
+                                **neutral)
+    return GenerationConfig(do_sample=False, **neutral)
 
 
 def _check_messages(messages: list[dict[str, str]]) -> None:

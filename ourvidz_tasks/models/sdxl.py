@@ -374,8 +374,7 @@ def _finish(t2i: StableDiffusionXLPipeline, device: torch.device, dtype: torch.d
     pipe: Any = t2i  # diffusers registers the components dynamically: untyped
     try:
         pipe.to(device)
-    except torch.OutOfMemoryError as exc:
-        release_memory(device)
+    except torch.OutOfMemoryError as exc:  # the slot releases memory once this traceback is gone
         raise OutOfMemory(f"SDXL does not fit on {device}") from exc
     _quiet_diffusers()
     # diffusers' default on torch 2, made explicit: a checkpoint's config cannot turn it off.
@@ -539,6 +538,6 @@ def _compel_embeddings(pipe: Any, text: str, negative_prompt: str | None) -> dic
 
 
 def _oom(model: SdxlModel, width: int, height: int, count: int) -> OutOfMemory:
-    """Free what the failed run left behind and describe it (no prompt)."""
-    release_memory(model.device)
+    """Describe the failed run (no prompt). Memory is released by the caller once out of its
+    ``except`` (:func:`~ourvidz_tasks.faults.step_down`): here the traceback still holds the run."""
     return OutOfMemory(f"SDXL ran out of memory on {model.device} at {width}x{height} x{count}")

@@ -16,10 +16,11 @@ owned by whoever loaded it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,8 +280,16 @@ def run_wan(
     first_frame: PIL.Image.Image | None = None,
     last_frame: PIL.Image.Image | None = None,
     on_step: StepCallback | None = None,
+    shift: float | None = None,
+    on_conditioning: Callable[[dict[str, Any]], None] | None = None,
 ) -> np.ndarray:
     """Generate one clip; returns uint8 frames shaped ``(num_frames, height, width, 3)``.
+
+    ``shift`` is the flow-matching schedule's shift (Wan's ``sample_shift``);
+    None keeps the checkpoint's. The pipeline hands back a tensor that is
+    turned into uint8 once, on the model's device, and copied out once.
+    ``on_conditioning`` receives :func:`describe_conditioning` of exactly what
+    the pipeline is given (for the job's metadata).
 
     ``reference_mode`` (VACE checkpoints only; ``t2v`` refuses all but ``none``
     with a ``ValueError`` starting ``reference_mode``):
@@ -320,6 +329,10 @@ def run_wan(
         width=width, height=height, num_frames=num_frames,
     )
     callback = step_callback(on_step) if on_step is not None else None
+    if shift is not None:
+        set_shift(pipe, shift)
+    if on_conditioning is not None:
+        on_conditioning(describe_conditioning(conditioning))
 
     output = pipe(
         prompt=prompt,
@@ -330,15 +343,53 @@ def run_wan(
         num_inference_steps=steps,
         guidance_scale=float(guidance_scale),
         generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="np",
+        output_type="pt",
         callback_on_step_end=callback,
         **conditioning,
     )
-    frames = np.asarray(output.frames[0], dtype=np.float32)
-    if frames.shape != (num_frames, height, width, 3):
-        raise RuntimeError(f"WAN returned frames of shape {frames.shape}, expected {(num_frames, height, width, 3)}")
-    clip: np.ndarray = np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+    return to_uint8_frames(output.frames[0], (num_frames, height, width, 3))
+
+
+def to_uint8_frames(video: torch.Tensor, expected: tuple[int, int, int, int]) -> np.ndarray:
+    """A ``(frames, 3, H, W)`` tensor in [0, 1] as uint8 ``(frames, H, W, 3)``: one conversion,
+    on the tensor's device, then one copy to host memory."""
+    import torch
+
+    with torch.inference_mode():
+        frames = (video * 255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        clip: np.ndarray = frames.contiguous().cpu().numpy()
+    if clip.shape != expected:
+        raise RuntimeError(f"WAN returned frames of shape {clip.shape}, expected {expected}")
     return clip
+
+
+def image_digest(image: PIL.Image.Image) -> str:
+    """A short SHA-256 of an image's RGB pixels and size (what conditioning reports)."""
+    rgb = image.convert("RGB")
+    return hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()[:16]
+
+
+def describe_conditioning(conditioning: dict[str, Any]) -> dict[str, Any]:
+    """What VACE is conditioned on: digests of the reference images, and of each frame kept
+    as given (black mask) by its index in the clip. Empty for text only."""
+    described: dict[str, Any] = {}
+    if "reference_images" in conditioning:
+        described["reference_images"] = [image_digest(image) for image in conditioning["reference_images"]]
+    if "mask" in conditioning:
+        video, mask = conditioning["video"], conditioning["mask"]
+        described["frames"] = {str(i): image_digest(video[i]) for i, m in enumerate(mask) if m.getextrema() == (0, 0)}
+    return described
+
+
+def set_shift(pipe: Any, shift: float) -> None:
+    """Give the pipeline's flow-matching scheduler ``shift`` (UniPC's ``flow_shift``,
+    FlowMatchEuler's ``shift``); rebuilt only when it changes."""
+    scheduler = pipe.scheduler
+    name = "flow_shift" if "flow_shift" in scheduler.config else "shift" if "shift" in scheduler.config else None
+    if name is None:
+        raise ValueError(f"the scheduler {type(scheduler).__name__} has no flow shift")
+    if float(scheduler.config[name]) != float(shift):
+        pipe.scheduler = type(scheduler).from_config(scheduler.config, **{name: float(shift)})
 
 
 def _check_mode(model: WanModel, reference_mode: str) -> None:
@@ -399,7 +450,7 @@ def _conditioning(
     if reference_mode in ("end", "both"):
         image = last_frame if last_frame is not None or reference_mode == "both" else reference
         last = fit_image(_require("last_frame", image, reference_mode), width, height)
-    if first is not None and last is not None and num_frames < 2:
+    if first is not None and last is not None and num_frames < 5:
         raise ValueError(f"num_frames must be at least 5 for reference_mode 'both', got {num_frames}")
 
     gray = PIL.Image.new("RGB", (width, height), _GRAY)

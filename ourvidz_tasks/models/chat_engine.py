@@ -1,0 +1,401 @@
+"""The chat pool's engine: many requests, one model, continuous batching.
+
+:class:`ChatEngine` wraps one loaded :class:`QwenModel` and one long-lived
+``transformers`` ``ContinuousBatchingManager`` (its paged KV cache is
+preallocated at load and its decode thread runs until unload). Task threads
+call :meth:`ChatEngine.generate`; a request joins the running batch at the
+next decode step and leaves it when it ends.
+
+The engine keeps its own admission in front of the manager:
+
+* at most ``max_running`` requests decode together, and the KV cache pages of
+  every admitted request (prompt + ``max_tokens``) are reserved up front, so
+  the cache never overflows mid-decode and no request can push another out;
+  a request that could never fit is ``INVALID_JOB`` naming ``messages`` or
+  ``max_tokens``;
+* waiting requests are admitted urgent-first (enhancements gate generations),
+  but a waiting chat passed over ``max_running`` times goes next.
+
+Sampling is done per request by :class:`_Sampler`, a per-request logits
+processor that turns each row into a one-hot choice: greedy rows take the
+argmax, sampled rows draw with the request's own ``torch.Generator`` (seeded
+from ``seed``), so a request's tokens depend only on its own logits, not on
+its neighbours in the batch or their order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
+
+from ..errors import InvalidJob, ModelLoadError
+from .qwen import ChatOutput, QwenModel, QwenName, _pad_id, _stop_ids, load_qwen, render_prompt
+
+if TYPE_CHECKING:
+    from transformers import ContinuousBatchingManager
+    from transformers.generation.continuous_batching.requests import FutureRequestState, GenerationOutput
+
+    from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: tokens per KV-cache page; admission reserves whole pages
+PAGE_SIZE = 64
+#: the most prompt tokens one decode step prefills (longer prompts take several steps)
+MAX_BATCH_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a caller asked for: greedy when ``temperature`` is 0."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None = None
+
+
+class _Sampler(ContinuousBatchingLogitsProcessor):
+    """Per-request token choice: each row of the scores becomes one-hot on the chosen token."""
+
+    def __init__(self) -> None:
+        self.supported_kwargs: dict[str, type] = {"slot": int}
+        self.ignored_kwargs: tuple[str, ...] = ()
+        self.rows: dict[int, tuple[Sampling, torch.Generator | None]] = {}
+
+    def add(self, slot: int, sampling: Sampling, device: torch.device) -> None:
+        generator = None
+        if sampling.temperature > 0:
+            seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+            generator = torch.Generator(device=device).manual_seed(seed)
+        self.rows[slot] = (sampling, generator)
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(-1)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[FutureRequestState]) -> torch.Tensor:
+        slots = [int(r.state.logit_processor_kwargs.get("slot", -1)) for r in requests_with_new_token]
+        return torch.tensor(slots, dtype=torch.int32, device="cpu")
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        chosen = scores.argmax(dim=-1)
+        for row, slot in enumerate(tensor_arg[: scores.size(0)].tolist()):
+            sampling, generator = self.rows.get(slot, (None, None))
+            if sampling is not None and generator is not None:
+                chosen[row] = _draw(scores[row], sampling, generator)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen.unsqueeze(1), 0.0)
+        return out
+
+
+def _draw(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """Temperature, then nucleus (top-p) filtering as ``TopPLogitsWarper`` does, then one draw."""
+    scores = logits / sampling.temperature
+    if sampling.top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - sampling.top_p)
+        remove[-1:] = False
+        scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[0]
+
+
+@dataclass
+class _Request:
+    key: str
+    job: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    urgent: bool
+    pages: int
+    future: Future[ChatOutput] = field(default_factory=Future)
+    queued: float = field(default_factory=time.monotonic)
+    #: times an urgent request was admitted while this one waited
+    passed: int = 0
+    slot: int = 0
+
+
+class ChatEngine:
+    """One model, continuously batched; thread-safe :meth:`generate`."""
+
+    def __init__(self, model: QwenModel, *, max_running: int, cache_tokens: int) -> None:
+        if model.model is None:
+            raise ModelLoadError(f"{model.name}: the model was unloaded")
+        self.qwen = model
+        self.name = model.name
+        self.max_running = max_running
+        self.stop_ids = _stop_ids(model)
+        self._pad = _pad_id(model, self.stop_ids)
+        self._lock = threading.Lock()
+        self._waiting: deque[_Request] = deque()
+        self._running: dict[str, _Request] = {}
+        self._slots = 0
+        self._sampler = _Sampler()
+        self._closed = threading.Event()
+        self._stopping = threading.Event()
+        self._manager = self._start_manager(math.ceil(cache_tokens / PAGE_SIZE))
+        cache = self._manager.batch_processor.cache  # type: ignore[union-attr]
+        self.pages: int = int(cache.num_blocks)
+        #: what the engine preallocates or plans for: the KV cache and the per-step tensors
+        self.cache_bytes: int = _footprint(self._manager, cache)
+        positions = getattr(model.model.config, "max_position_embeddings", None) or self.pages * PAGE_SIZE
+        #: the most tokens (prompt + max_tokens) one request may hold
+        self.context_limit = min(self.pages * PAGE_SIZE, int(positions))
+        self._pages_free = self.pages
+        self._dispatcher = threading.Thread(target=self._dispatch, name=f"chat-engine-{self.name}", daemon=True)
+        self._dispatcher.start()
+
+    # -- the manager ------------------------------------------------------------
+
+    def _start_manager(self, pages: int) -> ContinuousBatchingManager:
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        # do_sample with a temperature makes the manager keep one per-request processor slot,
+        # which _Sampler then takes over; every row it returns is one-hot, so the draw is ours
+        generation = GenerationConfig(do_sample=True, temperature=0.5, max_new_tokens=1,
+                                      eos_token_id=self.stop_ids, pad_token_id=self._pad)
+        config = ContinuousBatchingConfig(
+            page_size=PAGE_SIZE, num_blocks=pages, max_batch_tokens=MAX_BATCH_TOKENS,
+            max_requests_per_batch=self.max_running, allow_block_sharing=False, safety_margin=0.0,
+            per_request_processors=True, use_cuda_graph=False, auto_switch_to_flash=False,
+            use_async_batching=False, max_memory_percent=1.0,
+        )
+        model: Any = self.qwen.model
+        manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
+        processors = manager.logit_processor
+        processors.logits_processor[:] = [self._sampler]
+        processors._retrieve_processors_kwargs()
+        with torch.inference_mode():
+            manager.start()
+        deadline = time.monotonic() + 120
+        while manager.batch_processor is None:  # the decode thread builds the cache first thing
+            if not manager.is_running() or time.monotonic() > deadline:
+                fatal = manager.background_thread_status.fatal_error
+                raise ModelLoadError(f"{self.name}: the batching engine did not start") from fatal
+            time.sleep(0.01)
+        return manager
+
+    def nbytes(self) -> int:
+        """Weights plus the KV cache and the per-step tensors the manager plans for (0 once unloaded)."""
+        weights = self.qwen.nbytes()
+        return weights + self.cache_bytes if weights else 0
+
+    def unload(self) -> int:
+        """Stop the decode thread (failing whatever still runs), drop the cache and the model."""
+        freed = self.nbytes()
+        self._stopping.set()  # no restart, no new admissions
+        self._manager.stop(block=True, timeout=30)  # what runs finishes and is still delivered
+        self._closed.set()
+        self._dispatcher.join(timeout=5)
+        self._manager.destroy()
+        gone = ModelLoadError(f"{self.name}: the model was unloaded")
+        self._fail_all(gone)
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for request in waiting:
+            request.future.set_exception(_copy(gone))
+        self.qwen.unload()
+        return freed
+
+    # -- requests -----------------------------------------------------------------
+
+    def generate(self, messages: list[dict[str, str]], sampling: Sampling, *, urgent: bool = False,
+                 job: str = "?") -> ChatOutput:
+        """Answer ``messages`` (blocking); raises what the request or the engine failed with."""
+        return self.submit(messages, sampling, urgent=urgent, job=job).result()
+
+    def submit(self, messages: list[dict[str, str]], sampling: Sampling, *, urgent: bool = False,
+               job: str = "?") -> Future[ChatOutput]:
+        """Queue ``messages``; the future holds the answer or the error."""
+        _check_sampling(sampling)
+        if self._stopping.is_set() or self.qwen.tokenizer is None:
+            raise ModelLoadError(f"{self.name}: the model was unloaded")
+        prompt = render_prompt(self.qwen, messages)
+        ids = self.qwen.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        self._check_fits(len(ids), sampling.max_tokens)
+        pages = math.ceil((len(ids) + sampling.max_tokens) / PAGE_SIZE)
+        with self._lock:
+            self._slots += 1
+            request = _Request(key=f"{job}#{self._slots}", job=job, prompt_ids=list(ids), sampling=sampling,
+                               urgent=urgent, pages=pages, slot=self._slots)
+            self._waiting.append(request)
+            self._admit()
+        return request.future
+
+    def _check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        limit = self.context_limit
+        if prompt_tokens >= limit:
+            raise InvalidJob(f"`messages` take {prompt_tokens} tokens; a request to {self.name} holds at most "
+                             f"{limit} tokens with its reply", field="messages")
+        if prompt_tokens + max_tokens > limit:
+            raise InvalidJob(f"`max_tokens` must be at most {limit - prompt_tokens} for these messages "
+                             f"({prompt_tokens} tokens; {limit} in all); got {max_tokens}", field="max_tokens")
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch while slots and cache pages last (lock held)."""
+        while self._waiting and len(self._running) < self.max_running and not self._stopping.is_set():
+            request = self._next()
+            if request.pages > self._pages_free:
+                return  # it waits at the head, so a big request is never starved by small ones
+            self._waiting.remove(request)
+            for other in self._waiting:
+                if request.urgent and not other.urgent:
+                    other.passed += 1
+            self._pages_free -= request.pages
+            self._running[request.key] = request
+            self._sampler.add(request.slot, request.sampling, self.qwen.device)
+            s = request.sampling
+            added = self._manager.add_request(request.prompt_ids, request_id=request.key, max_new_tokens=s.max_tokens,
+                                              eos_token_id=self.stop_ids, slot=request.slot)
+            if added is None:
+                self._finish(request, error=self._engine_error())
+            else:
+                log.info("chat %s admitted (%s, waited %.3fs, %d running)", request.job,
+                         "urgent" if request.urgent else "normal", time.monotonic() - request.queued,
+                         len(self._running))
+
+    def _next(self) -> _Request:
+        """Urgent first, unless the oldest normal request has been passed over ``max_running`` times."""
+        normal = next((r for r in self._waiting if not r.urgent), None)
+        if normal is not None and normal.passed >= self.max_running:
+            return normal
+        return next((r for r in self._waiting if r.urgent), self._waiting[0])
+
+    def _dispatch(self) -> None:
+        """Hand finished outputs to their callers; fail everything if the decode thread dies."""
+        while not self._closed.is_set():
+            output = self._manager.get_result(timeout=0.1)
+            if output is not None:
+                if output.is_finished():
+                    self._complete(output)
+                continue
+            if not self._manager.is_running() and not self._stopping.is_set():
+                error = self._engine_error()
+                log.error("chat engine %s stopped: %s", self.name, type(error).__name__)
+                self._fail_all(error)
+                self._restart()
+
+    def _restart(self) -> None:
+        with self._lock:
+            try:
+                self._manager.destroy()
+                self._manager = self._start_manager(self.pages)
+                self._admit()
+            except Exception as exc:  # nothing can run here: every caller gets the error
+                self._stopping.set()
+                self._closed.set()
+                waiting = list(self._waiting)
+                self._waiting.clear()
+                for request in waiting:
+                    request.future.set_exception(exc)
+
+    def _complete(self, output: GenerationOutput) -> None:
+        with self._lock:
+            request = self._running.get(output.request_id)
+            if request is None:
+                return
+            if output.error is not None:
+                self._finish(request, error=self._engine_error(output.error))
+            else:
+                self._finish(request, output=output)
+            self._admit()
+
+    def _finish(self, request: _Request, *, output: GenerationOutput | None = None,
+                error: BaseException | None = None) -> None:
+        """Free the request's pages and slot, then resolve its future (lock held)."""
+        self._running.pop(request.key, None)
+        self._sampler.rows.pop(request.slot, None)
+        self._pages_free += request.pages
+        if output is None:
+            request.future.set_exception(error or self._engine_error())
+            return
+        try:
+            request.future.set_result(self._answer(request, output))
+        except Exception as exc:  # decoding failed: the caller sees why
+            request.future.set_exception(exc)
+
+    def _answer(self, request: _Request, output: GenerationOutput) -> ChatOutput:
+        new_ids = list(output.generated_tokens)
+        hit_limit = len(new_ids) >= request.sampling.max_tokens and (not new_ids or new_ids[-1] not in self.stop_ids)
+        response = self.qwen.tokenizer.decode(new_ids, skip_special_tokens=True)
+        start, end = output.lifespan
+        return ChatOutput(
+            response=str(response), prompt_tokens=len(request.prompt_ids), completion_tokens=len(new_ids),
+            finish_reason="length" if hit_limit else "stop",
+            generation_time=end - start if end > start > 0 else time.monotonic() - request.queued,
+        )
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            for request in list(self._running.values()):
+                self._finish(request, error=_copy(error))
+
+    def _engine_error(self, message: str | None = None) -> BaseException:
+        """The decode thread's own exception (a copy, its original as the cause), else a RuntimeError."""
+        fatal = self._manager.background_thread_status.fatal_error
+        if isinstance(fatal, BaseException):
+            return _copy(fatal)
+        return RuntimeError(f"chat engine {self.name}: {message or 'the decode thread stopped'}")
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+
+def _footprint(manager: ContinuousBatchingManager, cache: Any) -> int:
+    """The manager's own sizing of its cache and of every tensor that scales with it (logits,
+    activations, masks of a full step), else the cache tensor alone."""
+    from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
+
+    try:
+        handler = PagedAttentionMemoryHandler(
+            config=manager.model.config.get_text_config(), cb_config=manager.continuous_batching_config,
+            dtype=cache.dtype, bytes_per_sector=cache.bytes_per_sector, tokens_per_sector=cache.tokens_per_sector,
+            bytes_per_block=1, attn_types=list(cache.cache_allocators),
+        )
+        return int(handler.compute_memory_footprint(cache.max_batch_tokens, cache.num_sectors))
+    except Exception as exc:  # a transformers change: the cache itself is still known
+        log.warning("chat engine: footprint unknown (%s); counting the KV cache only", type(exc).__name__)
+        return int(cache.cache_tensor.nbytes)
+
+
+def _copy(error: BaseException) -> BaseException:
+    """A fresh exception of the same type for one waiting caller, chained to the shared original."""
+    try:
+        clone = type(error)(*error.args)
+    except Exception:
+        clone = RuntimeError(f"{type(error).__name__}: {error}")
+    clone.__cause__ = error
+    return clone
+
+
+def _check_sampling(sampling: Sampling) -> None:
+    if isinstance(sampling.max_tokens, bool) or not isinstance(sampling.max_tokens, int) or sampling.max_tokens < 1:
+        raise InvalidJob(f"`max_tokens` must be an integer >= 1; got {sampling.max_tokens!r}", field="max_tokens")
+    if not isinstance(sampling.temperature, (int, float)) or not sampling.temperature >= 0:
+        raise InvalidJob(f"`temperature` must be >= 0; got {sampling.temperature!r}", field="temperature")
+    if not isinstance(sampling.top_p, (int, float)) or not 0 < sampling.top_p <= 1:
+        raise InvalidJob(f"`top_p` must be in (0, 1]; got {sampling.top_p!r}", field="top_p")
+    if sampling.seed is not None and (isinstance(sampling.seed, bool) or not isinstance(sampling.seed, int)):
+        raise InvalidJob(f"`seed` must be an integer; got {sampling.seed!r}", field="seed")
+
+
+def load_chat_engine(settings: Settings, name: QwenName, device: torch.device) -> ChatEngine:
+    """Load ``name`` and start its engine sized from the chat settings (the pool's loader)."""
+    model = load_qwen(settings, name, device)
+    try:
+        return ChatEngine(model, max_running=settings.chat_concurrency, cache_tokens=settings.chat_cache_tokens)
+    except Exception:
+        model.unload()
+        raise

@@ -1,0 +1,33 @@
+"""RabbitMQ quorum queues (``OURVIDZ_AMQP_QUEUE_TYPE=quorum``): every queue exists before Celery binds it.
+
+Celery's native delayed delivery (what a countdown or a retry uses on quorum
+queues) binds *every* queue of the app to its delivery exchange when a worker
+starts, but a pool declares only the queue it consumes: on a fresh vhost the
+first ``sdxl`` pool failed to bind ``chat``, ``wan`` and ``outbox`` and logged
+"Native delayed delivery will not be available". So each pool declares all of
+them (same arguments, idempotent) first. ``celeryconfig`` imports this module
+only in quorum mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+
+log = logging.getLogger(__name__)
+
+
+@signals.worker_init.connect
+def declare_every_queue(sender: Any, **_: Any) -> None:
+    app = sender.app
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=3)
+            channel = connection.default_channel
+            for queue in app.amqp.queues.values():
+                queue.bind(channel).declare()
+    except Exception as exc:  # the broker is late: the pool's own queue is still bound when it connects
+        log.warning("could not declare the quorum queues before start (%s); delayed delivery binds what exists",
+                    type(exc).__name__)

@@ -1,0 +1,76 @@
+"""The chat tasks answered by an OpenAI-compatible server: a real worker, a local stand-in server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from ourvidz_tasks.memory import Ledger
+
+from .chat_server import ChatServer
+from .conftest import WorkerProcess, new_id, wait_for
+
+USER = [{"role": "system", "content": "Answer."}, {"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture()
+def remote(isolated_broker: str, start_worker: Callable[..., WorkerProcess]) -> Iterator[tuple[ChatServer, Celery, str]]:
+    with ChatServer() as server:
+        host = f"remote-{new_id()[:6]}"
+        start_worker("chat", OURVIDZ_BROKER_URL=isolated_broker, OURVIDZ_HOSTNAME=host, OURVIDZ_CALLBACKS="inline",
+                     OURVIDZ_CHAT_SERVER_URL=server.url, OURVIDZ_CHAT_SERVER_MEMORY_MB="123",
+                     OURVIDZ_CHAT_SERVER_MODELS='{"qwen_instruct": "Qwen/Qwen2.5-7B-Instruct"}')
+        app = Celery("remote-publisher", set_as_current=False)
+        app.config_from_object("celeryconfig")
+        app.conf.update(broker_url=isolated_broker, result_backend=isolated_broker)
+        yield server, app, host
+
+
+def ask(app: Celery, request: dict[str, Any]) -> Any:
+    return app.send_task("ourvidz.chat.chat", args=[request]).get(timeout=60)
+
+
+def test_chat_through_the_server_keeps_the_task_contract(remote: tuple[ChatServer, Celery, str],
+                                                         isolated_broker: str) -> None:
+    server, app, host = remote
+    out = ask(app, {"messages": USER, "max_tokens": 5, "temperature": 0.3, "top_p": 0.8, "seed": 4})
+    assert out["response"] == "word word word word word" and out["model"] == "qwen_instruct"
+    assert (out["completion_tokens"], out["finish_reason"]) == (5, "length") and out["prompt_tokens"] > 2
+    sent = server.seen[-1]
+    assert sent["model"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert sent["prompt"] == ("<|im_start|>system\nAnswer.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n"
+                              "<|im_start|>assistant\n")
+    # every sampling parameter explicit: nothing from the server's generation config
+    assert (sent["temperature"], sent["top_p"], sent["seed"], sent["max_tokens"]) == (0.3, 0.8, 4, 5)
+    assert (sent["top_k"], sent["min_p"], sent["repetition_penalty"]) == (-1, 0.0, 1.0)
+    stopped = ask(app, {"messages": [{"role": "user", "content": "STOP here"}], "model": "qwen_base", "max_tokens": 9})
+    assert (stopped["finish_reason"], stopped["completion_tokens"]) == ("stop", 2)
+    assert server.seen[-1]["model"] == "qwen_base"
+    # the ledger reserves the server's declared memory for the pool
+    held = Ledger(redis.Redis.from_url(isolated_broker), host, "cpu", 10**6).holders("chat")
+    assert held.get("chat/qwen_instruct", 0) >= 123, held
+
+
+@pytest.mark.parametrize(("content", "max_tokens", "field"), [
+    ("short question", 600, "`max_tokens`"),
+    ("word " * 600, 5, "`messages`"),
+])
+def test_a_context_the_server_refuses_is_invalid_job(remote: tuple[ChatServer, Celery, str], content: str,
+                                                     max_tokens: int, field: str) -> None:
+    _, app, _ = remote
+    with pytest.raises(Exception) as info:
+        ask(app, {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
+    assert str(info.value).startswith(f"INVALID_JOB: {field}"), str(info.value)
+
+
+def test_enhance_through_the_server(remote: tuple[ChatServer, Celery, str]) -> None:
+    server, app, _ = remote
+    job = {"id": new_id(), "type": "sdxl_image_fast", "user_id": "u1", "prompt": "a cat",
+           "metadata": {"enhance": {"max_tokens": 3, "temperature": 0}}}
+    out = app.send_task("ourvidz.chat.enhance", args=[job]).get(timeout=60)
+    assert out["prompt"] == "word word word" and out["metadata"]["original_prompt"] == "a cat"
+    assert wait_for(lambda: server.seen, what="a request")[-1]["temperature"] == 0.0

@@ -1,0 +1,134 @@
+"""The memory probes: real numbers on CPU, a load or an OOM attempt never counted as working memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from ourvidz_tasks import memprobe
+from ourvidz_tasks.errors import OutOfMemory
+from ourvidz_tasks.faults import Remedy, step_down
+from ourvidz_tasks.memprobe import CpuProbe, configure_cuda_allocator, default_budget, probe_for
+
+MB = 2**20
+
+
+def block(mb: int) -> torch.Tensor:
+    return torch.ones(mb * MB // 4)  # written: resident
+
+
+def test_probe_is_chosen_per_device_kind() -> None:
+    assert isinstance(probe_for("cpu"), CpuProbe) and probe_for("cpu").kind == "cpu"
+    assert probe_for("cpu").exact  # Linux: clear_refs + VmHWM, not a ru_maxrss lower bound
+
+
+def test_working_memory_and_resident_part_are_split() -> None:
+    probe = CpuProbe()
+    kept: list[torch.Tensor] = []
+    with probe.measure() as m:
+        kept.append(block(24))  # stays after the call (a cache the model keeps)
+        tmp = block(48)  # given back when the call ends
+        del tmp
+    assert 20 <= m.resident_mb <= 32, m.resident_mb
+    assert 40 <= m.mb <= 60, m.mb
+    with probe.measure() as again:  # the next call: nothing new kept
+        tmp = block(48)
+        del tmp
+    assert again.resident_mb <= 4 and 40 <= again.mb <= 60, (again.resident_mb, again.mb)
+
+
+def test_an_attempt_that_ran_out_of_memory_is_not_counted() -> None:
+    """step_down's attempt hooks restart the measurement: only the attempt that returned is measured."""
+    probe = CpuProbe()
+    tried: list[str] = []
+
+    def run(remedy: Remedy) -> int:
+        tried.append(remedy.name)
+        if remedy.name == "whole":
+            held = block(96)  # the failed attempt's tensors...
+            del held  # ...gone, but its high-water mark is what a naive probe would report
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        tmp = block(24)
+        del tmp
+        return 1
+
+    with probe.measure() as m:
+        step_down([Remedy("whole"), Remedy("halves")], run, family="sdxl", stage="txt2img", total=1,
+                  device=torch.device("cpu"), hooks=[lambda attempt: m.restart()])
+    assert tried == ["whole", "halves"] and m.restarts == 2
+    assert 16 <= m.mb <= 40, m.mb
+    with pytest.raises(OutOfMemory):
+        step_down([Remedy("whole")], run, family="sdxl", stage="txt2img", total=1, device=None)
+
+
+def test_fallback_without_clear_refs_is_a_lower_bound(tmp_path: Path) -> None:
+    probe = CpuProbe(proc=tmp_path)  # no /proc files there
+    assert not probe.exact
+    with probe.measure() as m:
+        tmp = block(8)
+        del tmp
+    assert m.bytes >= 0
+
+
+def test_allocator_conf_respects_the_operator() -> None:
+    env: dict[str, str] = {}
+    assert configure_cuda_allocator(env) == "expandable_segments:True"
+    env = {memprobe.ALLOC_CONF: "max_split_size_mb:512"}
+    assert configure_cuda_allocator(env) == "max_split_size_mb:512"
+
+
+def test_default_budget_leaves_contexts_and_margin() -> None:
+    cpu = default_budget("cpu", pools=3, context_mb=768, margin_mb=1024)
+    assert cpu.context_mb == 0 and cpu.budget_mb == cpu.total_mb - 1024  # no CUDA contexts on CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_probe_counts_reserved_memory() -> None:
+    probe = probe_for("cuda:0")
+    keep = torch.ones(2**20, device="cuda")
+    with probe.measure() as m:
+        tmp = torch.ones(64 * MB // 4, device="cuda")
+        del tmp
+    assert 64 <= m.mb < 80 and m.resident_mb == 0
+    budget = default_budget("cuda:0", pools=3, context_mb=768, margin_mb=1024)
+    assert budget.budget_mb == budget.total_mb - 3 * 768 - 1024
+    del keep
+
+
+def test_a_job_records_work_per_shape_and_the_reservation_follows(store: redis.Redis) -> None:
+    """lifecycle._remember_peak: the first call after a load gives the resident part (not the process's
+    first call: that is the process's own), every call a work sample; the reservation shrinks again."""
+    import uuid
+    from types import SimpleNamespace
+
+    from ourvidz_tasks.lifecycle import _remember_peak
+    from ourvidz_tasks.memory import Ledger
+    from ourvidz_tasks.memprobe import Measurement
+
+    ledger = Ledger(store, f"t-{uuid.uuid4().hex[:8]}", "cpu", 1000, queue_depth=lambda p: 0, slack=0.0, window=2)
+    try:
+        res = ledger.reserve("wan", "wan", 300, timeout=1)
+        ledger.record_weights("wan", 250)
+        slot = SimpleNamespace(reservation=res, estimate=lambda: ledger.estimate("wan", 300))
+        rt = SimpleNamespace(ledger=ledger, used={"wan"}, fresh={"wan"}, models={"wan": slot}, measured_calls=0,
+                             family="wan", cap_memory=lambda: None)
+
+        def call(work_mb: int, resident_mb: int) -> None:
+            m = Measurement(CpuProbe())
+            m.bytes, m.resident, m.stopped = work_mb * MB, resident_mb * MB, True
+            _remember_peak(rt, "64x64x9", m)
+
+        call(90, 40)  # the process's first call: its 40 MB leftovers are not the model's
+        assert ledger.sizes("wan")["resident"] == 0 and res.mb == 250 + 90
+        call(30, 5)  # not fresh any more: nothing resident recorded
+        assert ledger.sizes("wan")["resident"] == 0 and res.mb == 250 + 90
+        call(30, 0)  # the 90 MB sample aged out of the window of 2: the reservation shrinks
+        assert res.mb == 250 + 30
+        rt.fresh.add("wan")  # a reload: its first call's leftovers are the model's caches
+        call(32, 12)
+        assert ledger.sizes("wan")["resident"] == 12 and res.mb == 250 + 12 + 32
+    finally:
+        ledger.clear()
