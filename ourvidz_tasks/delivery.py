@@ -355,8 +355,23 @@ class Delivery:
     def delivered(self, job_id: str) -> bool:
         return bool(self.redis.exists(self._key(job_id, "delivered")))
 
-    def mark_delivered(self, job_id: str) -> None:
-        self.redis.set(self._key(job_id, "delivered"), "1", ex=self.settings.terminal_ttl)
+    def mark_delivered(self, job_id: str, patience: float = 120.0) -> None:
+        """Record that the terminal callback arrived; retried through a Redis outage (up to ``patience`` s).
+
+        The edge has the callback already: a mark lost to a broker restart would make the
+        redelivered message send it a second time.
+        """
+        pause, deadline = 0.2, time.monotonic() + patience
+        while True:
+            try:
+                self.redis.set(self._key(job_id, "delivered"), "1", ex=self.settings.terminal_ttl)
+                return
+            except redis.RedisError as exc:
+                if time.monotonic() > deadline:
+                    log.error("job %s: delivered, but not recorded as delivered: %s", job_id, type(exc).__name__)
+                    return
+                time.sleep(pause)
+                pause = min(2 * pause, 5.0)
 
     def replay(self, job_id: str) -> bool:
         """Send the job's recorded terminal callback again (same ``callback_id``); False if none."""

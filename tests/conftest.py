@@ -115,8 +115,8 @@ def sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sink]:
 class WorkerProcess:
     """A real ``bin/worker FAMILY`` process with its log file."""
 
-    def __init__(self, family: str, env: dict[str, str], log: Path) -> None:
-        self.family, self.log = family, log
+    def __init__(self, family: str, env: dict[str, str], log: Path, args: tuple[str, ...] = ()) -> None:
+        self.family, self.log, self.args = family, log, args  # args: extra celery worker options
         self.node = node_name(family, env["OURVIDZ_HOSTNAME"], env.get("OURVIDZ_DEVICE"))  # sdxl.cpu1@host on cpu:1
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -128,7 +128,7 @@ class WorkerProcess:
         """Start the process without waiting for it to be ready (what a supervisor does)."""
         self.handle = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [str(ROOT / "bin" / "worker"), self.family], cwd=ROOT, env=self.env,
+            [str(ROOT / "bin" / "worker"), self.family, *self.args], cwd=ROOT, env=self.env,
             stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True,
         )
         return self

@@ -208,6 +208,19 @@ def test_redis_restarts_at_random_moments_lose_no_job(tmp_path: Path, pools: Poo
     BRPOP that pops a message and kombu's write of it to ``unacked`` are much higher."""
     import random
 
+    _restarts_at_random_moments(tmp_path, pools, sink, int(os.environ.get("OURVIDZ_TEST_SEED") or random.randrange(10**6)))
+
+
+@pytest.mark.slow
+def test_redis_restarts_seed_126803_callback_delivered_once(tmp_path: Path, pools: Pools, sink: Sink) -> None:
+    """Regression (found by ``bin/test --stress``): a restart right after a terminal callback was
+    delivered lost the "delivered" mark, and the redelivered message sent the callback again."""
+    _restarts_at_random_moments(tmp_path, pools, sink, 126803)
+
+
+def _restarts_at_random_moments(tmp_path: Path, pools: Pools, sink: Sink, seed: int) -> None:
+    import random
+
     server = RedisServer(tmp_path / "redis").start()
     try:
         url = server.url(0)
@@ -220,7 +233,6 @@ def test_redis_restarts_at_random_moments_lose_no_job(tmp_path: Path, pools: Poo
         for job in jobs:
             publish(client, TASK, job, "sdxl")
         ids = [j["id"] for j in jobs]
-        seed = int(os.environ.get("OURVIDZ_TEST_SEED") or random.randrange(10**6))
         rng = random.Random(seed)
         terminal(sink, ids[0], 120)
         for _ in range(3):

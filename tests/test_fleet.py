@@ -130,11 +130,11 @@ def pools(isolated_broker: str, sink: Sink, tmp_path: Path) -> Iterator[Callable
     """Start several ``bin/worker`` processes at once (as the hosts' supervisors would); all killed at the end."""
     started: list[WorkerProcess] = []
 
-    def start(*specs: tuple[str, dict[str, str]]) -> list[WorkerProcess]:
+    def start(*specs: tuple[str, dict[str, str]], args: tuple[str, ...] = ()) -> list[WorkerProcess]:
         workers = []
         for family, extra in specs:
             env = worker_env(sink, family, OURVIDZ_BROKER_URL=isolated_broker, **extra)
-            worker = WorkerProcess(family, env, tmp_path / f"{new_id()[:8]}.log")
+            worker = WorkerProcess(family, env, tmp_path / f"{new_id()[:8]}.log", args)
             started.append(worker)
             workers.append(worker.launch())
         for worker in workers:
@@ -211,13 +211,20 @@ def test_two_devices_on_one_host_share_the_work_and_keep_their_memory_apart(
 def test_a_lost_host_is_covered_by_another_and_comes_back_without_a_reset(
         isolated_broker: str, pools: Callable[..., list[WorkerProcess]], sink: Sink) -> None:
     """Host A (two devices) and host B on one broker. Every process of A is SIGKILLed mid-job and not
-    restarted: what A held goes back within the lease and B finishes it, one terminal callback each.
-    Then A starts again under the same names, with nothing reset, and takes its share."""
+    restarted: what A held (running and prefetched) goes back within the lease and B finishes it, one
+    terminal callback each. Then A starts again under the same names, with nothing reset, and takes its share.
+
+    A's pools hold one more message each than they run, as the chat pool's threads do (a solo pool's
+    loop is busy while its job runs, so it prefetches nothing): ``bin/worker sdxl --pool threads
+    --concurrency 1 --prefetch-multiplier 2``, so the kill also catches messages received but not started.
+    """
     store = redis.Redis.from_url(isolated_broker)
     tag = new_id()[:6]
     host_a, host_b = f"host-a-{tag}", f"host-b-{tag}"
     specs_a = (("sdxl", pool_env(host_a, "cpu")), ("sdxl", pool_env(host_a, "cpu:1")))
-    *fleet_a, b = pools(*specs_a, ("sdxl", pool_env(host_b, "cpu")))
+    prefetch = ("--pool", "threads", "--concurrency", "1", "--prefetch-multiplier", "2")
+    fleet_a = pools(*specs_a, args=prefetch)
+    [b] = pools(("sdxl", pool_env(host_b, "cpu")))
 
     warm = [small_job(steps=4) for _ in range(6)]
     for job in warm:
@@ -229,20 +236,23 @@ def test_a_lost_host_is_covered_by_another_and_comes_back_without_a_reset(
     for job in jobs:
         publish(store, "ourvidz.sdxl.generate", job, "sdxl")
 
-    def both_a_running() -> dict[str, str] | None:
+    def both_a_running_and_one_prefetched() -> dict[str, str] | None:
         held = held_by_host(store, host_a)
         nodes = {w.node for w in fleet_a}
         running = {n for j in held.values() if not terminals(sink, j) for n in starts(sink, j)[-1:]} & nodes
-        return held if running == nodes else None
+        waiting = [j for j in held.values() if not starts(sink, j)]
+        return held if running == nodes and waiting else None
 
-    wait_for(both_a_running, 180, what="both pools of host A in the middle of a job")
+    wait_for(both_a_running_and_one_prefetched, 180, what="both pools of host A in a job, one more message held")
     for worker in fleet_a:  # the whole host at once
         worker.stop(signal.SIGKILL)
     killed_at = time.time()
     lost = held_by_host(store, host_a)  # after the kill: nothing more can be taken by A
-    assert len(lost) >= 2 and not any(terminals(sink, j) for j in lost.values())
+    prefetched = [j for j in lost.values() if not starts(sink, j)]
+    assert len(lost) >= 3 and prefetched and not any(terminals(sink, j) for j in lost.values())
 
-    requeued_after = wait_for(lambda: not (set(lost) & {t.decode() for t in store.hkeys(UNACKED)})
+    # back: on the queue, or taken by B (a restored message keeps its delivery tag, under B's owner record)
+    requeued_after = wait_for(lambda: not (set(lost) & set(held_by_host(store, host_a)))
                               and time.time() - killed_at, 6 * LEASE + 30, interval=0.05,
                               what="host A's messages back on the queue")
     done = {j["id"]: terminal(sink, j["id"], 300) for j in jobs}
@@ -251,14 +261,15 @@ def test_a_lost_host_is_covered_by_another_and_comes_back_without_a_reset(
         assert done[job_id]["status"] == "completed" and done[job_id]["worker_id"] == b.node
         assert starts(sink, job_id)[-1] == b.node
     assert Counter(len(terminals(sink, j["id"])) for j in jobs) == Counter({1: len(jobs)})
-    print(f"host A lost with {len(lost)} jobs held: back on the queue {requeued_after:.1f}s after the kill "
+    print(f"host A lost with {len(lost)} jobs held ({len(prefetched)} prefetched): back on the queue "
+          f"{requeued_after:.1f}s after the kill "
           f"(lease {LEASE:g}s), all finished by host B {finished_after:.1f}s after it")
     # the bound recovery.py gives: A's heartbeat keys lapse within one lease of the kill (refreshed every
     # third of it) and a survivor scans every third of a lease; one more lease of room for a busy machine
     assert requeued_after <= LEASE * 4 / 3 + LEASE
 
     # host A comes back: the same names, new processes, no reset of anything
-    again = pools(*specs_a)
+    again = pools(*specs_a, args=prefetch)
     assert [w.node for w in again] == [w.node for w in fleet_a]
     later = [small_job(steps=8) for _ in range(8)]
     for job in later:
