@@ -25,7 +25,6 @@ the path a real CUDA out-of-memory takes.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ConfigError, ModelLoadError, OutOfMemory
 from .models import release_memory
+from .plugins import import_callable
 
 if TYPE_CHECKING:
     import torch
@@ -161,14 +161,7 @@ def load_plugins(paths: Sequence[str], target: Any) -> None:
     A bad path is a ConfigError naming ``OURVIDZ_RUNTIME_PLUGINS``.
     """
     for path in paths:
-        module_name, _, attr = path.partition(":")
-        try:
-            plugin = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError, ValueError) as exc:
-            raise ConfigError(f"OURVIDZ_RUNTIME_PLUGINS: cannot import {path!r} ({type(exc).__name__})") from None
-        if not callable(plugin):
-            raise ConfigError(f"OURVIDZ_RUNTIME_PLUGINS: {path!r} is not callable")
-        plugin(target)
+        import_callable(path, "OURVIDZ_RUNTIME_PLUGINS")(target)
 
 
 @dataclass(frozen=True)

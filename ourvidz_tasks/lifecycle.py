@@ -21,6 +21,7 @@ from typing import Any
 import redis
 from celery import Task
 from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
 
 from . import events
 from .control import job_started
@@ -60,7 +61,7 @@ class Progress:
 
     def __call__(self, step: int, total: int) -> None:
         """Called after every denoising step: the watchdog (cancel, time limit), then progress."""
-        if self.rt.redis.exists(cancel_key(self.job_id)):
+        if self._cancelled():
             raise Cancelled("the job was cancelled")
         now = time.monotonic()
         if now > self.deadline:
@@ -69,12 +70,22 @@ class Progress:
             return
         self._last = now
         percent = int(100 * step / max(total, 1))
-        self.rt.delivery.processing(self.job_id, self.attempt, {"progress": percent})
-        if self.task.request.id:
-            meta = {"job_id": self.job_id, "percent": percent, "step": step, "total": total, "stage": self.stage}
-            self.task.update_state(state="PROGRESS", meta=meta)
-            # Flower reads events, not the result backend: the same as a custom task event
-            self.task.send_event("task-progress", retry=False, result=meta)
+        try:  # progress is best effort: a broker outage must not end the job it reports on
+            self.rt.delivery.processing(self.job_id, self.attempt, {"progress": percent})
+            if self.task.request.id:
+                meta = {"job_id": self.job_id, "percent": percent, "step": step, "total": total, "stage": self.stage}
+                self.task.update_state(state="PROGRESS", meta=meta)
+                # Flower reads events, not the result backend: the same as a custom task event
+                self.task.send_event("task-progress", retry=False, result=meta)
+        except (redis.RedisError, OSError, OperationalError) as exc:
+            log.warning("job %s: progress not published (%s)", self.job_id, type(exc).__name__)
+
+    def _cancelled(self) -> bool:
+        """The cancel flag; while Redis is away it reads as not set (read again at the next step)."""
+        try:
+            return bool(self.rt.redis.exists(cancel_key(self.job_id)))
+        except redis.RedisError:
+            return False
 
 
 Work = Callable[[Runtime, Job, Progress], Generated]

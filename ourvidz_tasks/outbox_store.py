@@ -59,7 +59,7 @@ if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[1] then return 0 end
 redis.call('LPOP', KEYS[1])
 if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('SET', ARGV[3], '1', 'EX', ARGV[4]) end
-redis.call('SET', KEYS[3], ARGV[5])
+redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[4])
 if redis.call('GET', KEYS[4]) == ARGV[6] then redis.call('PEXPIRE', KEYS[4], ARGV[7]) end
 return 1
 """
@@ -152,7 +152,7 @@ class Outbox:
             self._pop_head(raw, job_id, None, {"at": time.time(), "ok": False, "error": str(exc)}, token)
             return True
         except DeliveryError as exc:
-            self.redis.set(LAST, json.dumps({"at": time.time(), "ok": False, "error": str(exc)}))
+            self.redis.set(LAST, json.dumps({"at": time.time(), "ok": False, "error": str(exc)}), ex=self.ttl)
             log.warning("outbox: job %s %s callback waits for the edge (%s)", job_id, status, exc)
             return False
         delivered = f"ourvidz:job:{job_id}:delivered" if status in ("completed", "failed") else None

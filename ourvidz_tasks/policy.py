@@ -9,12 +9,12 @@ involving minors, and nothing else. Refusals never repeat the prompt.
 
 from __future__ import annotations
 
-import importlib
 import re
 import unicodedata
 from collections.abc import Callable
 
-from .errors import ConfigError, InvalidPrompt
+from .errors import InvalidPrompt
+from .plugins import import_callable
 
 PromptPolicy = Callable[[str], None]
 
@@ -50,11 +50,4 @@ def allow_all(prompt: str) -> None:
 
 def load_policy(path: str) -> PromptPolicy:
     """Import ``module:callable``; a bad path is a ConfigError naming it."""
-    module_name, _, attr = path.partition(":")
-    try:
-        policy = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"OURVIDZ_PROMPT_POLICY: cannot import {path!r} ({type(exc).__name__})") from None
-    if not callable(policy):
-        raise ConfigError(f"OURVIDZ_PROMPT_POLICY: {path!r} is not callable")
-    return policy  # type: ignore[no-any-return]
+    return import_callable(path, "OURVIDZ_PROMPT_POLICY")

@@ -171,6 +171,9 @@ def worker_env(sink: Sink, family: str, **extra: str) -> dict[str, str]:
         "SUPABASE_URL": sink.url,
         "OURVIDZ_HOSTNAME": f"test-{family}-{DB}",
         "OURVIDZ_PROGRESS_INTERVAL": "0",
+        # session-wide pools live for the whole suite: no idle unload between far-apart tests
+        # (tests of the idle unload set their own)
+        "OURVIDZ_IDLE_UNLOAD_SECONDS": '{"wan": 86400}',
         "OURVIDZ_HTTP_BACKOFF": "0.05",
         "OURVIDZ_TORCH_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
