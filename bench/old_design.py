@@ -2,7 +2,7 @@
 
 The Flask workers this project replaces polled a Redis list and slept their
 interval when it was empty (2 s SDXL, 5 s WAN; ../shared/seeds). 50 jobs arrive
-at random moments (gaps uniform in 0.1-3 s); each goes at the same moment to
+at random moments (gaps uniform in 0.1-2 s); each goes at the same moment to
 the old SDXL loop, the old WAN loop and our SDXL pool. Measured: publish →
 the job starting (the old loop's pop; our pool's signed ``processing``
 callback at the sink, which also includes a callback's HTTP round trip).
@@ -46,7 +46,7 @@ def main() -> None:
             t.start()
         published: dict[str, float] = {}
         for _ in range(JOBS):
-            time.sleep(rng.uniform(0.1, 3.0))
+            time.sleep(rng.uniform(0.1, 2.0))
             job = {"id": uuid.uuid4().hex, "type": "sdxl_image_fast", "user_id": "bench", "prompt": "a harbour",
                    "config": {"resolution": "256x256", "num_inference_steps": 2, "seed": 1}}
             published[job["id"]] = time.time()
