@@ -42,7 +42,7 @@ def killed_pool(rounds: int = 2) -> dict:
     back, done = [], []
     with Cluster() as cluster:
         env = worker_env(cluster.sink, "sdxl", OURVIDZ_TORCH_THREADS="2", OURVIDZ_PROGRESS_INTERVAL="0")
-        worker = WorkerProcess("sdxl", env, cluster.tmp / "sdxl.log").start()
+        worker = cluster.workers["sdxl"] = WorkerProcess("sdxl", env, cluster.tmp / "sdxl.log").start()
         for _ in range(rounds):
             payload = job(steps=150)  # the schedule limit: about 15 s of tiny-model work
             publish(cluster.store, "ourvidz.sdxl.generate", payload, "sdxl")
@@ -50,13 +50,12 @@ def killed_pool(rounds: int = 2) -> dict:
             seen = len(statuses(cluster, payload["id"]))
             worker.stop(signal.SIGKILL)
             killed = time.time()
-            worker = WorkerProcess("sdxl", env, cluster.tmp / "sdxl.log").start()  # same name, at once
+            worker = cluster.workers["sdxl"] = WorkerProcess("sdxl", env, cluster.tmp / "sdxl.log").start()  # same name
             wait_for(lambda p=payload, n=seen: len(statuses(cluster, p["id"])) > n, 300, 0.01, "the job again")
             back.append(statuses(cluster, payload["id"])[seen][1] - killed)
             wait_for(lambda p=payload: statuses(cluster, p["id"])[-1][0] in ("completed", "failed"), 600, 0.05,
                      "the terminal callback")
             done.append(statuses(cluster, payload["id"])[-1][1] - killed)
-        worker.stop()
     return {"kill_to_running_s": back, "kill_to_terminal_s": done}
 
 
@@ -67,7 +66,7 @@ def redis_restart(rounds: int = 2) -> dict:
         with Cluster() as cluster:
             env = worker_env(cluster.sink, "sdxl", OURVIDZ_TORCH_THREADS="2", OURVIDZ_BROKER_URL=server.url(),
                              OURVIDZ_HOSTNAME=f"bench-redis-{uuid.uuid4().hex[:6]}")
-            worker = WorkerProcess("sdxl", env, cluster.tmp / "sdxl-redis.log").start()
+            cluster.workers["sdxl"] = WorkerProcess("sdxl", env, cluster.tmp / "sdxl-redis.log").start()
             client = server.client()
             for _ in range(rounds):
                 server.stop()
@@ -78,7 +77,6 @@ def redis_restart(rounds: int = 2) -> dict:
                 wait_for(lambda p=payload: any(s in ("completed", "failed") for s, _ in statuses(cluster, p["id"])),
                          300, 0.01, "the job after the restart")
                 nexts.append(max(at for _, at in statuses(cluster, payload["id"])) - up)
-            worker.stop()
     finally:
         server.stop()
     return {"redis_up_to_next_terminal_s": nexts}
