@@ -44,7 +44,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| bench | figure | ours | reference | ratio | target | met |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = f"{number(r['reference'], r['unit'])} ({r['against']})" if r["reference"] is not None else "–"
-        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "–"
+        ratio = f"{r['ratio']:.3g}x" if r["ratio"] is not None else "–"
         met = {True: "yes", False: "**no**", None: ""}[r["met"]]
         lines.append(f"| {r['bench']} | {r['figure']} | {number(r['ours'], r['unit'])} | {ref} | {ratio} | "
                      f"{r['target']} | {met} |")
