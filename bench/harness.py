@@ -11,6 +11,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,16 @@ class Cluster:
     def loads(self, family: str) -> dict[str, int]:
         raw = self.store.hgetall(f"ourvidz:loads:{self.workers[family].node}")
         return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    """The median wall time of ``repeats`` calls of ``call`` (a floor measured in this process)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def summary(values: list[float]) -> dict[str, float]:

@@ -12,12 +12,11 @@ the anchor below.
 
 from __future__ import annotations
 
-import statistics
 import time
 import uuid
 
 from figures import figure
-from harness import ROOT, Cluster, summary, write
+from harness import ROOT, Cluster, median_seconds, summary, write
 
 SIZE, STEPS = 1024, 15
 #: diffusers' published SDXL 1024² 30 steps on an A100 (bf16 + SDPA): 3.31 s; scaled to our steps and batch
@@ -67,18 +66,14 @@ def direct() -> dict[int, float]:
 
     torch.set_num_threads(2)
     model = load_sdxl(Settings(model_source="tiny", tiny_cache=ROOT / ".cache" / "tiny"), resolve_device("cpu"))
-    out = {}
-    for n in BATCHES:
-        times = []
-        for _ in range(3 if n == 1 else 1):
-            started = time.perf_counter()
-            with torch.inference_mode():
-                model.t2i(prompt="a lighthouse at dawn", width=SIZE, height=SIZE, num_inference_steps=STEPS,
-                          num_images_per_prompt=n, guidance_scale=7.5,
-                          generator=[torch.Generator("cpu").manual_seed(1 + i) for i in range(n)])
-            times.append(time.perf_counter() - started)
-        out[n] = statistics.median(times)
-    return out
+
+    def call(n: int) -> None:
+        with torch.inference_mode():
+            model.t2i(prompt="a lighthouse at dawn", width=SIZE, height=SIZE, num_inference_steps=STEPS,
+                      num_images_per_prompt=n, guidance_scale=7.5,
+                      generator=[torch.Generator("cpu").manual_seed(1 + i) for i in range(n)])
+
+    return {n: median_seconds(lambda n=n: call(n), 3 if n == 1 else 1) for n in BATCHES}
 
 
 def main() -> None:

@@ -9,12 +9,10 @@ process with the same arguments. Also confirms 0 model loads per job.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 import uuid
 
 from figures import figure
-from harness import ROOT, Cluster, summary, write
+from harness import ROOT, Cluster, median_seconds, summary, write
 
 #: the product's 480x832 by default is ~7 minutes of tiny-model VAE work on 2 cores; bench/run uses 240x416
 #: (OURVIDZ_BENCH_WAN_SIZE=480x832 bench/run wan_job for the real size; bench/RESULTS.md says which ran)
@@ -56,18 +54,14 @@ def direct() -> dict[int, float]:
 
     torch.set_num_threads(2)
     model = load_wan(Settings(model_source="tiny", tiny_cache=ROOT / ".cache" / "tiny"), resolve_device("cpu"))
-    out = {}
-    for frames in (33, 81):
-        times = []
-        for _ in range(1):
-            started = time.perf_counter()
-            with torch.inference_mode():
-                model.pipe(prompt="waves on a beach", width=WIDTH, height=HEIGHT, num_frames=frames,
-                           num_inference_steps=STEPS, guidance_scale=5.0, output_type="pt",
-                           generator=torch.Generator("cpu").manual_seed(3))
-            times.append(time.perf_counter() - started)
-        out[frames] = statistics.median(times)
-    return out
+
+    def call(frames: int) -> None:
+        with torch.inference_mode():
+            model.pipe(prompt="waves on a beach", width=WIDTH, height=HEIGHT, num_frames=frames,
+                       num_inference_steps=STEPS, guidance_scale=5.0, output_type="pt",
+                       generator=torch.Generator("cpu").manual_seed(3))
+
+    return {frames: median_seconds(lambda f=frames: call(f), 1) for frames in (33, 81)}
 
 
 def main() -> None:
