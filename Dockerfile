@@ -18,7 +18,7 @@ RUN python -m venv /app/.venv \
     && /app/.venv/bin/pip install ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} -r requirements/torch.txt \
     && /app/.venv/bin/python -c "import sys, torch; sys.exit(torch.version.cuda != '$TORCH_CUDA')" \
     && /app/.venv/bin/pip install -r requirements/runtime.lock
-COPY setup.cfg pyproject.toml README.md celeryconfig.py ./
+COPY setup.cfg pyproject.toml README.md  ./
 COPY ourvidz_tasks ./ourvidz_tasks
 COPY bin ./bin
 RUN /app/.venv/bin/pip install --no-deps /app && /app/.venv/bin/pip check

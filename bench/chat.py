@@ -12,9 +12,9 @@ import uuid
 from figures import figure
 from harness import ROOT, Cluster, summary, write
 
+from ourvidz_tasks.contract.settings import Settings
 from ourvidz_tasks.models import resolve_device
 from ourvidz_tasks.models.qwen import generate_chat, load_qwen
-from ourvidz_tasks.settings import Settings
 
 
 def tokens_per_second() -> dict[str, float]:

@@ -36,7 +36,7 @@ import redis
 from figures import figure
 from harness import ROOT, summary, write
 
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
 from tests.conftest import BROKER, KEY, SECRET, worker_env
 from tests.wire import envelope, publish
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from ourvidz_tasks.sink import Sink  # noqa: E402
+from devtools.sink import Sink  # noqa: E402
 from tests.conftest import BROKER, KEY, SECRET, WorkerProcess, worker_env  # noqa: E402  (sets the env first)
 from tests.wire import publish  # noqa: E402
 

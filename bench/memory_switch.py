@@ -28,11 +28,11 @@ import transformers
 from figures import figure
 from harness import BROKER, ROOT, summary, write
 
-from ourvidz_tasks.control import SERVE_INTERVAL
-from ourvidz_tasks.memory import Ledger, Reservation, mb_of
+from ourvidz_tasks.contract.settings import load_settings
 from ourvidz_tasks.models.qwen import load_qwen
 from ourvidz_tasks.models.wan import load_wan
-from ourvidz_tasks.settings import load_settings
+from ourvidz_tasks.runtime.control import SERVE_INTERVAL
+from ourvidz_tasks.runtime.ledger import Ledger, Reservation, mb_of
 
 ROUNDS = 5
 DEVICE = torch.device("cpu")

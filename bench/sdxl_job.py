@@ -60,9 +60,9 @@ def direct() -> dict[int, float]:
     """The floor: the same tiny pipeline, same arguments, called in this process (2 threads, as the pool)."""
     import torch
 
+    from ourvidz_tasks.contract.settings import Settings
     from ourvidz_tasks.models import resolve_device
     from ourvidz_tasks.models.sdxl import load_sdxl
-    from ourvidz_tasks.settings import Settings
 
     torch.set_num_threads(2)
     model = load_sdxl(Settings(model_source="tiny", tiny_cache=ROOT / ".cache" / "tiny"), resolve_device("cpu"))

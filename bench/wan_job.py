@@ -48,9 +48,9 @@ def through_pools() -> dict:
 def direct() -> dict[int, float]:
     import torch
 
+    from ourvidz_tasks.contract.settings import Settings
     from ourvidz_tasks.models import resolve_device
     from ourvidz_tasks.models.wan import load_wan
-    from ourvidz_tasks.settings import Settings
 
     torch.set_num_threads(2)
     model = load_wan(Settings(model_source="tiny", tiny_cache=ROOT / ".cache" / "tiny"), resolve_device("cpu"))

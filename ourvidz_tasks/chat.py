@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .app import app
-from .errors import JobError, WorkerUnavailable
-from .faults import retry_once
-from .jobs import EnhanceSpec, parse_chat, usable_id
-from .lifecycle import BaseTask, as_job_error, backoff, poison_guard
-from .settings import Settings
-from .worker import runtime
+from .celery import app
+from .contract.errors import JobError, WorkerUnavailable
+from .contract.jobs import EnhanceSpec, parse_chat, usable_id
+from .contract.settings import Settings
+from .runtime.faults import retry_once
+from .runtime.lifecycle import BaseTask, as_job_error, backoff, poison_guard
+from .runtime.worker import runtime
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``bin/worker outbox``: an optional consumer of the callback outbox.
 
 Pools deliver their callbacks themselves and hand only what fails to the
-durable outbox in Redis (:mod:`~ourvidz_tasks.outbox_store`), which any pool
+durable outbox in Redis (:mod:`~ourvidz_tasks.services.outbox_store`), which any pool
 drains while no consumer is alive: the pools alone are a complete
 deployment. This consumer, when deployed, takes the draining off the pools
 (its heartbeat tells them to leave it) and drains while no pool runs; set
@@ -21,14 +21,14 @@ from typing import Any
 
 from celery import Celery, signals
 
-from . import metrics
-from .app import app
-from .delivery import HttpCallbacks
-from .lifecycle import BaseTask
-from .outbox_store import CONSUMER, Drainer, Outbox
-from .recovery import Recovery
-from .redis_client import connect
-from .settings import Settings, load_settings
+from .celery import app
+from .contract.settings import Settings, load_settings
+from .runtime.lifecycle import BaseTask
+from .runtime.recovery import Recovery
+from .services import metrics
+from .services.delivery import HttpCallbacks
+from .services.outbox_store import CONSUMER, Drainer, Outbox
+from .services.redis_client import connect
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """``ourvidz.sdxl.generate``: SDXL text-to-image and image-to-image.
 
-Section 6 of the contract decides the parameters (:func:`~ourvidz_tasks.jobs.sdxl_params`);
+Section 6 of the contract decides the parameters (:func:`~ourvidz_tasks.contract.jobs.sdxl_params`);
 this module fetches the reference, picks the pipeline, applies the fallbacks
-and describes each image. The lifecycle around it is :class:`~ourvidz_tasks.lifecycle.JobTask`.
+and describes each image. The lifecycle around it is :class:`~ourvidz_tasks.runtime.lifecycle.JobTask`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any
 
 from PIL import Image
 
-from .app import app
-from .errors import I2IPipelineError, InvalidJob, ReferenceUnavailable, UnsafeReference
-from .faults import Remedy
-from .jobs import Job, SdxlParams, sdxl_params
-from .lifecycle import Generated, JobTask, Progress, as_job_error
-from .media import ImageOutput
-from .worker import Runtime
+from .celery import app
+from .contract.errors import I2IPipelineError, InvalidJob, ReferenceUnavailable, UnsafeReference
+from .contract.jobs import Job, SdxlParams, sdxl_params
+from .runtime.faults import Remedy
+from .runtime.lifecycle import Generated, JobTask, Progress, as_job_error
+from .runtime.worker import Runtime
+from .services.media import ImageOutput
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,14 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
 
 def _stepping_down(rt: Runtime, model: Any, pipe: Callable[..., list[Image.Image]], seeds: list[int],
                    stage: str, job_id: str) -> tuple[list[Image.Image], dict[str, Any] | None]:
-    """Run the batch through SDXL's remedies (:func:`~ourvidz_tasks.models.remedies.sdxl_ladder`).
+    """Run the batch through SDXL's remedies (:func:`~ourvidz_tasks.runtime.remedies.sdxl_ladder`).
 
     6 images run whole, then as 3+3, then one by one, then one by one with
     VAE tiling and slicing, then with model CPU offload (after which the
     model is unloaded, so the next job starts clean). The images are those
     of an un-stepped run: each image has its own generator.
     """
-    from .models.remedies import DiffusionRemedies, run_with_remedies, sdxl_ladder
+    from .runtime.remedies import DiffusionRemedies, run_with_remedies, sdxl_ladder
 
     remedies = DiffusionRemedies(model.i2i if stage == "img2img" else model.t2i, model.device,
                                  rt.models["sdxl"].unload)

@@ -1,6 +1,6 @@
 """``ourvidz.wan.generate``: Wan 2.1 text-to-video, image jobs and reference frames.
 
-Section 6 of the contract decides the parameters (:func:`~ourvidz_tasks.jobs.wan_params`).
+Section 6 of the contract decides the parameters (:func:`~ourvidz_tasks.contract.jobs.wan_params`).
 ``*_enhanced`` types that arrive without enhancement replace themselves with
 ``enhance → generate``. A reference that cannot be used falls back to plain
 text-to-video with ``REFERENCE_FRAME_ERROR`` in the job metadata.
@@ -14,13 +14,13 @@ from typing import Any
 
 from PIL import Image
 
-from .app import app
+from .celery import app
 from .chat import enhance
-from .errors import InvalidJob, ReferenceUnavailable, UnsafeReference
-from .jobs import Job, WanParams, parse_job, wan_params
-from .lifecycle import Generated, JobTask, Progress
-from .media import ImageOutput, Output, VideoOutput
-from .worker import Runtime, runtime
+from .contract.errors import InvalidJob, ReferenceUnavailable, UnsafeReference
+from .contract.jobs import Job, WanParams, parse_job, wan_params
+from .runtime.lifecycle import Generated, JobTask, Progress
+from .runtime.worker import Runtime, runtime
+from .services.media import ImageOutput, Output, VideoOutput
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def _needs_enhancement(task: JobTask, payload: Any) -> bool:
 
 
 def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
-    from .models.remedies import DiffusionRemedies, run_with_remedies, wan_ladder
     from .models.wan import run_wan
+    from .runtime.remedies import DiffusionRemedies, run_with_remedies, wan_ladder
 
     params = wan_params(job, rt.settings)
     model = rt.model("wan")

@@ -69,8 +69,8 @@ os.environ.update({
 })
 os.environ.setdefault("SUPABASE_URL", "http://127.0.0.1:9")  # replaced per worker by the sink's URL
 
-from ourvidz_tasks.devices import node_name  # noqa: E402
-from ourvidz_tasks.sink import Sink  # noqa: E402
+from devtools.sink import Sink  # noqa: E402
+from ourvidz_tasks.contract.devices import node_name  # noqa: E402
 
 _CLAIMED = [DB]
 

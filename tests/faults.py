@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ourvidz_tasks.policy import default_policy
+from ourvidz_tasks.services.policy import default_policy
 
 MARKER = "POISON-KILLS-WORKER"
 

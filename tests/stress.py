@@ -31,7 +31,7 @@ import pytest
 MAX_STALL = float(os.environ.get("OURVIDZ_STRESS_MAX_STALL", "0.35"))
 #: seconds between two stalls (uniform)
 GAP = (0.2, 2.0)
-WORKER_MARK = b"ourvidz_tasks.launcher"
+WORKER_MARK = b"ourvidz_tasks.tools.launcher"
 
 
 def worker_pids(parent: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Autoscaling signals (``ourvidz_tasks.autoscale``), scraped from the metrics exporter over HTTP.
+"""Autoscaling signals (``ourvidz_tasks.services.autoscale``), scraped from the metrics exporter over HTTP.
 
 A real SDXL pool on a private database runs jobs (its measured processing times
 become the service time), then stops; jobs published while no pool runs wait,
@@ -19,9 +19,9 @@ import httpx
 import pytest
 import redis
 
-from ourvidz_tasks.metrics import serve
-from ourvidz_tasks.settings import Settings
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.contract.settings import Settings
+from ourvidz_tasks.services.metrics import serve
 
 from .conftest import WorkerProcess, new_id, terminal, wait_for
 from .test_brokers import tiny_job

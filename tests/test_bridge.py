@@ -1,6 +1,6 @@
 """bin/bridge: raw jobs from the legacy lists into Celery tasks, none lost, none run twice.
 
-In-process tests drive :class:`~ourvidz_tasks.bridge.Bridge` against the real
+In-process tests drive :class:`~ourvidz_tasks.tools.bridge.Bridge` against the real
 Redis with a recording publisher (and the real Celery publisher on an
 in-memory broker); end-to-end tests run ``bin/bridge`` processes in front of a
 real SDXL worker, killing the bridge between its steps.
@@ -23,8 +23,10 @@ import redis
 from celery import Celery
 from celery.signals import before_task_publish
 
+from devtools.sink import Sink
 from ourvidz_tasks import app as real_app
-from ourvidz_tasks.bridge import (
+from ourvidz_tasks.services.guard import DEAD_LETTERS
+from ourvidz_tasks.tools.bridge import (
     LOCK,
     PROCESSING,
     PUBLISHED,
@@ -37,8 +39,6 @@ from ourvidz_tasks.bridge import (
     route,
     task_ids,
 )
-from ourvidz_tasks.guard import DEAD_LETTERS
-from ourvidz_tasks.sink import Sink
 
 from .conftest import ROOT, WorkerProcess, new_id, terminal, wait_for, worker_env
 

@@ -35,8 +35,8 @@ from typing import Any
 import pytest
 import redis
 
-from ourvidz_tasks.guard import DEAD_LETTERS
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.services.guard import DEAD_LETTERS
 
 from .conftest import BROKER, ROOT, WorkerProcess, new_id, terminal, wait_for, worker_env
 from .wire import publish
@@ -383,7 +383,7 @@ def _publisher() -> Any:
     from celery import Celery
 
     app = Celery("amqp-publisher", set_as_current=False)
-    app.config_from_object("celeryconfig")
+    app.config_from_object("ourvidz_tasks.celeryconfig")
     # this test process's celeryconfig was read with a Redis broker, which selects our Redis transport
     app.conf.update(broker_url=AMQP, broker_transport=None, result_backend=BROKER)
     return app
@@ -510,8 +510,8 @@ def attempt(name, fn):
         out[name] = "connected"
     except BaseException as exc:
         out[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
-from ourvidz_tasks.app import app
-from ourvidz_tasks.settings import load_settings
+from ourvidz_tasks.celery import app
+from ourvidz_tasks.contract.settings import load_settings
 settings = load_settings()
 import redis
 conn = app.connection_for_write()

@@ -77,7 +77,7 @@ def test_enhancements_waiting_in_the_pool_pass_waiting_chats(isolated_broker: st
 
 def publisher(broker: str) -> Celery:
     app = Celery("chat-publisher", set_as_current=False)
-    app.config_from_object("celeryconfig")
+    app.config_from_object("ourvidz_tasks.celeryconfig")
     app.conf.update(broker_url=broker, result_backend=broker)
     return app
 
@@ -100,8 +100,8 @@ def test_a_request_the_cache_cannot_hold_is_invalid_job_and_the_others_run(
 
 
 def test_the_chat_pool_runs_task_threads_for_twice_its_batch() -> None:
-    from ourvidz_tasks.launcher import worker_argv
-    from ourvidz_tasks.settings import load_settings
+    from ourvidz_tasks.contract.settings import load_settings
+    from ourvidz_tasks.tools.launcher import worker_argv
 
     argv = worker_argv("chat", load_settings(chat_concurrency=3), [])
     assert argv[argv.index("--pool") + 1] == "threads" and argv[argv.index("--concurrency") + 1] == "6"

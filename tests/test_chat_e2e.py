@@ -10,8 +10,8 @@ import redis
 from celery import chain
 from celery.exceptions import TimeoutError as CeleryTimeout
 
+from devtools.sink import Sink
 from ourvidz_tasks import chat, enhance, sdxl_generate
-from ourvidz_tasks.sink import Sink
 
 from .conftest import WorkerProcess, new_id, terminal
 from .wire import envelope, signature

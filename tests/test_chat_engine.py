@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ourvidz_tasks.errors import InvalidJob, ModelLoadError
+from ourvidz_tasks.contract.errors import InvalidJob, ModelLoadError
+from ourvidz_tasks.contract.settings import Settings, load_settings
 from ourvidz_tasks.models.chat_engine import ChatEngine, Sampling
 from ourvidz_tasks.models.qwen import QwenModel, QwenName, generate_chat, load_qwen, render_prompt
-from ourvidz_tasks.settings import Settings, load_settings
 
 from .conftest import TINY_CACHE
 

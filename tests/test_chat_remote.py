@@ -9,7 +9,7 @@ import pytest
 import redis
 from celery import Celery
 
-from ourvidz_tasks.memory import Ledger
+from ourvidz_tasks.runtime.ledger import Ledger
 
 from .chat_server import ChatServer
 from .conftest import WorkerProcess, new_id, wait_for
@@ -25,7 +25,7 @@ def remote(isolated_broker: str, start_worker: Callable[..., WorkerProcess]) -> 
                      OURVIDZ_CHAT_SERVER_URL=server.url, OURVIDZ_CHAT_SERVER_MEMORY_MB="123",
                      OURVIDZ_CHAT_SERVER_MODELS='{"qwen_instruct": "Qwen/Qwen2.5-7B-Instruct"}')
         app = Celery("remote-publisher", set_as_current=False)
-        app.config_from_object("celeryconfig")
+        app.config_from_object("ourvidz_tasks.celeryconfig")
         app.conf.update(broker_url=isolated_broker, result_backend=isolated_broker)
         yield server, app, host
 

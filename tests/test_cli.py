@@ -1,6 +1,6 @@
 """``ourvidz`` (the operator CLI): submit and follow, memory table, replay, help.
 
-Run as a real process (``python -m ourvidz_tasks.cli``, what the ``ourvidz``
+Run as a real process (``python -m ourvidz_tasks.tools.cli``, what the ``ourvidz``
 console script calls) against the session's workers, broker and sink.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
 
 from .conftest import ROOT, WorkerProcess, new_id, terminal, wait_for
 from .wire import publish
@@ -29,7 +29,7 @@ def ourvidz(*args: str, sink: Sink | None = None, timeout: float = 300) -> subpr
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     if sink is not None:
         env["SUPABASE_URL"] = sink.url
-    return subprocess.run([sys.executable, "-m", "ourvidz_tasks.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "ourvidz_tasks.tools.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
-from ourvidz_tasks.devices import device_index, local_cuda_index, node_name
-from ourvidz_tasks.launcher import ROLES
-from ourvidz_tasks.metrics import port_for
+from ourvidz_tasks.contract.devices import device_index, local_cuda_index, node_name
+from ourvidz_tasks.services.metrics import port_for
+from ourvidz_tasks.tools.launcher import ROLES
 
 from .conftest import ROOT
 
@@ -222,7 +222,7 @@ def test_every_service_command_exists_and_takes_its_arguments(compose: str) -> N
 # -- the environment each service gets ----------------------------------------------------------
 SETTINGS_PROBE = """
 import json
-from ourvidz_tasks.settings import load_settings
+from ourvidz_tasks.contract.settings import load_settings
 s = load_settings()
 print(json.dumps({"broker": s.broker_url, "vram": s.vram_budget_mb, "sdxl_config": s.sdxl_config and str(s.sdxl_config),
                   "legacy": s.legacy_redis, "flower": bool(s.flower_basic_auth)}))

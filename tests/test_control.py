@@ -23,8 +23,8 @@ from celery.bin.control import _get_commands_of_type
 from celery.contrib.testing.worker import start_worker
 from celery.worker.control import Panel
 
-from ourvidz_tasks import control
-from ourvidz_tasks.memory import Ledger, Reservation
+from ourvidz_tasks.runtime import control
+from ourvidz_tasks.runtime.ledger import Ledger, Reservation
 
 from .conftest import BROKER, wait_for
 
@@ -226,9 +226,9 @@ def test_through_a_real_solo_worker(pools: dict[str, FakeRuntime], ledger: Ledge
 
 def test_predictive_load_makes_room_for_queued_work(store) -> None:
     """A cold pool with queued jobs asks the idle holder nobody needs to unload, before any job starts."""
-    from ourvidz_tasks.control import predict
-    from ourvidz_tasks.memory import Ledger
-    from ourvidz_tasks.settings import Settings
+    from ourvidz_tasks.contract.settings import Settings
+    from ourvidz_tasks.runtime.control import predict
+    from ourvidz_tasks.runtime.ledger import Ledger
 
     depths = {"wan": 2, "sdxl": 0, "chat": 0}
     ledger = Ledger(store, f"predict-{uuid.uuid4().hex[:6]}", "cpu", 10, queue_depth=lambda pool: depths[pool])

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import redis
 
-from ourvidz_tasks.settings import load_settings
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.contract.settings import load_settings
 
 from .conftest import WorkerProcess, new_id, terminal, wait_for
 from .faults import MARKER

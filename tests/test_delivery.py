@@ -18,14 +18,14 @@ import pytest
 import redis
 from PIL import Image
 
-from ourvidz_tasks.delivery import Delivery, HttpCallbacks, callback_body, dumps, sign
-from ourvidz_tasks.errors import DeliveryError
-from ourvidz_tasks.guard import DeadLetters
-from ourvidz_tasks.media import ImageOutput, VideoOutput
-from ourvidz_tasks.metrics import outbox_metrics
-from ourvidz_tasks.outbox_store import JOBS, LIST, LOCK, STUCK_SECONDS, Drainer, Outbox, pool_callbacks
-from ourvidz_tasks.settings import Settings
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.contract.errors import DeliveryError
+from ourvidz_tasks.contract.settings import Settings
+from ourvidz_tasks.services.delivery import Delivery, HttpCallbacks, callback_body, dumps, sign
+from ourvidz_tasks.services.guard import DeadLetters
+from ourvidz_tasks.services.media import ImageOutput, VideoOutput
+from ourvidz_tasks.services.metrics import outbox_metrics
+from ourvidz_tasks.services.outbox_store import JOBS, LIST, LOCK, STUCK_SECONDS, Drainer, Outbox, pool_callbacks
 
 from .conftest import KEY, ROOT, SECRET, new_id
 
@@ -227,7 +227,7 @@ def test_one_drainer_at_a_time_and_a_refused_body_is_a_dead_letter(sink: Sink, p
 def _status(url: str, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     environ.update(OURVIDZ_REDIS_URL=url, **env)
-    return subprocess.run([sys.executable, "-m", "ourvidz_tasks.cli", "status", "--json"], cwd=ROOT, env=environ,
+    return subprocess.run([sys.executable, "-m", "ourvidz_tasks.tools.cli", "status", "--json"], cwd=ROOT, env=environ,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -242,7 +242,7 @@ def test_a_configured_consumer_that_is_missing_or_stuck_shows_in_logs_status_and
     settings = Settings(SUPABASE_URL=sink.url, outbox_consumer=True)
     outbox = Outbox.for_settings(private, settings)
     pool = Drainer(outbox, lambda *_: None, "sdxl@test", expect_consumer=True)
-    with caplog.at_level(logging.WARNING, logger="ourvidz_tasks.outbox_store"):
+    with caplog.at_level(logging.WARNING, logger="ourvidz_tasks.services.outbox_store"):
         pool.tick()
     assert "no live `bin/worker outbox` consumer" in caplog.text
     missing = _status(isolated_broker, OURVIDZ_OUTBOX_CONSUMER="1")
@@ -254,7 +254,7 @@ def test_a_configured_consumer_that_is_missing_or_stuck_shows_in_logs_status_and
     job_id = new_id()
     private.rpush(LIST, json.dumps({"job_id": job_id, "body": "{}", "at": time.time() - 2 * STUCK_SECONDS}))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ourvidz_tasks.outbox_store"):
+    with caplog.at_level(logging.WARNING, logger="ourvidz_tasks.services.outbox_store"):
         pool.tick()
     assert private.llen(LIST) == 1  # a live consumer drains; the pool leaves it alone
     assert "the consumer is alive but the oldest callback has waited" in caplog.text

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
 
 from .conftest import WorkerProcess, new_id, terminal, wait_for
 from .wire import publish

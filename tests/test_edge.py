@@ -29,8 +29,8 @@ import httpx
 import pytest
 import redis
 
-from ourvidz_tasks.schemas import CallbackBody
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.contract.schemas import CallbackBody
 
 from .conftest import BROKER, KEY, ROOT, WorkerProcess, new_id, terminal, worker_env
 from .test_bridge import BridgeProcess

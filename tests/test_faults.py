@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from ourvidz_tasks.errors import ModelLoadError, OutOfMemory
-from ourvidz_tasks.faults import (
+from ourvidz_tasks.contract.errors import ModelLoadError, OutOfMemory
+from ourvidz_tasks.runtime.faults import (
     EXIT_DEVICE_FAULT,
     Attempt,
     Remedy,
@@ -23,8 +23,8 @@ from ourvidz_tasks.faults import (
     retry_once,
     step_down,
 )
-from ourvidz_tasks.lifecycle import as_job_error
-from ourvidz_tasks.models.remedies import batch_sizes
+from ourvidz_tasks.runtime.lifecycle import as_job_error
+from ourvidz_tasks.runtime.remedies import batch_sizes
 
 CUDA_FAULT = "CUDA error: an illegal memory access was encountered"
 
@@ -146,8 +146,8 @@ def test_a_device_fault_exits_the_process_with_75(where: str) -> None:
     """A real process: a CUDA error behind a load error (or in a step-down attempt) ends it at once."""
     code = textwrap.dedent(f"""
         import torch
-        from ourvidz_tasks.faults import Remedy, step_down
-        from ourvidz_tasks.worker import ModelSlot
+        from ourvidz_tasks.runtime.faults import Remedy, step_down
+        from ourvidz_tasks.runtime.worker import ModelSlot
 
         def broken():
             try:

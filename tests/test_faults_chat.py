@@ -27,7 +27,7 @@ MESSAGES = [{"role": "user", "content": "Name a colour."}]
 @pytest.fixture()
 def client(isolated_broker: str) -> Iterator[Celery]:
     app = Celery("faults-publisher", set_as_current=False)
-    app.config_from_object("celeryconfig")
+    app.config_from_object("ourvidz_tasks.celeryconfig")
     app.conf.update(broker_url=isolated_broker, result_backend=isolated_broker)
     yield app
     app.close()

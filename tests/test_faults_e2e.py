@@ -19,7 +19,7 @@ import pytest
 import redis
 from PIL import Image
 
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
 
 from .conftest import KEY, WorkerProcess, new_id, terminal, wait_for, worker_env
 from .faults import fault_env, fired, set_rules

@@ -29,9 +29,9 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from ourvidz_tasks.errors import FetchError, ReferenceUnavailable, UnsafeReference
-from ourvidz_tasks.fetch import ReferenceFetcher, decode_image
-from ourvidz_tasks.settings import Settings
+from ourvidz_tasks.contract.errors import FetchError, ReferenceUnavailable, UnsafeReference
+from ourvidz_tasks.contract.settings import Settings
+from ourvidz_tasks.services.fetch import ReferenceFetcher, decode_image
 
 KEY = "service-key-sekrit"
 

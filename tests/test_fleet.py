@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 import redis
 
-from ourvidz_tasks.devices import canonical_device, local_cuda_index
-from ourvidz_tasks.errors import ConfigError, WorkerUnavailable
-from ourvidz_tasks.memory import Ledger, Reservation
-from ourvidz_tasks.recovery import UNACKED, node_of
-from ourvidz_tasks.settings import Settings, load_settings
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.contract.devices import canonical_device, local_cuda_index
+from ourvidz_tasks.contract.errors import ConfigError, WorkerUnavailable
+from ourvidz_tasks.contract.settings import Settings, load_settings
+from ourvidz_tasks.runtime.ledger import Ledger, Reservation
+from ourvidz_tasks.runtime.recovery import UNACKED, node_of
 
 from .conftest import WorkerProcess, new_id, terminal, wait_for, worker_env
 from .wire import publish
@@ -42,7 +42,7 @@ BUDGET_MB = 4096
     (" cuda:12 ", "cuda:12", "sdxl.gpu12@h"),
 ])
 def test_one_spelling_per_device_names_the_node(given: str, device: str, node: str) -> None:
-    from ourvidz_tasks.worker import node_name
+    from ourvidz_tasks.runtime.worker import node_name
 
     settings = Settings(device=given, hostname="h")
     assert settings.device == device == canonical_device(given)

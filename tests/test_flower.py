@@ -26,10 +26,10 @@ import pytest
 import redis
 from PIL import Image
 
-from ourvidz_tasks.errors import ConfigError
-from ourvidz_tasks.flower import check_auth, format_task, progress_text
-from ourvidz_tasks.redact import HIDDEN
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.contract.errors import ConfigError
+from ourvidz_tasks.services.redact import HIDDEN
+from ourvidz_tasks.tools.flower import check_auth, format_task, progress_text
 
 from .conftest import ROOT, WorkerProcess, new_id, terminal, wait_for
 from .wire import publish

@@ -30,8 +30,8 @@ import redis
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from ourvidz_tasks.guard import DEAD_LETTERS
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.services.guard import DEAD_LETTERS
 
 from .conftest import WorkerProcess, new_id, wait_for
 from .wire import envelope

@@ -43,7 +43,7 @@ def test_gpu_check_runs_every_section_without_cuda_and_without_the_broker_stack(
 
 def test_a_cut_off_run_keeps_the_sections_it_finished(tmp_path: Path) -> None:
     """The JSON is rewritten after every section: what finished is there even if the run stops."""
-    from ourvidz_tasks.gpucheck import Report
+    from ourvidz_tasks.tools.gpucheck import Report
 
     path = tmp_path / "r.json"
     report = Report(path, {"card": "x"})
@@ -63,7 +63,7 @@ def test_full_size_models_build_from_the_committed_configs(config: str, dtype: s
     """What the check builds on CUDA, built here on the meta device: the class, the dtype, the size."""
     import torch
 
-    from ourvidz_tasks.gpubench import build_real
+    from ourvidz_tasks.tools.gpubench import build_real
 
     module = build_real(config, getattr(torch, dtype), torch.device("meta"))
     tensors = list(module.parameters())

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from ourvidz_tasks.errors import InvalidJob
-from ourvidz_tasks.jobs import (
+from ourvidz_tasks.contract.errors import InvalidJob
+from ourvidz_tasks.contract.jobs import (
     exact_copy_plan,
     frame_count,
     img2img_steps,
@@ -17,7 +17,7 @@ from ourvidz_tasks.jobs import (
     usable_id,
     wan_params,
 )
-from ourvidz_tasks.settings import Settings
+from ourvidz_tasks.contract.settings import Settings
 
 S = Settings()
 

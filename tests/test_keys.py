@@ -11,10 +11,10 @@ from typing import Any
 
 import redis
 
-from ourvidz_tasks.delivery import ENDED, ENDED_LIMIT, Delivery, callback_body
-from ourvidz_tasks.guard import DEAD_LETTERS
-from ourvidz_tasks.settings import MAX_TASK_RETRIES, Settings, load_settings
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.contract.settings import MAX_TASK_RETRIES, Settings, load_settings
+from ourvidz_tasks.services.delivery import ENDED, ENDED_LIMIT, Delivery, callback_body
+from ourvidz_tasks.services.guard import DEAD_LETTERS
 
 from .conftest import LOCK, WorkerProcess, new_id, terminal, wait_for
 from .wire import publish

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import redis
 
-from ourvidz_tasks.errors import WorkerUnavailable
-from ourvidz_tasks.memory import Heartbeat, Ledger, Reservation, measure_peak, pressure_of
+from ourvidz_tasks.contract.errors import WorkerUnavailable
+from ourvidz_tasks.runtime.ledger import Heartbeat, Ledger, Reservation, measure_peak, pressure_of
 
 from .conftest import BROKER, wait_for
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
 
 from .conftest import WorkerProcess, new_id, terminal
 from .wire import publish
@@ -41,7 +41,7 @@ def test_a_killed_pools_memory_is_reclaimed_and_idle_wan_is_released(
         isolated_broker: str, start_worker: Callable[..., WorkerProcess], sink: Sink) -> None:
     import signal
 
-    from ourvidz_tasks.memory import Ledger
+    from ourvidz_tasks.runtime.ledger import Ledger
 
     broker = redis.Redis.from_url(isolated_broker)
     host = f"reclaim-{new_id()[:6]}"

@@ -8,10 +8,10 @@ import pytest
 import redis
 import torch
 
-from ourvidz_tasks import memprobe
-from ourvidz_tasks.errors import OutOfMemory
-from ourvidz_tasks.faults import Remedy, step_down
-from ourvidz_tasks.memprobe import CpuProbe, configure_cuda_allocator, default_budget, probe_for
+from ourvidz_tasks.contract.errors import OutOfMemory
+from ourvidz_tasks.runtime import memprobe
+from ourvidz_tasks.runtime.faults import Remedy, step_down
+from ourvidz_tasks.runtime.memprobe import CpuProbe, configure_cuda_allocator, default_budget, probe_for
 
 MB = 2**20
 
@@ -104,9 +104,9 @@ def test_a_job_records_work_per_shape_and_the_reservation_follows(store: redis.R
     import uuid
     from types import SimpleNamespace
 
-    from ourvidz_tasks.lifecycle import _remember_peak
-    from ourvidz_tasks.memory import Ledger
-    from ourvidz_tasks.memprobe import Measurement
+    from ourvidz_tasks.runtime.ledger import Ledger
+    from ourvidz_tasks.runtime.lifecycle import _remember_peak
+    from ourvidz_tasks.runtime.memprobe import Measurement
 
     ledger = Ledger(store, f"t-{uuid.uuid4().hex[:8]}", "cpu", 1000, queue_depth=lambda p: 0, slack=0.0, window=2)
     try:

@@ -22,8 +22,8 @@ import pytest
 import redis
 from celery import signature
 
-from ourvidz_tasks.memory import Ledger, first_estimate
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.runtime.ledger import Ledger, first_estimate
 
 from .conftest import WorkerProcess, new_id, terminal, wait_for
 from .wire import envelope, publish
@@ -80,7 +80,7 @@ def test_one_card_three_pools_mixed_stream(isolated_broker: str, start_worker: C
     from celery import Celery
 
     client = Celery(broker=isolated_broker, backend=isolated_broker)
-    client.config_from_object("celeryconfig")
+    client.config_from_object("ourvidz_tasks.celeryconfig")
     client.conf.update(broker_url=isolated_broker, result_backend=isolated_broker)
 
     def estimate(model: str) -> int:

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from ourvidz_tasks import memplan
 from ourvidz_tasks.models import sizes
+from ourvidz_tasks.models import memplan
 
 #: published parameter counts (model cards, papers) and how close the derived count must be
 PUBLISHED = {
@@ -77,8 +77,8 @@ def test_estimates_follow_shapes() -> None:
 
 
 def test_chat_shape_follows_the_engine() -> None:
+    from ourvidz_tasks.contract.settings import Settings
     from ourvidz_tasks.models import chat_engine
-    from ourvidz_tasks.settings import Settings
 
     assert memplan.CHAT_PREFILL_TOKENS == chat_engine.MAX_BATCH_TOKENS
     assert memplan.SHAPES["qwen_instruct"][0] == f"tokens:{Settings.model_fields['chat_cache_tokens'].default}"
@@ -100,7 +100,7 @@ def test_memory_plan_cli_runs_without_torch(tmp_path) -> None:
     """``ourvidz memory plan`` reads committed data only: it works where torch can't be imported."""
     blocker = tmp_path / "torch.py"
     blocker.write_text("raise ImportError('no torch here')\n")
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from ourvidz_tasks.cli import main; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from ourvidz_tasks.tools.cli import main; "
             "sys.exit(main(['memory', 'plan', '--card-gb', sys.argv[2]] + sys.argv[3:]))")
     text = subprocess.run([sys.executable, "-c", code, str(tmp_path), "48"], capture_output=True, text=True,
                           check=True, timeout=120).stdout
@@ -112,7 +112,7 @@ def test_memory_plan_cli_runs_without_torch(tmp_path) -> None:
 
 
 def test_memory_plan_needs_a_card_size(capsys: pytest.CaptureFixture[str]) -> None:
-    from ourvidz_tasks.cli import main
+    from ourvidz_tasks.tools.cli import main
 
     for argv in (["memory", "plan"], ["memory", "plan", "--card-gb", "0"]):
         with pytest.raises(SystemExit) as exit_:

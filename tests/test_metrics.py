@@ -17,8 +17,8 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from ourvidz_tasks.metrics import callback_backlog, ledger_rows, port_for
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.services.metrics import callback_backlog, ledger_rows, port_for
 
 from .conftest import ROOT, WorkerProcess, new_id, terminal, wait_for
 from .wire import publish
@@ -138,7 +138,7 @@ def test_worker_metrics_move_as_jobs_run(isolated_broker: str, start_worker: Cal
     finally:
         sink.faults()
     replay = subprocess.run(
-        [sys.executable, "-m", "ourvidz_tasks.cli", "replay", lost["id"]], cwd=ROOT, capture_output=True,
+        [sys.executable, "-m", "ourvidz_tasks.tools.cli", "replay", lost["id"]], cwd=ROOT, capture_output=True,
         text=True, timeout=120,
         env={**worker.env, "OURVIDZ_BROKER_URL": isolated_broker},
     )
@@ -153,7 +153,7 @@ def test_standalone_exporter_sees_queue_depth(isolated_broker: str) -> None:
     port = free_port()
     broker = redis.Redis.from_url(isolated_broker)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ourvidz_tasks.cli", "metrics", "--port", str(port)], cwd=ROOT,
+        [sys.executable, "-m", "ourvidz_tasks.tools.cli", "metrics", "--port", str(port)], cwd=ROOT,
         env={**_env(), "OURVIDZ_BROKER_URL": isolated_broker}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import redis
 
-from ourvidz_tasks.delivery import Delivery
-from ourvidz_tasks.outbox_store import CONSUMER, LIST
-from ourvidz_tasks.settings import Settings
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.contract.settings import Settings
+from ourvidz_tasks.services.delivery import Delivery
+from ourvidz_tasks.services.outbox_store import CONSUMER, LIST
 
 from .conftest import KEY, SECRET, WorkerProcess, new_id, terminal, wait_for
 from .wire import publish

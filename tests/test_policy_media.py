@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ourvidz_tasks import media
-from ourvidz_tasks.errors import ConfigError, InvalidPrompt
-from ourvidz_tasks.policy import default_policy, load_policy
+from ourvidz_tasks.contract.errors import ConfigError, InvalidPrompt
+from ourvidz_tasks.services import media
+from ourvidz_tasks.services.policy import default_policy, load_policy
 
 
 @pytest.mark.parametrize("prompt", [
@@ -35,7 +35,7 @@ def test_default_policy_allows_the_rest(prompt: str) -> None:
 
 
 def test_policy_is_pluggable() -> None:
-    assert load_policy("ourvidz_tasks.policy:allow_all")("anything") is None
+    assert load_policy("ourvidz_tasks.services.policy:allow_all")("anything") is None
     with pytest.raises(ConfigError, match="OURVIDZ_PROMPT_POLICY"):
         load_policy("nowhere.module:nothing")
 

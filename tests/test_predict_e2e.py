@@ -14,9 +14,9 @@ import pytest
 import redis
 from PIL import Image
 
-from ourvidz_tasks.memory import Ledger
-from ourvidz_tasks.settings import load_settings
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.contract.settings import load_settings
+from ourvidz_tasks.runtime.ledger import Ledger
 
 from .conftest import WorkerProcess, new_id, terminal, wait_for
 from .wire import publish

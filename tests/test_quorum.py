@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
 
 from .conftest import BROKER, ROOT, WorkerProcess, new_id, terminal, wait_for, worker_env
 from .faults import MARKER, RULES_ENV, fired, set_rules
@@ -42,7 +42,7 @@ pytestmark = [
 #: a Python publisher as deployed: the project's Celery app, configured from the environment
 _PUBLISH = (
     "import json, sys\n"
-    "from ourvidz_tasks.app import app\n"
+    "from ourvidz_tasks.celery import app\n"
     "job = json.loads(sys.argv[1])\n"
     "countdown = float(sys.argv[2]) or None\n"
     "print(app.send_task('ourvidz.sdxl.generate', args=[job], countdown=countdown,\n"

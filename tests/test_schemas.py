@@ -10,11 +10,11 @@ from typing import Any, get_args
 import pytest
 from pydantic import ValidationError
 
-from ourvidz_tasks import jobs, schemas
-from ourvidz_tasks.delivery import callback_body
-from ourvidz_tasks.errors import ERROR_CODES
-from ourvidz_tasks.schemas import CallbackBody, ChatRequest, ChatResult, Job
-from ourvidz_tasks.settings import load_settings
+from ourvidz_tasks.contract import jobs, schemas
+from ourvidz_tasks.contract.errors import ERROR_CODES
+from ourvidz_tasks.contract.schemas import CallbackBody, ChatRequest, ChatResult, Job
+from ourvidz_tasks.contract.settings import load_settings
+from ourvidz_tasks.services.delivery import callback_body
 
 from .conftest import ROOT
 
@@ -46,7 +46,7 @@ def test_spelled_out_enums_are_the_constants() -> None:
 def test_checked_in_files_are_current() -> None:
     stale = [str(rel) for rel, text in schemas.rendered().items()
              if not (ROOT / rel).exists() or (ROOT / rel).read_text() != text]
-    assert not stale, f"stale: {stale}; run .venv/bin/python -m ourvidz_tasks.schemas"
+    assert not stale, f"stale: {stale}; run .venv/bin/python -m ourvidz_tasks.contract.schemas"
     assert schemas.main(["--check"]) == 0
 
 

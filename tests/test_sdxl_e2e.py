@@ -13,7 +13,7 @@ import pytest
 import redis
 from PIL import Image
 
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
 
 from .conftest import KEY, ROOT, WorkerProcess, new_id, terminal, wait_for
 from .wire import envelope, publish
@@ -234,7 +234,7 @@ def test_model_loaded_once_and_no_secrets_or_prompts_in_logs(sdxl_worker: Worker
 
 
 def test_cancel_stops_a_running_job_at_its_next_step(sdxl_worker: WorkerProcess, store: redis.Redis, sink: Sink) -> None:
-    from ourvidz_tasks.lifecycle import cancel
+    from ourvidz_tasks.runtime.lifecycle import cancel
 
     payload = job(config={"resolution": "512x512", "num_inference_steps": 60})
     publish(store, "ourvidz.sdxl.generate", payload, "sdxl")

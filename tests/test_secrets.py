@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 import redis
 
-from ourvidz_tasks.guard import DEAD_LETTERS
-from ourvidz_tasks.redact import HIDDEN
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.services.guard import DEAD_LETTERS
+from ourvidz_tasks.services.redact import HIDDEN
 
 from .conftest import KEY, SECRET, new_id, terminal, wait_for
 from .test_brokers import Pools, RedisServer

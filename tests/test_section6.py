@@ -1,6 +1,6 @@
 """CONTRACT.md section 6, one test per rule, named after it.
 
-Pure rules run on :mod:`ourvidz_tasks.jobs`; rules whose truth is in what a
+Pure rules run on :mod:`ourvidz_tasks.contract.jobs`; rules whose truth is in what a
 model does or what a worker sends run the real tiny models in this process or
 a real worker over the wire. Step counts are checked against diffusers' own
 timestep computation, not against our formula.
@@ -21,8 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ourvidz_tasks.errors import InvalidJob
-from ourvidz_tasks.jobs import (
+from devtools.sink import Sink
+from ourvidz_tasks.contract.errors import InvalidJob
+from ourvidz_tasks.contract.jobs import (
     MAX_SCHEDULE,
     MIN_BOTH_FRAMES,
     exact_copy_plan,
@@ -33,8 +34,7 @@ from ourvidz_tasks.jobs import (
     strength_for,
     wan_params,
 )
-from ourvidz_tasks.settings import Settings, load_settings
-from ourvidz_tasks.sink import Sink
+from ourvidz_tasks.contract.settings import Settings, load_settings
 
 from .conftest import WorkerProcess, new_id, terminal, wait_for
 from .wire import publish
@@ -148,7 +148,7 @@ def test_id_and_user_id_are_path_segments(field: str, value: str) -> None:
 
 
 def test_a_type_of_another_family_is_invalid_job_naming_type() -> None:
-    from ourvidz_tasks.jobs import parse_job as parse
+    from ourvidz_tasks.contract.jobs import parse_job as parse
 
     with pytest.raises(InvalidJob) as info:
         parse(wan(), S, "sdxl")
@@ -453,7 +453,7 @@ def test_wan_output_is_one_uint8_conversion_of_a_tensor(wan_model: Any, monkeypa
 
 
 def test_thumbnails_are_never_upscaled() -> None:
-    from ourvidz_tasks.media import ImageOutput, VideoOutput, encode_thumbnail
+    from ourvidz_tasks.services.media import ImageOutput, VideoOutput, encode_thumbnail
 
     for size, expected in (((1024, 768), (256, 192)), ((64, 48), (64, 48)), ((200, 300), (171, 256))):
         thumb = Image.open(io.BytesIO(encode_thumbnail(ImageOutput(Image.new("RGB", size), {}))))
@@ -467,7 +467,7 @@ def test_thumbnails_are_never_upscaled() -> None:
 @pytest.mark.slow
 def test_a_message_without_a_usable_id_is_dead_lettered_with_its_reason(
         sdxl_worker: WorkerProcess, store: redis.Redis, sink: Sink) -> None:
-    from ourvidz_tasks.guard import DEAD_LETTERS
+    from ourvidz_tasks.services.guard import DEAD_LETTERS
 
     before = store.llen(DEAD_LETTERS)
     task_id = publish(store, "ourvidz.sdxl.generate", sdxl(id="../../etc"), "sdxl")

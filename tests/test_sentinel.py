@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from ourvidz_tasks.errors import ConfigError
-from ourvidz_tasks.redis_client import connect, parse_sentinel
-from ourvidz_tasks.settings import Settings
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
+from ourvidz_tasks.contract.errors import ConfigError
+from ourvidz_tasks.contract.settings import Settings
+from ourvidz_tasks.services.redis_client import connect, parse_sentinel
 
 from .conftest import WorkerProcess, new_id, wait_for
 from .test_brokers import Pools, RedisServer, free_port, terminal_counts, tiny_job

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ourvidz_tasks.sink import Sink
+from devtools.sink import Sink
 
 from .conftest import WorkerProcess, new_id, terminal, wait_for, worker_env
 from .test_brokers import TASK, RedisServer, free_port, tiny_job
@@ -97,7 +97,7 @@ def test_a_job_reaching_a_pool_that_is_not_warm_goes_back_to_its_queue() -> None
     from celery.app.trace import build_tracer
     from celery.exceptions import Reject
 
-    from ourvidz_tasks.app import app
+    from ourvidz_tasks.celery import app
     from ourvidz_tasks.sdxl import generate
 
     assert getattr(app, "ourvidz_runtime", None) is None  # this test process is no pool
@@ -110,7 +110,7 @@ def test_a_job_reaching_a_pool_that_is_not_warm_goes_back_to_its_queue() -> None
 
 @pytest.mark.slow
 def test_pool_exits_for_its_supervisor_when_redis_never_answers(tmp_path: Path, sink: Sink) -> None:
-    from ourvidz_tasks.worker import EXIT_NOT_READY
+    from ourvidz_tasks.runtime.worker import EXIT_NOT_READY
 
     worker = _pool(sink, tmp_path, f"redis://127.0.0.1:{free_port()}/0", "never", OURVIDZ_STARTUP_WAIT="3")
     worker.launch()

@@ -13,9 +13,9 @@ import pytest
 import redis
 from PIL import Image
 
+from devtools.sink import Sink
 from ourvidz_tasks.models import fit_image
 from ourvidz_tasks.models.wan import image_digest
-from ourvidz_tasks.sink import Sink
 
 from .conftest import KEY, WorkerProcess, new_id, terminal
 from .wire import publish

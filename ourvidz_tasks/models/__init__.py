@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..devices import local_cuda_index
-from ..errors import ConfigError
+from ..contract.devices import local_cuda_index
+from ..contract.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +32,7 @@ def resolve_device(name: str | None) -> torch.device:
     """``OURVIDZ_DEVICE`` as this process's torch device: default the first GPU, else CPU.
 
     ``cpu:N`` (a simulated device) computes on the CPU; ``cuda:N`` is the host's card N, renumbered
-    as the container sees it (:func:`ourvidz_tasks.devices.local_cuda_index`).
+    as the container sees it (:func:`ourvidz_tasks.contract.devices.local_cuda_index`).
     """
     import torch
 

@@ -38,14 +38,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
-from ..errors import InvalidJob, ModelLoadError
+from ..contract.errors import InvalidJob, ModelLoadError
 from .qwen import ChatOutput, QwenModel, QwenName, _pad_id, _stop_ids, load_qwen, render_prompt
 
 if TYPE_CHECKING:
     from transformers import ContinuousBatchingManager
     from transformers.generation.continuous_batching.requests import FutureRequestState, GenerationOutput
 
-    from ..settings import Settings
+    from ..contract.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
-from ..errors import ConfigError, InvalidJob, ModelLoadError
+from ..contract.errors import ConfigError, InvalidJob, ModelLoadError
 from . import build_once, compute_dtype, module_bytes, release_memory
 
 if TYPE_CHECKING:
     import torch
     from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
-    from ..settings import Settings
+    from ..contract.settings import Settings
 
 QwenName = Literal["qwen_instruct", "qwen_base"]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, I2IPipelineError, ModelLoadError, OutOfMemory
+from ..contract.errors import ConfigError, I2IPipelineError, ModelLoadError, OutOfMemory
 from . import StepCallback, build_once, compute_dtype, fit_image, module_bytes, release_memory, step_callback
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    from ..settings import Settings
+    from ..contract.settings import Settings
 
 #: The torch modules whose weights make up the model (``nbytes``, ``unload``).
 _MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -539,5 +539,5 @@ def _compel_embeddings(pipe: Any, text: str, negative_prompt: str | None) -> dic
 
 def _oom(model: SdxlModel, width: int, height: int, count: int) -> OutOfMemory:
     """Describe the failed run (no prompt). Memory is released by the caller once out of its
-    ``except`` (:func:`~ourvidz_tasks.faults.step_down`): here the traceback still holds the run."""
+    ``except`` (:func:`~ourvidz_tasks.runtime.faults.step_down`): here the traceback still holds the run."""
     return OutOfMemory(f"SDXL ran out of memory on {model.device} at {width}x{height} x{count}")

@@ -6,7 +6,7 @@ is built here on torch's ``meta`` device, so counting a 7B model takes no
 memory and no network. :func:`derive` counts parameters and buffers and their
 bytes in the dtype each component runs in on CUDA; ``python -m
 ourvidz_tasks.models.sizes`` writes the result to ``configs/sizes.json``,
-which :mod:`ourvidz_tasks.memplan` reads without torch.
+which :mod:`ourvidz_tasks.models.memplan` reads without torch.
 """
 
 from __future__ import annotations

@@ -30,14 +30,14 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from ..errors import ConfigError, ModelLoadError
+from ..contract.errors import ConfigError, ModelLoadError
 from . import StepCallback, build_once, compute_dtype, fit_image, module_bytes, release_memory, step_callback
 
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
 
-    from ..settings import Settings
+    from ..contract.settings import Settings
 
 #: How a VACE run is conditioned on images (``none`` is plain text-to-video).
 ReferenceMode = Literal["none", "single", "start", "end", "both"]

@@ -12,7 +12,8 @@ from typing import cast
 import pytest
 import torch
 
-from ourvidz_tasks.errors import ConfigError, InvalidJob, ModelLoadError
+from ourvidz_tasks.contract.errors import ConfigError, InvalidJob, ModelLoadError
+from ourvidz_tasks.contract.settings import Settings, load_settings
 from ourvidz_tasks.models.qwen import (
     IM_END,
     QwenModel,
@@ -22,7 +23,6 @@ from ourvidz_tasks.models.qwen import (
     load_qwen,
     render_prompt,
 )
-from ourvidz_tasks.settings import Settings, load_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ourvidz_tasks.errors import ConfigError, I2IPipelineError, ModelLoadError
+from ourvidz_tasks.contract.errors import ConfigError, I2IPipelineError, ModelLoadError
+from ourvidz_tasks.contract.settings import Settings, load_settings
 from ourvidz_tasks.models.sdxl import SdxlModel, build_tiny, load_sdxl, run_sdxl
-from ourvidz_tasks.settings import Settings, load_settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
 
@@ -369,7 +369,7 @@ def test_compel(model: SdxlModel) -> None:
 
 
 def test_out_of_memory_becomes_job_error(model: SdxlModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ourvidz_tasks.errors import OutOfMemory
+    from ourvidz_tasks.contract.errors import OutOfMemory
 
     def exhausted(*args: object, **kwargs: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -1,0 +1,271 @@
+"""A local Supabase-compatible sink: storage objects and the job callback.
+
+A real HTTP server (standard library only) for the demo and the tests:
+
+- ``POST|PUT /storage/v1/object/{bucket}/{path}``: upload (Bearer key required)
+- ``GET /storage/v1/object/{bucket}/{path}``: download (Bearer key required)
+- ``GET /storage/v1/object/public/{bucket}/{path}``: download, no key
+- ``POST /functions/v1/job-callback``: checks the key and the HMAC signature,
+  records the call
+- ``GET /_sink/callbacks``, ``GET /_sink/requests``: what was received
+- ``POST /_sink/faults`` ``{"callback": 503, "storage": 503, "thumbnail": 500}``:
+  answer those statuses (``thumbnail``: thumbnail uploads only) until reset
+  with ``{}`` (outage drills)
+
+Run it alone with ``python -m devtools.sink --root DIR --port N``; the key
+and secret come from ``SUPABASE_SERVICE_KEY`` and ``JOB_CALLBACK_SECRET``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+OBJECT = "/storage/v1/object/"
+PUBLIC = "/storage/v1/object/public/"
+CALLBACK = "/functions/v1/job-callback"
+MAX_BODY = 512 * 1024 * 1024
+
+
+class SinkState:
+    """What the sink has received, shared by the handler threads."""
+
+    def __init__(self, root: Path, key: str, secret: str | None) -> None:
+        self.root = root
+        self.key = key
+        self.secret = secret.encode() if secret else None
+        self.lock = threading.Lock()
+        self.callbacks: list[dict[str, Any]] = []
+        self.requests: list[dict[str, Any]] = []
+        self.faults: dict[str, int] = {}
+
+    def object_path(self, rel: str) -> Path | None:
+        parts = [unquote(p) for p in rel.split("/")]
+        if not parts or any(p in ("", ".", "..") or "\\" in p for p in parts):
+            return None
+        return self.root.joinpath(*parts)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        # headers and body go out in two writes: without this, Nagle + delayed ACK add 40 ms a reply
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def state(self) -> SinkState:
+        return self.server.state
+
+    def _reply(self, status: int, body: bytes = b"", content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, value: object) -> None:
+        self._reply(status, json.dumps(value).encode())
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            raise ValueError("body too large")
+        return self.rfile.read(length) if length else b""
+
+    def _authorized(self) -> bool:
+        return hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {self.state.key}")
+
+    def _record(self, **extra: Any) -> None:
+        with self.state.lock:
+            self.state.requests.append(
+                {"method": self.command, "path": urlsplit(self.path).path, "at": time.time(), **extra}
+            )
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        self._record()
+        if path == "/_sink/callbacks":
+            with self.state.lock:
+                return self._json(200, self.state.callbacks)
+        if path == "/_sink/requests":
+            with self.state.lock:
+                return self._json(200, self.state.requests)
+        if path == "/_sink/health":
+            return self._json(200, {"ok": True})
+        if path.startswith(PUBLIC):
+            return self._download(path[len(PUBLIC):])
+        if path.startswith(OBJECT):
+            if not self._authorized():
+                return self._json(401, {"error": "unauthorized"})
+            return self._download(path[len(OBJECT):])
+        self._json(404, {"error": "not found"})
+
+    do_HEAD = do_GET
+
+    def _download(self, rel: str) -> None:
+        if (status := self.state.faults.get("storage")) is not None:
+            return self._json(status, {"error": "injected fault"})
+        target = self.state.object_path(rel)
+        if target is None or not target.is_file():
+            return self._json(404, {"error": "object not found"})
+        meta = target.with_name(target.name + ".content-type")
+        content_type = meta.read_text() if meta.exists() else "application/octet-stream"
+        self._reply(200, target.read_bytes(), content_type)
+
+    def do_PUT(self) -> None:
+        self.do_POST()
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        try:
+            body = self._body()
+        except ValueError:
+            return self._json(413, {"error": "too large"})
+        if path == "/_sink/faults":
+            with self.state.lock:
+                self.state.faults = {k: int(v) for k, v in json.loads(body or b"{}").items()}
+            return self._json(200, self.state.faults)
+        if path == CALLBACK:
+            return self._callback(body)
+        if path.startswith(OBJECT) and not path.startswith(PUBLIC):
+            return self._upload(path[len(OBJECT):], body)
+        self._record()
+        self._json(404, {"error": "not found"})
+
+    def _upload(self, rel: str, body: bytes) -> None:
+        self._record(size=len(body), content_type=self.headers.get("Content-Type"))
+        if not self._authorized():
+            return self._json(401, {"error": "unauthorized"})
+        status = self.state.faults.get("storage")
+        if rel.endswith(".thumb.webp"):
+            status = self.state.faults.get("thumbnail", status)
+        if status is not None:
+            return self._json(status, {"error": "injected fault"})
+        target = self.state.object_path(rel)
+        if target is None:
+            return self._json(400, {"error": "bad path"})
+        if target.exists() and self.headers.get("x-upsert", "").lower() != "true":
+            return self._json(409, {"error": "exists"})
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(body)
+        target.with_name(target.name + ".content-type").write_text(self.headers.get("Content-Type", ""))
+        self._json(200, {"Key": rel})
+
+    def _callback(self, body: bytes) -> None:
+        signature = self.headers.get("X-Callback-Signature")
+        expected = "sha256=" + hmac.new(self.state.secret, body, hashlib.sha256).hexdigest() if self.state.secret else None
+        signature_ok = expected is None or (signature is not None and hmac.compare_digest(signature, expected))
+        self._record()
+        if (status := self.state.faults.get("callback")) is not None:
+            return self._json(status, {"error": "injected fault"})
+        if not self._authorized():
+            return self._json(401, {"error": "unauthorized"})
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return self._json(400, {"error": "not JSON"})
+        with self.state.lock:
+            self.state.callbacks.append(
+                {"body": parsed, "signature": signature, "signature_ok": signature_ok, "at": time.time(),
+                 "content_type": self.headers.get("Content-Type")}
+            )
+        if not signature_ok:
+            return self._json(401, {"error": "bad signature"})
+        self._json(200, {"ok": True})
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    state: SinkState
+
+
+class Sink:
+    """The sink server; ``start()`` serves in a background thread."""
+
+    def __init__(self, root: Path, key: str, secret: str | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.state = SinkState(root, key, secret)
+        self.server = _Server((host, port), _Handler)
+        self.server.state = self.state
+        self.thread = threading.Thread(target=self.server.serve_forever, name="sink", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> Sink:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def callbacks(self, job_id: str | None = None) -> list[dict[str, Any]]:
+        with self.state.lock:
+            return [c for c in self.state.callbacks if job_id is None or c["body"].get("job_id") == job_id]
+
+    def requests(self) -> list[dict[str, Any]]:
+        with self.state.lock:
+            return list(self.state.requests)
+
+    def put(self, rel: str, data: bytes, content_type: str = "image/png") -> str:
+        """Store an object directly (e.g. a reference image); return its public URL."""
+        target = self.state.object_path(rel)
+        if target is None:
+            raise ValueError(f"bad object path {rel!r}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        target.with_name(target.name + ".content-type").write_text(content_type)
+        return f"{self.url}{PUBLIC}{rel}"
+
+    def faults(self, **statuses: int) -> None:
+        with self.state.lock:
+            self.state.faults = dict(statuses)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, required=True, help="folder that holds the stored objects")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=54321)
+    args = parser.parse_args()
+    key = os.environ.get("SUPABASE_SERVICE_KEY")
+    if not key:
+        parser.error("SUPABASE_SERVICE_KEY must be set")
+    sink = Sink(args.root, key, os.environ.get("JOB_CALLBACK_SECRET"), args.host, args.port)
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"sink listening on {sink.url}, objects in {args.root}", flush=True)
+    try:
+        sink.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sink.server.server_close()
+
+
+if __name__ == "__main__":
+    main()

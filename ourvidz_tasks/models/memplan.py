@@ -1,0 +1,236 @@
+"""What the real models need on a card, from committed data only (no torch).
+
+Weights come from ``models/configs/sizes.json`` (parameter and buffer bytes
+derived on the meta device from the published configs, see
+:mod:`ourvidz_tasks.models.sizes`). Working memory per job shape is a first
+estimate computed from the same configs: the widest activations that are
+alive together during the model call, in the dtype the family runs in. It is
+what the ledger reserves before the first measurement; after that the
+measured value replaces it (:meth:`~ourvidz_tasks.runtime.ledger.Ledger.estimate`).
+
+Shapes are the keys jobs report (``Generated.shape``): ``WxHxN`` for SDXL
+(N images), ``WxHxF`` for WAN (F frames), ``tokens:N`` for chat: the KV
+cache the chat engine preallocates for N tokens (``OURVIDZ_CHAT_CACHE_TOKENS``,
+16384; on a real load it is counted with the weights) plus a prefill chunk.
+
+:func:`estimate_mb` is the one call other tools use (``bin/gpu-check``
+compares its measured peaks with it); :func:`plan` is ``ourvidz memory plan``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+CONFIGS = Path(__file__).with_name("configs")
+MB = 2**20
+GB = 2**30
+#: per-process CUDA context (driver, cuBLAS/cuDNN handles, kernels) each pool holds beside its tensors
+CUDA_CONTEXT_MB = 768
+#: kept free on the card for what nobody accounts for (other processes, NCCL, display)
+SAFETY_MARGIN_MB = 1024
+#: allocator slack on top of weights + working memory (fragmentation; small with expandable segments)
+SLACK = 0.05
+#: tokens the chat engine prefills in one step (``chat_engine.MAX_BATCH_TOKENS``, kept in step by a test)
+CHAT_PREFILL_TOKENS = 512
+#: the pool serving each model
+POOL_OF = {"sdxl": "sdxl", "qwen_instruct": "chat", "qwen_base": "chat", "wan": "wan"}
+#: the job shapes the plan prints per model (the first is its default, reserved at load)
+SHAPES: dict[str, tuple[str, ...]] = {
+    "sdxl": ("1024x1024x1", "1024x1024x3", "1024x1024x6", "832x1216x6"),
+    "qwen_instruct": ("tokens:16384", "tokens:4096", "tokens:32768"),
+    "qwen_base": ("tokens:16384", "tokens:4096"),
+    "wan": ("480x832x81", "480x832x17", "832x480x81"),
+}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One model running one job shape: MB of weights, working memory and allocator slack."""
+
+    model: str
+    shape: str
+    weights_mb: int
+    work_mb: int
+    slack_mb: int
+
+    @property
+    def total_mb(self) -> int:
+        return self.weights_mb + self.work_mb + self.slack_mb
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_mb": self.total_mb}
+
+
+@cache
+def sizes() -> dict[str, Any]:
+    """``configs/sizes.json``: the derived parameter counts and bytes."""
+    data: dict[str, Any] = json.loads((CONFIGS / "sizes.json").read_text())
+    return data
+
+
+@cache
+def config(name: str) -> dict[str, Any]:
+    raw: dict[str, Any] = json.loads((CONFIGS / name).read_text())
+    return raw
+
+
+def weights_bytes(model: str) -> int:
+    """Parameter and buffer bytes of ``model`` as it is held on CUDA."""
+    families = sizes()["families"]
+    if model not in families:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(families))}")
+    return int(families[model]["weights_bytes"])
+
+
+def slack_mb(mb: int, slack: float = SLACK) -> int:
+    return math.ceil(mb * slack)
+
+
+def work_bytes(model: str, shape: str) -> int:
+    """First estimate of the working memory of one job shape (bytes above the weights)."""
+    if model == "sdxl":
+        width, height, count = _dims(shape, "sdxl")
+        return _sdxl_work(width, height, count)
+    if model == "wan":
+        width, height, frames = _dims(shape, "wan")
+        return _wan_work(width, height, frames)
+    if model in ("qwen_instruct", "qwen_base"):
+        match = re.fullmatch(r"tokens:(\d+)", shape)
+        if not match:
+            raise ValueError(f"chat shape must be tokens:N, got {shape!r}")
+        return _qwen_work(model, int(match[1]))
+    raise ValueError(f"unknown model {model!r}")
+
+
+def estimate(model: str, shape: str | None = None, *, slack: float = SLACK) -> Estimate:
+    """Weights + working memory of ``shape`` (default: the model's first shape) + slack, in MB."""
+    weights = math.ceil(weights_bytes(model) / MB)
+    shape = shape or SHAPES[model][0]
+    work = math.ceil(work_bytes(model, shape) / MB)
+    return Estimate(model, shape, weights, work, slack_mb(weights + work, slack))
+
+
+def estimate_mb(family: str, shape: str | None = None) -> int:
+    """What the ledger reserves for ``family`` (``sdxl``, ``qwen_instruct``, ``qwen_base``, ``wan``;
+    ``chat`` means ``qwen_instruct``) running ``shape`` before anything was measured."""
+    model = "qwen_instruct" if family == "chat" else family
+    return estimate(model, shape).total_mb
+
+
+def budget_mb(card_mb: int, pools: int = 3, *, context_mb: int = CUDA_CONTEXT_MB,
+              margin_mb: int = SAFETY_MARGIN_MB) -> int:
+    """The ledger's default budget: the card minus one CUDA context per pool and a safety margin."""
+    return card_mb - pools * context_mb - margin_mb
+
+
+def plan(card_gb: float, *, models: tuple[str, ...] = ("sdxl", "qwen_instruct", "wan"),
+         context_mb: int = CUDA_CONTEXT_MB, margin_mb: int = SAFETY_MARGIN_MB) -> dict[str, Any]:
+    """Which models can stay resident together on a card and what each job shape needs."""
+    card_mb = int(card_gb * 1024)
+    pools = len({POOL_OF[m] for m in models})
+    budget = budget_mb(card_mb, pools, context_mb=context_mb, margin_mb=margin_mb)
+    shapes = {m: [estimate(m, s) for s in SHAPES[m]] for m in models}
+    largest = {m: max(e.total_mb for e in shapes[m]) for m in models}
+    default = {m: shapes[m][0].total_mb for m in models}
+    sets = []
+    for size in range(len(models), 0, -1):
+        for combo in itertools.combinations(models, size):
+            need_default = sum(default[m] for m in combo)
+            need_largest = sum(largest[m] for m in combo)
+            sets.append({"models": list(combo), "default_mb": need_default, "largest_mb": need_largest,
+                         "fits_default": need_default <= budget, "fits_largest": need_largest <= budget})
+    return {
+        "card_mb": card_mb, "pools": pools, "context_mb": context_mb, "margin_mb": margin_mb, "budget_mb": budget,
+        "models": {m: {"params": int(sizes()["families"][m]["params"]), "weights_mb": shapes[m][0].weights_mb}
+                   for m in models},
+        "shapes": {m: [dict(e.as_dict(), fits_alone=e.total_mb <= budget) for e in shapes[m]] for m in models},
+        "resident": sets,
+    }
+
+
+def format_plan(data: dict[str, Any]) -> str:
+    """The plan as text for ``ourvidz memory plan``."""
+    out = [
+        f"card {data['card_mb']} MB: budget {data['budget_mb']} MB = card - {data['pools']} pools x "
+        f"{data['context_mb']} MB CUDA context - {data['margin_mb']} MB safety margin",
+        "",
+        f"{'model':<14}{'params':>10}{'weights MB':>12}",
+    ]
+    for name, m in data["models"].items():
+        out.append(f"{name:<14}{m['params'] / 1e9:>9.2f}B{m['weights_mb']:>12}")
+    out += ["", f"{'model':<14}{'shape':<14}{'weights':>9}{'work':>8}{'slack':>7}{'reserve MB':>12}  alone"]
+    for name, rows in data["shapes"].items():
+        for e in rows:
+            out.append(f"{name:<14}{e['shape']:<14}{e['weights_mb']:>9}{e['work_mb']:>8}{e['slack_mb']:>7}"
+                       f"{e['total_mb']:>12}  {'fits' if e['fits_alone'] else 'DOES NOT FIT'}")
+    out += ["", "resident together (default shape each / largest shape each):"]
+    for s in data["resident"]:
+        verdict = ("yes" if s["fits_largest"] else "with default shapes only") if s["fits_default"] else "no"
+        out.append(f"  {' + '.join(s['models']):<32}{s['default_mb']:>8} / {s['largest_mb']:<8} MB  {verdict}")
+    return "\n".join(out)
+
+
+# -- working memory, from the configs ---------------------------------------------------
+
+
+def _dims(shape: str, model: str) -> tuple[int, int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", shape)
+    if not match:
+        raise ValueError(f"{model} shape must be WxHxN, got {shape!r}")
+    return int(match[1]), int(match[2]), int(match[3])
+
+
+def _sdxl_work(width: int, height: int, count: int) -> int:
+    """UNet step or VAE decode, whichever is larger (they run one after the other).
+
+    UNet: classifier-free guidance doubles the batch; at the latent resolution
+    the skip connections and the working tensors of one block come to about 12
+    maps of the first level's width (fp16). VAE: the pipeline decodes the whole
+    batch at once in float32 (``force_upcast``); about 2.5 full-resolution maps
+    of the decoder's second-widest level are alive at its last upsampling.
+    """
+    unet, vae = config("sdxl_unet.json"), config("sdxl_vae.json")
+    latent = (width // 8) * (height // 8)
+    unet_bytes = 2 * count * latent * unet["block_out_channels"][0] * 2 * 12
+    vae_bytes = int(count * width * height * sorted(vae["block_out_channels"])[1] * 4 * 2.5)
+    latents = 2 * count * latent * unet["in_channels"] * 4
+    text = 2 * count * 77 * unet["cross_attention_dim"] * 2
+    return max(unet_bytes, vae_bytes) + latents + text
+
+
+def _qwen_work(model: str, tokens: int) -> int:
+    """KV cache for ``tokens`` plus one prefill chunk's widest activations (the MLP of one layer)."""
+    cfg = config("qwen2_5_7b_instruct.json" if model == "qwen_instruct" else "qwen2_5_7b.json")
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * tokens
+    prefill = min(tokens, CHAT_PREFILL_TOKENS) * (3 * cfg["intermediate_size"] + 4 * cfg["hidden_size"]) * 2
+    logits = cfg["vocab_size"] * 4 * 8  # the last position's logits, float32, a few copies
+    return kv + prefill + logits
+
+
+def _wan_work(width: int, height: int, frames: int) -> int:
+    """Transformer call or VAE decode, whichever is larger.
+
+    Transformer (bf16; conditional and unconditional run one after the other):
+    the hidden states plus one VACE hint per VACE layer are alive together,
+    and one block's FFN. VAE (float32, decoded chunk by chunk): about three
+    maps of the decoder's full-resolution width over four frames, plus the
+    decoded video.
+    """
+    tcfg, vcfg = config("wan_vace_1_3b_transformer.json"), config("wan_vae.json")
+    dim = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    p_t, p_h, p_w = tcfg["patch_size"]
+    latent_frames = (frames - 1) // 4 + 1
+    tokens = (latent_frames // p_t) * (height // (8 * p_h)) * (width // (8 * p_w))
+    hints = len(tcfg["vace_layers"])
+    transformer = tokens * dim * 2 * (hints + 6) + tokens * tcfg["ffn_dim"] * 2 * 2
+    widest = vcfg["base_dim"] * sorted(vcfg["dim_mult"])[1]
+    vae = 3 * 4 * width * height * widest * 4 + frames * 3 * width * height * 4
+    return max(transformer, vae)

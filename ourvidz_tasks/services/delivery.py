@@ -1,0 +1,432 @@
+"""Results delivery: storage uploads and signed callbacks (CONTRACT.md section 4).
+
+:class:`Delivery` is built once per worker and handed to every job. Uploads
+run in a small thread pool (encode + upload of one asset overlaps the
+others); callbacks go through one ordered sender thread so a job's
+``processing`` callbacks always precede its terminal one. The terminal body
+is recorded in Redis before it is sent (keyed by job id), which makes it
+idempotent across retries and redelivery: a second run of the same job id
+re-sends the recorded body instead of computing again.
+
+Only :class:`CallbackTransport` knows how a body travels; swapping the inline
+HTTP transport for an outbox changes nothing for the callers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import random
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+import httpx
+import redis
+
+from ..contract.errors import DeliveryError, DeliveryRefused
+from ..contract.settings import Settings
+from . import events
+from .media import Output, encode_output, encode_thumbnail
+
+log = logging.getLogger(__name__)
+
+BUCKET = "workspace-temp"
+#: the most recently ended job ids, oldest first (read by the callback backlog metric)
+ENDED = "ourvidz:jobs:ended"
+#: how many ids ENDED keeps: every key we write is bounded in size or time
+ENDED_LIMIT = 2000
+#: the outbox's hash of job id -> bodies waiting (``outbox_store.JOBS``)
+OUTBOX_JOBS = "ourvidz:outbox:jobs"
+CONTENT_TYPES = {".png": "image/png", ".mp4": "video/mp4", ".webp": "image/webp"}
+Status = Literal["processing", "completed", "failed"]
+T = TypeVar("T")
+
+
+def sign(secret: bytes, body: bytes) -> str:
+    """The ``X-Callback-Signature`` value for the exact body bytes."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def dumps(body: dict[str, Any]) -> bytes:
+    """The one JSON encoding of callback bodies (compact, UTF-8)."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def callback_body(
+    job_id: str,
+    worker_id: str,
+    status: Status,
+    *,
+    attempt: int,
+    assets: Sequence[dict[str, Any]] = (),
+    metadata: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    callback_id: str | None = None,
+) -> dict[str, Any]:
+    """A callback body: ``assets`` always a list, ``metadata`` always an object."""
+    body: dict[str, Any] = {
+        "job_id": job_id,
+        "worker_id": worker_id,
+        "status": status,
+        "assets": list(assets),
+        "metadata": {**(metadata or {}), "callback_id": callback_id or uuid.uuid4().hex, "attempt": attempt},
+    }
+    if error is not None:
+        body["error"] = error
+    return body
+
+
+class HttpRetry:
+    """Calls an HTTP request function, retrying network errors, 429 and 5xx with backoff."""
+
+    def __init__(self, tries: int, backoff: float) -> None:
+        self.tries, self.backoff = tries, backoff
+
+    def __call__(self, what: str, request: Callable[[], httpx.Response]) -> httpx.Response:
+        last = ""
+        for attempt in range(self.tries):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1) * random.uniform(0.8, 1.2))
+            try:
+                response = request()
+            except httpx.TransportError as exc:
+                last = type(exc).__name__
+                continue
+            if response.status_code < 300:
+                return response
+            last = f"HTTP {response.status_code}"
+            if response.status_code not in (408, 429) and response.status_code < 500:
+                raise DeliveryRefused(f"{what} refused: {last}")
+        raise DeliveryError(f"{what} failed after {self.tries} tries: {last}")
+
+
+class CallbackTransport(Protocol):
+    """How one callback body reaches the edge.
+
+    ``send`` returns True when the body was delivered before it returned
+    (the caller then records a terminal body as delivered), False when it
+    was handed to the outbox, which delivers and records it later. ``queued``
+    says that earlier bodies of the job wait in the outbox (this one must
+    follow them).
+    """
+
+    def send(self, job_id: str, body: bytes, queued: bool = False) -> bool: ...
+
+
+class HttpCallbacks:
+    """Inline HTTP: POST to ``/functions/v1/job-callback``, signed, with retries."""
+
+    def __init__(self, settings: Settings, client: httpx.Client, *, tries: int | None = None,
+                 timeout: float | None = None) -> None:
+        base, key = settings.require_delivery()
+        self.url = f"{base}/functions/v1/job-callback"
+        self.key = key
+        secret = settings.job_callback_secret
+        self.secret = secret.get_secret_value().encode() if secret else None
+        self.client = client
+        self.timeout = timeout if timeout is not None else settings.http_timeout
+        self.retry = HttpRetry(tries or settings.http_tries, settings.http_backoff)
+
+    def send(self, job_id: str, body: bytes, queued: bool = False) -> bool:
+        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
+        if self.secret:
+            headers["X-Callback-Signature"] = sign(self.secret, body)
+        self.retry(f"callback for job {job_id}",
+                   lambda: self.client.post(self.url, content=body, headers=headers, timeout=self.timeout))
+        return True
+
+
+class Backlog(Protocol):
+    """The durable outbox as :class:`OutboxCallbacks` sees it (``outbox_store.Outbox``)."""
+
+    def push(self, job_id: str, body: bytes) -> None: ...
+    def look(self) -> tuple[int, bool]: ...
+
+
+class OutboxCallbacks:
+    """Deliver at once (one signed POST, short timeout); hand only what fails to the outbox.
+
+    Once a body went to the outbox, every later body of this process goes
+    there too until the outbox is empty again (:meth:`caught_up`, called by
+    the drainer), so each job's callbacks keep their order; a terminal body
+    of a job whose earlier bodies wait there (``queued``) follows them. A
+    pool never waits on the edge for longer than one short try.
+    """
+
+    def __init__(self, http: HttpCallbacks, outbox: Backlog, wake: Any = None) -> None:
+        self.http, self.outbox, self.wake = http, outbox, wake
+        self.behind = False
+        self._lock = threading.Lock()
+
+    def send(self, job_id: str, body: bytes, queued: bool = False) -> bool:
+        with self._lock:
+            if self.behind or queued:
+                return self._hand_over(job_id, body)
+        try:
+            return self.http.send(job_id, body)
+        except DeliveryRefused:
+            raise
+        except DeliveryError as exc:
+            log.warning("job %s: callback handed to the outbox (%s)", job_id, exc)
+            with self._lock:
+                return self._hand_over(job_id, body)
+
+    def _hand_over(self, job_id: str, body: bytes) -> bool:
+        self.outbox.push(job_id, body)
+        self.behind = True
+        if self.wake is not None:
+            self.wake()
+        return False
+
+    def caught_up(self) -> None:
+        """The drainer saw an empty outbox: deliver directly again once it is still empty."""
+        with self._lock:
+            if self.behind and self.outbox.look()[0] == 0:
+                self.behind = False
+
+
+class Storage:
+    """Supabase storage uploads to ``workspace-temp/{user_id}/{job_id}/{name}``."""
+
+    def __init__(self, settings: Settings, client: httpx.Client) -> None:
+        self.base, self.key = settings.require_delivery()
+        self.client = client
+        self.retry = HttpRetry(settings.http_tries, settings.http_backoff)
+
+    def upload(self, path: str, data: bytes, content_type: str) -> str:
+        """Upload ``data`` to ``path`` (``bucket/...``) and return the path."""
+        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": content_type, "x-upsert": "true"}
+        url = f"{self.base}/storage/v1/object/{path}"
+        self.retry(f"upload of {path}", lambda: self.client.post(url, content=data, headers=headers))
+        return path
+
+
+class Delivery:
+    """Storage and callbacks for one worker; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        worker_id: str,
+        store: redis.Redis,
+        *,
+        client: httpx.Client | None = None,
+        transport: CallbackTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.redis = store
+        self.client = client or httpx.Client(timeout=settings.http_timeout, follow_redirects=False)
+        self.storage = Storage(settings, self.client)
+        self.transport = transport or HttpCallbacks(settings, self.client)
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="callbacks")
+        self._uploads = ThreadPoolExecutor(4, thread_name_prefix="uploads")
+        self._lock = threading.Lock()
+
+    # -- storage ----------------------------------------------------------------
+    def publish(self, user_id: str, job_id: str, outputs: Sequence[Output],
+                metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Encode and upload every output and its thumbnail, all in parallel; return the assets.
+
+        Each file is written to the spool (``OURVIDZ_SPOOL_DIR/{job_id}``)
+        before it is uploaded and removed once stored, so a storage outage
+        loses nothing: the job's retry calls :meth:`resume` and uploads what
+        is left without computing again. A thumbnail that can't be made or
+        stored is reported (``THUMBNAIL_GENERATION_ERROR``) and never fails the job.
+        """
+        spool = self._spool(job_id)
+        spool.mkdir(parents=True, exist_ok=True)
+        (spool / "job.json").write_text(json.dumps({"count": len(outputs), "metadata": metadata or {}}))
+        level = self.settings.png_compress_level
+        mains = [self._uploads.submit(self._main, spool, user_id, output, i, level) for i, output in enumerate(outputs)]
+        thumbs = [self._uploads.submit(self._thumb, spool, user_id, output, i) for i, output in enumerate(outputs)]
+        for main in mains:
+            main.result()
+        return [self._asset(spool, user_id, i, thumb) for i, thumb in enumerate(thumbs)]
+
+    def resume(self, user_id: str, job_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+        """Upload what an earlier attempt left in the spool: ``(assets, job metadata)``, or None."""
+        spool = self._spool(job_id)
+        try:
+            job = json.loads((spool / "job.json").read_text())
+        except (OSError, ValueError):
+            return None
+        metas = [spool / f"{i}.asset.json" for i in range(job["count"])]
+        if not all(m.exists() for m in metas):
+            return None  # an encode never finished: compute again
+        names = [json.loads(m.read_text())["name"] for m in metas]
+        uploads = [self._uploads.submit(self._upload_spooled, spool, user_id, name) for name in names]
+        for upload in uploads:
+            upload.result()
+        thumbs = [self._uploads.submit(self._upload_spooled, spool, user_id, f"{i}.thumb.webp")
+                  for i in range(job["count"])]
+        log.info("job %s: resumed %d asset(s) from the spool", job_id, len(names))
+        return [self._asset(spool, user_id, i, thumb) for i, thumb in enumerate(thumbs)], job["metadata"]
+
+    def discard(self, job_id: str) -> None:
+        """Forget the job's spool (its terminal callback is recorded)."""
+        shutil.rmtree(self._spool(job_id), ignore_errors=True)
+
+    def _spool(self, job_id: str) -> Path:
+        return self.settings.spool_dir / job_id
+
+    def _main(self, spool: Path, user_id: str, output: Output, index: int, level: int) -> None:
+        asset = encode_output(output, index, level)
+        (spool / asset.name).write_bytes(asset.data)
+        meta = {"kind": asset.kind, "name": asset.name, "content_type": asset.content_type, "metadata": asset.metadata}
+        (spool / f"{index}.asset.json").write_text(json.dumps(meta))
+        self._upload_spooled(spool, user_id, asset.name, asset.content_type)
+
+    def _thumb(self, spool: Path, user_id: str, output: Output, index: int) -> str | None:
+        name = f"{index}.thumb.webp"
+        (spool / name).write_bytes(encode_thumbnail(output))
+        return self._upload_spooled(spool, user_id, name, "image/webp")
+
+    def _upload_spooled(self, spool: Path, user_id: str, name: str, content_type: str | None = None) -> str | None:
+        """Upload ``spool/name`` unless an earlier attempt did; its storage path (None: never made)."""
+        url = f"{BUCKET}/{user_id}/{spool.name}/{name}"
+        path, done = spool / name, spool / f".{name}.done"
+        if done.exists():
+            return url
+        if not path.exists():
+            return None
+        content_type = content_type or CONTENT_TYPES[path.suffix]
+        self.storage.upload(url, path.read_bytes(), content_type)
+        done.touch()
+        path.unlink()
+        return url
+
+    def _asset(self, spool: Path, user_id: str, index: int, thumb: Future[str | None]) -> dict[str, Any]:
+        meta = json.loads((spool / f"{index}.asset.json").read_text())
+        metadata = {**meta["metadata"], "asset_index": index}
+        try:
+            thumb_url = thumb.result()
+        except Exception as exc:
+            thumb_url = None
+            metadata["thumbnail_error"] = {"code": "THUMBNAIL_GENERATION_ERROR", "message": type(exc).__name__}
+            log.warning("job %s: thumbnail %d failed: %s", spool.name, index, type(exc).__name__)
+        if thumb_url is None and "thumbnail_error" not in metadata:
+            metadata["thumbnail_error"] = {"code": "THUMBNAIL_GENERATION_ERROR", "message": "missing"}
+        return {"type": meta["kind"], "url": f"{BUCKET}/{user_id}/{spool.name}/{meta['name']}",
+                "thumbnail_url": thumb_url, "metadata": metadata}
+
+    # -- callbacks --------------------------------------------------------------
+    def processing(self, job_id: str, attempt: int, metadata: dict[str, Any] | None = None, *,
+                   wait: bool = False) -> None:
+        """Queue a ``processing`` callback; best effort.
+
+        ``wait``: give it up to ``callback_timeout`` before going on (the first one of a job: the
+        edge hears of the job before the pool spends its CPU elsewhere; an edge that does not
+        answer in time gets it later, in order, from the outbox).
+        """
+        body = callback_body(job_id, self.worker_id, "processing", attempt=attempt, metadata=metadata)
+        future = self._sender.submit(self._send_quietly, job_id, dumps(body))
+        if wait:
+            with contextlib.suppress(TimeoutError):
+                future.result(timeout=self.settings.callback_timeout + 1.0)
+
+    def _send_quietly(self, job_id: str, body: bytes) -> None:
+        try:
+            self.transport.send(job_id, body)
+        except Exception as exc:  # progress is best effort
+            log.warning("job %s: processing callback not delivered: %s", job_id, exc)
+
+    def _key(self, job_id: str, what: str) -> str:
+        return f"ourvidz:job:{job_id}:{what}"
+
+    def final_key(self, job_id: str) -> str:
+        """Where the job's terminal body is recorded."""
+        return self._key(job_id, "final")
+
+    def terminal_of(self, job_id: str) -> dict[str, Any] | None:
+        """The recorded terminal body of ``job_id``, if the job already ended."""
+        raw = self.redis.get(self.final_key(job_id))
+        return json.loads(raw) if raw else None
+
+    def delivered(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self._key(job_id, "delivered")))
+
+    def mark_delivered(self, job_id: str, patience: float = 120.0) -> None:
+        """Record that the terminal callback arrived; retried through a Redis outage (up to ``patience`` s).
+
+        The edge has the callback already: a mark lost to a broker restart would make the
+        redelivered message send it a second time.
+        """
+        pause, deadline = 0.2, time.monotonic() + patience
+        while True:
+            try:
+                self.redis.set(self._key(job_id, "delivered"), "1", ex=self.settings.terminal_ttl)
+                return
+            except redis.RedisError as exc:
+                if time.monotonic() > deadline:
+                    log.error("job %s: delivered, but not recorded as delivered: %s", job_id, type(exc).__name__)
+                    return
+                time.sleep(pause)
+                pause = min(2 * pause, 5.0)
+
+    def replay(self, job_id: str) -> bool:
+        """Send the job's recorded terminal callback again (same ``callback_id``); False if none."""
+        body = self.terminal_of(job_id)
+        if body is None:
+            return False
+        self.redis.delete(self._key(job_id, "delivered"))
+        self.resend(job_id, body)
+        return True
+
+    def finish(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Record the terminal body (first one wins) and deliver it; return what was recorded.
+
+        Waits for the job's earlier callbacks, so the edge sees them in order.
+        One round trip records it and reads what delivery needs; a body that
+        can't be delivered now is kept (outbox, or for replay): the job's
+        result is already in storage.
+        """
+        job_id = body["job_id"]
+        ttl = self.settings.terminal_ttl
+        final = self._key(job_id, "final")
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(final, dumps(body), nx=True, ex=ttl)
+            pipe.get(final)
+            pipe.rpush(ENDED, job_id)
+            pipe.ltrim(ENDED, -ENDED_LIMIT, -1)
+            pipe.expire(ENDED, ttl)
+            pipe.exists(self._key(job_id, "delivered"))
+            pipe.hexists(OUTBOX_JOBS, job_id)
+            first, recorded, _, _, _, delivered, queued = pipe.execute()
+        if not first and recorded:
+            body = json.loads(recorded)
+        if not delivered:
+            self._deliver(job_id, body, bool(queued))
+        return body
+
+    def resend(self, job_id: str, body: dict[str, Any]) -> bool:
+        """Send a recorded terminal body unless it was delivered; True when delivered or handed over."""
+        if self.delivered(job_id):
+            return True
+        return self._deliver(job_id, body, bool(self.redis.hexists(OUTBOX_JOBS, job_id)))
+
+    def _deliver(self, job_id: str, body: dict[str, Any], queued: bool) -> bool:
+        future: Future[bool] = self._sender.submit(self.transport.send, job_id, dumps(body), queued)
+        try:
+            delivered_now = future.result()
+        except DeliveryError as exc:
+            log.error("job %s: terminal callback not delivered, kept for replay: %s", job_id, exc)
+            events.callback_failed.send(sender="delivery", job_id=job_id, status=body.get("status"))
+            return False
+        if delivered_now:
+            self.mark_delivered(job_id)
+        return True
+
+    def close(self) -> None:
+        self._sender.shutdown(wait=True)
+        self._uploads.shutdown(wait=True)
+        self.client.close()

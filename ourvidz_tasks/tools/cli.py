@@ -1,0 +1,484 @@
+"""``ourvidz``: the operator's command line (submit and follow a job, memory, replay, metrics).
+
+Everything comes from the same environment as the workers (CONTRACT.md
+section 5): ``OURVIDZ_BROKER_URL`` reaches the queues and the result backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import redis
+
+from ..contract.errors import ConfigError, JobError
+from ..contract.settings import Settings, load_settings
+from ..services.redis_client import connect
+from .flower import PROGRESS, progress_text
+
+PROG = "ourvidz"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+
+DESCRIPTION = """\
+Operate the ourvidz task cluster: publish a job and watch it, look at GPU
+memory, re-send a callback, serve cluster metrics. Configuration comes from
+the workers' environment (OURVIDZ_BROKER_URL, OURVIDZ_REDIS_URL, SUPABASE_*)."""
+
+EPILOG = """\
+examples:
+  ourvidz submit job.json                        # publish, follow the progress bar, print the result
+  ourvidz submit --type sdxl_image_fast --user-id u1 --prompt "a red fox" --set config.seed=7
+  ourvidz memory                                 # per worker: models loaded and load counts
+  ourvidz memory plan --card-gb 48               # which real models stay resident together, per job shape
+  ourvidz replay 5f0c...                         # re-send a job's recorded terminal callback
+  ourvidz metrics --port 9100                    # Prometheus: queue depth, ledger, callback backlog"""
+
+SUBMIT_HELP = """\
+Publish one generation job and follow it until it ends.
+
+The job comes from a JSON file (CONTRACT.md section 2; '-' reads stdin) and/or
+flags; flags win. Without an id one is made up. It is checked here with the
+workers' own rules before it is published, and routed by its type
+(sdxl_* to ourvidz.sdxl.generate, the WAN types to ourvidz.wan.generate).
+
+Following: the callback goes to Supabase, which this command cannot see.
+It follows the Celery task through the result backend instead: queued,
+started, then the PROGRESS state (percent, step, stage) as a progress bar on
+stderr, and finally prints the task's result on stdout: the very callback
+body the worker sent (JSON). Exit status 0 when the job completed, 1 when it
+failed, 2 when the job or the configuration is invalid, 3 when --timeout
+passed first (the job goes on)."""
+
+
+# -- submit ------------------------------------------------------------------------
+def build_job(source: str | None, *, job_type: str | None, prompt: str | None, user_id: str | None,
+              job_id: str | None, sets: Sequence[str]) -> dict[str, Any]:
+    """The job from a file (or stdin) and flags; flags win; an id is made up if none is given."""
+    job: dict[str, Any] = {}
+    if source:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+        loaded = json.loads(text)
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: a job is a JSON object, got {type(loaded).__name__}")
+        job.update(loaded)
+    for key, value in (("type", job_type), ("prompt", prompt), ("user_id", user_id), ("id", job_id)):
+        if value is not None:
+            job[key] = value
+    for item in sets:
+        path, sep, raw = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--set wants KEY=VALUE (e.g. config.seed=7), got {item!r}")
+        _assign(job, path.split("."), _value(raw))
+    if not job.get("id") and not job.get("job_id"):
+        job["id"] = str(uuid.uuid4())
+    return job
+
+
+def _value(raw: str) -> Any:
+    """JSON when it parses (7, true, null, [1,2]), else the text itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _assign(target: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        child = target.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not an object")
+        target = child
+    target[path[-1]] = value
+
+
+def publish(job: dict[str, Any], settings: Settings, *, enhance: bool) -> Any:
+    """Validate with the workers' rules, then publish; returns the AsyncResult to follow."""
+    from celery import chain
+
+    from ..celery import app
+    from ..contract.jobs import parse_job
+
+    parsed = parse_job(job, settings)
+    family = parsed.family
+    job_id = parsed.the_id
+    options = {"argsrepr": f"({job_id!r},)", "kwargsrepr": "{}"}
+    generate = app.signature(f"ourvidz.{family}.generate", **options)
+    if enhance:
+        return chain(app.signature("ourvidz.chat.enhance", args=(job,), **options), generate).apply_async()
+    return generate.clone(args=(job,)).apply_async()
+
+
+class ProgressLine:
+    """One status line: redrawn in place on a terminal, one line per change otherwise."""
+
+    def __init__(self, stream: TextIO, label: str) -> None:
+        self.stream, self.label = stream, label
+        self.tty = stream.isatty()
+        self.last = ""
+
+    def show(self, text: str) -> None:
+        if text == self.last:
+            return
+        self.last = text
+        line = f"{self.label}  {text}"
+        self.stream.write(f"\r\033[K{line}" if self.tty else f"{line}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self.last:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def follow(result: Any, line: ProgressLine, timeout: float, interval: float) -> tuple[str, Any]:
+    """Poll the result backend until the task is ready; returns ``(state, result or error)``."""
+    backend = result.backend
+    deadline = time.monotonic() + timeout
+    while True:
+        meta = backend.get_task_meta(result.id)
+        state, info = meta.get("status"), meta.get("result")
+        if state in ("SUCCESS", "FAILURE"):
+            status = info.get("status") if isinstance(info, dict) else None
+            line.show(f"{status or state.lower()}")
+            return state, info
+        if state == PROGRESS and isinstance(info, dict):
+            line.show(progress_text(info))
+        elif state == "STARTED":
+            host = info.get("hostname") if isinstance(info, dict) else None
+            line.show(f"started on {host}" if host else "started")
+        elif state == "RETRY":
+            line.show(f"retrying ({_error(info)})")
+        elif result.parent is not None and not result.parent.ready():
+            line.show("enhancing the prompt")
+        else:
+            line.show("queued")
+        if time.monotonic() >= deadline:
+            return "TIMEOUT", None
+        time.sleep(interval)
+
+
+def _error(info: Any) -> str:
+    """An exception as the result backend keeps it (``exc_type``, ``exc_message``), as one line."""
+    if isinstance(info, dict) and "exc_type" in info:
+        message = info.get("exc_message")
+        text = " ".join(map(str, message)) if isinstance(message, list | tuple) else str(message or "")
+        return f"{info['exc_type']}: {text}".rstrip(": ")
+    return str(info)
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    job = build_job(args.job, job_type=args.type, prompt=args.prompt, user_id=args.user_id,
+                    job_id=args.id, sets=args.set)
+    try:
+        result = publish(job, settings, enhance=args.enhance)
+    except JobError as exc:
+        print(f"{PROG} submit: {exc.code}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    job_id = job.get("id") or job.get("job_id")
+    print(f"job {job_id} published (task {result.id})", file=sys.stderr)
+    if args.no_follow:
+        return EXIT_OK
+    line = ProgressLine(sys.stderr, f"job {job_id}")
+    try:
+        state, info = follow(result, line, args.timeout, args.interval)
+    except KeyboardInterrupt:
+        line.close()
+        print(f"stopped following; the job goes on (task {result.id})", file=sys.stderr)
+        return 130
+    line.close()
+    if state == "TIMEOUT":
+        print(f"{PROG} submit: no result after {args.timeout:g}s; the job goes on (task {result.id})",
+              file=sys.stderr)
+        return EXIT_TIMEOUT
+    if state == "FAILURE":
+        print(f"{PROG} submit: the task failed: {_error(info)}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(info, indent=2, ensure_ascii=False))
+    return EXIT_OK if isinstance(info, dict) and info.get("status") == "completed" else EXIT_FAILED
+
+
+# -- memory --------------------------------------------------------------------------
+def memory_status(timeout: float) -> list[tuple[str, dict[str, Any]]] | None:
+    """``(node, reply)`` of the workers' ``memory_status`` command, or None where no such command exists."""
+    import importlib
+
+    from celery.worker.control import Panel
+
+    from ..celery import app
+
+    with contextlib.suppress(ImportError):
+        importlib.import_module("ourvidz_tasks.runtime.control")  # registers the ledger's commands, once it exists
+    if "memory_status" not in Panel.data:
+        return None
+    replies = app.control.broadcast("memory_status", reply=True, timeout=timeout) or []
+    return sorted((node, status) for reply in replies for node, status in reply.items() if isinstance(status, dict))
+
+
+def ledger_tables(replies: Sequence[tuple[str, dict[str, Any]]]
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """Rows per device and per pool from ``memory_status`` replies (pools of one GPU answer alike),
+    and a note per worker that has no ledger (the outbox consumer)."""
+    devices: dict[tuple[str, str], dict[str, Any]] = {}
+    pools: dict[tuple[str, str, str], dict[str, Any]] = {}
+    notes = []
+    for node, st in replies:
+        if "error" in st:
+            notes.append(f"{node}: {st['error']}")
+            continue
+        where = (str(st.get("host", "?")), str(st.get("device", "?")))
+        devices[where] = {
+            "host": where[0], "device": where[1], "budget_mb": st.get("budget_mb"),
+            "reserved_mb": st.get("reserved_mb"), "free_mb": st.get("free_mb"), "pressure": st.get("pressure"),
+            "waiters": st.get("pending_waiters"), "switches_1h": st.get("switches_last_hour"),
+        }
+        for name, pool in (st.get("pools") or {}).items():
+            models = pool.get("models") or {}
+            pools[(*where, name)] = {
+                "host": where[0], "device": where[1], "pool": name,
+                "models": ", ".join(f"{m} {mb} MB" for m, mb in models.items()) or "-",
+                "reserved_mb": pool.get("reserved_mb"), "busy": pool.get("busy"),
+                "queued": pool.get("queue_depth"), "idle_s": pool.get("idle_seconds"),
+            }
+    return list(devices.values()), list(pools.values()), notes
+
+
+def load_counters(store: redis.Redis, timeout: float) -> list[dict[str, Any]]:
+    """Workers that answer a ping, and the model load counts they keep in ``ourvidz:loads:{node}``."""
+    from ..celery import app
+
+    online = {node for reply in app.control.ping(timeout=timeout) or [] for node in reply}
+    rows = []
+    seen = set()
+    for key in sorted(store.scan_iter(match="ourvidz:loads:*", count=1000)):
+        node = _text(key).removeprefix("ourvidz:loads:")
+        seen.add(node)
+        for model, loads in sorted(store.hgetall(key).items()):
+            rows.append({"worker": node, "online": node in online, "model": _text(model), "loads": int(loads)})
+    rows += [{"worker": node, "online": True, "model": "-", "loads": 0} for node in sorted(online - seen)]
+    return rows
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def table(rows: Sequence[dict[str, Any]], stream: TextIO) -> None:
+    """A plain text table of dicts (columns in first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    cells = [[_cell(row.get(col)) for col in columns] for row in rows]
+    widths = [max([len(col), *(len(r[i]) for r in cells)]) for i, col in enumerate(columns)]
+    stream.write("  ".join(col.upper().ljust(w) for col, w in zip(columns, widths, strict=True)).rstrip() + "\n")
+    for r in cells:
+        stream.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def cmd_memory_plan(args: argparse.Namespace, settings: Settings) -> int:
+    """``ourvidz memory plan --card-gb 48``: from committed data only (no torch, no Redis)."""
+    from ..models.memplan import format_plan, plan
+
+    if args.card_gb is None or args.card_gb <= 0:
+        raise ConfigError("memory plan: --card-gb must be a positive number of GB (e.g. 48 or 80)")
+    data = plan(args.card_gb, context_mb=settings.cuda_context_mb, margin_mb=settings.memory_margin_mb)
+    print(json.dumps(data, indent=2) if args.json else format_plan(data))
+    return EXIT_OK
+
+
+def cmd_memory(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "plan":
+        return cmd_memory_plan(args, settings)
+    store = connect(settings.redis, settings)
+    replies = memory_status(args.timeout)
+    loads = load_counters(store, args.timeout)
+    devices, pools, notes = ledger_tables(replies or [])
+    if args.json:
+        print(json.dumps({"memory_status": dict(replies or []), "loads": loads}, indent=2, default=str))
+        return EXIT_OK
+    for title, rows in (("GPU memory (ledger)", devices), ("pools", pools), ("model loads per worker", loads)):
+        if rows:
+            print(f"{title}:")
+            table(rows, sys.stdout)
+            print()
+    if not loads:
+        print("no worker answered and none has loaded a model yet")
+    elif replies is None:
+        print("(no memory ledger in this version: load counts only)")
+    for note in notes:
+        print(f"(no ledger from {note})")
+    return EXIT_OK
+
+
+# -- status ---------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """The callback outbox: depth, oldest body, consumer; exit 1 when a configured consumer is missing or stuck."""
+    from ..services.outbox_store import Outbox, consumer_health
+
+    state = Outbox.for_settings(connect(settings.redis, settings), settings).state()
+    health = consumer_health(state, settings.outbox_consumer)
+    if args.json:
+        print(json.dumps({"outbox": {**state.as_dict(), "consumer_health": health}}, indent=2))
+    else:
+        what = {"draining": f"consumer {state.consumer} drains it", "pools": "the pools drain it (no consumer)",
+                "missing": "consumer MISSING (OURVIDZ_OUTBOX_CONSUMER is set; the pools drain it)",
+                "stuck": f"consumer {state.consumer} STUCK (alive, not delivering)"}[health]
+        oldest = f", oldest {state.oldest_age:g}s" if state.oldest_age is not None else ""
+        last = state.last or {}
+        tried = f"; last try {'ok' if last.get('ok') else last.get('error')}" if last else ""
+        print(f"callback outbox: {state.depth} waiting{oldest}; {what}{tried}")
+    return EXIT_FAILED if health in ("missing", "stuck") else EXIT_OK
+
+
+# -- replay ---------------------------------------------------------------------------
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from ..services.delivery import Delivery
+
+    settings.require_delivery()
+    store = connect(settings.redis, settings)
+    delivery = Delivery(settings, f"{PROG}@{socket.gethostname()}", store)  # inline HTTP: we wait for the edge
+    try:
+        body = delivery.terminal_of(args.job_id)
+        if body is None or not delivery.replay(args.job_id):
+            print(f"{PROG} replay: job {args.job_id} has no recorded terminal callback "
+                  "(unknown, still running, or older than OURVIDZ_IDEMPOTENCY_TTL)", file=sys.stderr)
+            return EXIT_FAILED
+        delivered = delivery.delivered(args.job_id)
+    finally:
+        delivery.close()
+    if not delivered:
+        print(f"{PROG} replay: the {body['status']} callback of job {args.job_id} was not delivered "
+              "(kept for replay; see the log above)", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"job {args.job_id}: {body['status']} callback re-sent "
+          f"(callback_id {body.get('metadata', {}).get('callback_id')})")
+    return EXIT_OK
+
+
+# -- cancel ---------------------------------------------------------------------------
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from ..runtime.lifecycle import cancel
+
+    cancel(connect(settings.redis, settings), args.job_id)
+    print(f"job {args.job_id}: cancel requested; a running job stops at its next step, a queued one when "
+          "it is picked up (failed callback, CANCELLED)")
+    return EXIT_OK
+
+
+# -- metrics --------------------------------------------------------------------------
+def cmd_metrics(args: argparse.Namespace, settings: Settings) -> int:
+    from ..services.metrics import serve
+
+    exporter = serve(settings, args.port, args.address)
+    print(f"serving cluster metrics on http://{args.address}:{exporter.port}/metrics", file=sys.stderr, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        exporter.close()
+    return EXIT_OK
+
+
+# -- entry point ------------------------------------------------------------------------
+def parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("submit", help="publish a job and follow its progress until it ends",
+                       description=SUBMIT_HELP, formatter_class=fmt)
+    s.add_argument("job", nargs="?", help="a job JSON file ('-' for stdin); optional when flags give the job")
+    s.add_argument("--type", help="job type, e.g. sdxl_image_fast, video_fast, image7b_fast_enhanced")
+    s.add_argument("--prompt", help="the prompt")
+    s.add_argument("--user-id", help="the user id (a storage path segment)")
+    s.add_argument("--id", help="the job id (default: a new UUID)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any field by dotted path, value as JSON if it parses: "
+                        "--set config.num_inference_steps=20 --set config.resolution=832x1216 (repeatable)")
+    s.add_argument("--enhance", action="store_true", help="enhance the prompt first (chain: chat.enhance → generate)")
+    s.add_argument("--no-follow", action="store_true", help="publish and return at once")
+    s.add_argument("--timeout", type=float, default=3600, help="seconds to follow before giving up (default 3600)")
+    s.add_argument("--interval", type=float, default=0.5, help="seconds between polls (default 0.5)")
+    s.set_defaults(run=cmd_submit)
+
+    m = sub.add_parser("memory", help="models loaded per worker (and the memory ledger) as a table",
+                       description="Per worker: online or not, the models it loaded and how often, then the\n"
+                                   "memory ledger per device (reserved / budget MB).", formatter_class=fmt)
+    m.add_argument("action", nargs="?", choices=("status", "plan"), default="status",
+                   help="status (default): what the workers hold; plan: what the real models need on a card")
+    m.add_argument("--card-gb", type=float, help="plan: the card's memory in GB (e.g. 48 or 80)")
+    m.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    m.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for worker replies (default 2)")
+    m.set_defaults(run=cmd_memory)
+
+    st = sub.add_parser("status", help="the callback outbox: waiting callbacks and its consumer",
+                        description="Callbacks waiting in the outbox (the pools deliver at once; only failed\n"
+                                    "deliveries wait there), the oldest one's age and who drains it. Exit 1\n"
+                                    "when a configured consumer (OURVIDZ_OUTBOX_CONSUMER) is missing or stuck.",
+                        formatter_class=fmt)
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(run=cmd_status)
+
+    r = sub.add_parser("replay", help="re-send a job's recorded terminal callback",
+                       description="Re-send the terminal callback (completed or failed) recorded for a job,\n"
+                                   "byte for byte the same body and callback_id, signed again; also when it\n"
+                                   "was delivered before. Needs SUPABASE_URL and SUPABASE_SERVICE_KEY.",
+                       formatter_class=fmt)
+    r.add_argument("job_id", help="the job id")
+    r.set_defaults(run=cmd_replay)
+
+    c = sub.add_parser("cancel", help="stop a job at its next step (failed callback, CANCELLED)",
+                       description="Celery's revoke reaches a solo worker only between jobs; this flag is\n"
+                                   "read at every denoising step, and by a queued job when it starts.",
+                       formatter_class=fmt)
+    c.add_argument("job_id", help="the job id")
+    c.set_defaults(run=cmd_cancel)
+
+    x = sub.add_parser("metrics", help="serve the cluster metrics for Prometheus (no pool needed)",
+                       description="Queue depth per queue, unacked messages, legacy lists, dead letters,\n"
+                                   "callback backlog and the memory ledger, read from Redis at every scrape.",
+                       formatter_class=fmt)
+    x.add_argument("--port", type=int, default=9100, help="port (default 9100)")
+    x.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    x.set_defaults(run=cmd_metrics)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        code = args.run(args, settings)
+    except ConfigError as exc:
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
+        code = EXIT_USAGE
+    except redis.RedisError as exc:
+        print(f"{PROG} {args.command}: Redis unreachable: {type(exc).__name__}", file=sys.stderr)
+        code = EXIT_FAILED
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()
