@@ -45,7 +45,7 @@ def main() -> None:
     with Cluster("sdxl", "chat") as cluster:
         from celery import chain
 
-        from ourvidz_tasks import enhance, sdxl_generate
+        from ourvidz_tasks.publish import enhance, sdxl_generate
 
         def run_chain(payload: dict) -> tuple[dict, float]:
             started = time.perf_counter()

@@ -24,7 +24,7 @@ from typing import Any
 from figures import figure
 from harness import Cluster, write
 
-from ourvidz_tasks import chat, enhance
+from ourvidz_tasks.publish import chat, enhance
 
 TOKENS = 64
 LEVELS = (1, 4, 8, 16)

@@ -32,7 +32,9 @@ from ourvidz_tasks.contract.settings import load_settings
 from ourvidz_tasks.models.qwen import load_qwen
 from ourvidz_tasks.models.wan import load_wan
 from ourvidz_tasks.runtime.control import SERVE_INTERVAL
-from ourvidz_tasks.runtime.ledger import Ledger, Reservation, mb_of
+from ourvidz_tasks.runtime.leases import Reservation
+from ourvidz_tasks.runtime.ledger import Ledger
+from ourvidz_tasks.runtime.memprobe import mb_of
 
 ROUNDS = 5
 DEVICE = torch.device("cpu")

@@ -22,8 +22,8 @@ from pathlib import Path
 from figures import figure
 from harness import Cluster, WorkerProcess, worker_env, write
 
-from tests.conftest import wait_for
-from tests.test_brokers import RedisServer
+from tests.support.cluster import RedisServer
+from tests.support.process import wait_for
 from tests.wire import publish
 
 VISIBILITY_TIMEOUT = 3600.0  # kombu's Redis default

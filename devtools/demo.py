@@ -3,7 +3,8 @@
 Starts (or reuses) Redis, the local Supabase-compatible sink, and one worker
 per family (``bin/worker sdxl|chat|wan``); then runs the main job, an
 enhance → SDXL chain, plus an enhanced WAN video and a chat request; prints
-the callbacks and where every file landed; stops what it started.
+the callbacks and where every file landed; stops what it started (with the
+tests' process helper, :mod:`tests.support.process`).
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -24,38 +22,29 @@ from typing import Any
 import httpx
 import redis
 
+from tests.support.ports import free_port
+from tests.support.process import ManagedProcess, wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(os.environ.get("OURVIDZ_DEMO_DIR", ROOT / "demo-output"))
 ROLES = ("sdxl", "chat", "wan")  # the pools alone: they deliver their own callbacks
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Stack:
     """The processes the demo starts; stopped in reverse order."""
 
     def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.procs: list[ManagedProcess] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-        handle = open(log, "wb")
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((name, proc))
+    def start(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> ManagedProcess:
+        proc = ManagedProcess(argv, env, log, cwd=ROOT)
+        proc.name = name
+        self.procs.append(proc.launch())
         return proc
 
     def stop(self) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for _, proc in reversed(self.procs):
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        for proc in reversed(self.procs):
+            proc.stop()
 
 
 def redis_url(stack: Stack) -> str:
@@ -86,13 +75,10 @@ def _ping(url: str) -> bool:
 
 
 def wait(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise SystemExit(f"demo: timed out waiting for {what}")
+    try:
+        return wait_for(predicate, timeout, 0.2, what)
+    except TimeoutError:
+        raise SystemExit(f"demo: timed out waiting for {what}") from None
 
 
 def main() -> None:
@@ -134,7 +120,8 @@ def run(stack: Stack) -> None:
     os.environ.update({"OURVIDZ_BROKER_URL": broker})
     from celery import chain
 
-    from ourvidz_tasks import chat, enhance, sdxl_generate, wan_generate
+    # the task modules by name: ``ourvidz_tasks.chat`` is both a module and (lazily) the chat task
+    from ourvidz_tasks.publish import chat, enhance, sdxl_generate, wan_generate
 
     image_job = {
         "id": str(uuid.uuid4()), "type": "sdxl_image_fast", "user_id": "demo_user",

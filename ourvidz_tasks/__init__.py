@@ -1,14 +1,14 @@
 """ourvidz_tasks: the GPU task cluster behind ourvidz (Celery, one queue per model family).
 
-Public surface::
+Publishing (``pip install .``, no torch)::
 
-    from ourvidz_tasks import app, sdxl_generate, wan_generate, chat, enhance
+    from ourvidz_tasks import app, enhance, sdxl_generate, wan_generate
     chain(enhance.s(job), sdxl_generate.s()).apply_async()
 
+Those names, and ``chat``, are :mod:`ourvidz_tasks.publish`'s references by task name;
+import ``chat`` from there (``ourvidz_tasks.chat`` is the chat pool's task module).
 Task names, queues, payloads and callbacks are fixed by CONTRACT.md. Importing the
-package loads nothing: each name is imported on first use, so a publisher that only
-needs :mod:`ourvidz_tasks.contract` (or ``app.send_task`` by name) never loads the
-worker side.
+package loads nothing: each name below is imported on first use.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "app": ("ourvidz_tasks.celery", "app"),
-    "chat": ("ourvidz_tasks.chat", "chat"),
-    "enhance": ("ourvidz_tasks.chat", "enhance"),
-    "sdxl_generate": ("ourvidz_tasks.sdxl", "generate"),
-    "wan_generate": ("ourvidz_tasks.wan", "generate"),
+    "app": ("ourvidz_tasks.publish", "app"),
+    "enhance": ("ourvidz_tasks.publish", "enhance"),
+    "sdxl_generate": ("ourvidz_tasks.publish", "sdxl_generate"),
+    "wan_generate": ("ourvidz_tasks.publish", "wan_generate"),
     "ConfigError": ("ourvidz_tasks.contract.errors", "ConfigError"),
     "JobError": ("ourvidz_tasks.contract.errors", "JobError"),
     "OurvidzError": ("ourvidz_tasks.contract.errors", "OurvidzError"),

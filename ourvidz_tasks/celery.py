@@ -1,15 +1,16 @@
-"""The Celery application, configured by :mod:`ourvidz_tasks.celeryconfig`."""
+"""The Celery application, configured by :mod:`ourvidz_tasks.celeryconfig`.
+
+Importing it loads Celery and the configuration only (publishers, Flower, the CLI). A worker
+imports its role's task module (``include``; ``bin/worker`` narrows it to the role's own),
+and that module registers the worker side: :mod:`ourvidz_tasks.runtime.signals`.
+"""
 
 from __future__ import annotations
 
 from celery import Celery
 
-from .runtime.control import install as install_memory_control
-
 app = Celery(
     "ourvidz_tasks",
-    include=["ourvidz_tasks.sdxl", "ourvidz_tasks.chat", "ourvidz_tasks.wan", "ourvidz_tasks.runtime.worker",
-             "ourvidz_tasks.outbox"],
+    include=["ourvidz_tasks.sdxl", "ourvidz_tasks.chat", "ourvidz_tasks.wan", "ourvidz_tasks.outbox"],
 )
 app.config_from_object("ourvidz_tasks.celeryconfig")
-install_memory_control(app)

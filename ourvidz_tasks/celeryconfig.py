@@ -6,10 +6,11 @@ is the only place anything is configured.
 
 from kombu import Exchange, Queue
 
+from ourvidz_tasks.contract.names import QUEUES
+from ourvidz_tasks.contract.names import route_pattern as _route_pattern
 from ourvidz_tasks.contract.settings import load_settings
 
 _settings = load_settings()
-QUEUES = ("sdxl", "chat", "wan", "outbox")
 
 broker_url = _settings.broker_url
 result_backend = _settings.backend
@@ -54,7 +55,7 @@ worker_hijack_root_logger = True
 # Exchange "" (the default exchange), routing key = queue name = Redis list key
 _default = Exchange("", type="direct")
 task_queues = tuple(Queue(name, _default, routing_key=name) for name in QUEUES)
-task_routes = {f"ourvidz.{name}.*": {"queue": name, "exchange": "", "routing_key": name} for name in QUEUES}
+task_routes = {_route_pattern(name): {"queue": name, "exchange": "", "routing_key": name} for name in QUEUES}
 task_default_queue = "chat"
 task_default_exchange = "ourvidz"  # queues are bound here too; publishers use "" (the default exchange)
 if _settings.amqp_queue_type == "quorum" and not _settings.broker_is_redis:
@@ -66,7 +67,7 @@ if _settings.amqp_queue_type == "quorum" and not _settings.broker_is_redis:
     _topic = Exchange("ourvidz", type="topic")
     _quorum = {"x-queue-type": "quorum", "x-delivery-limit": _settings.max_deliveries + 2}
     task_queues = tuple(Queue(name, _topic, routing_key=name, queue_arguments=_quorum) for name in QUEUES)
-    task_routes = {f"ourvidz.{name}.*": {"queue": name, "exchange": "ourvidz", "routing_key": name}
+    task_routes = {_route_pattern(name): {"queue": name, "exchange": "ourvidz", "routing_key": name}
                    for name in QUEUES}
     task_default_exchange_type = "topic"
     task_default_queue_type = "quorum"

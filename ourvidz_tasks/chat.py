@@ -17,12 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from .celery import app
+from .contract import names
 from .contract.errors import JobError, WorkerUnavailable
 from .contract.jobs import EnhanceSpec, parse_chat, usable_id
 from .contract.settings import Settings
-from .runtime.faults import retry_once
-from .runtime.lifecycle import BaseTask, as_job_error, backoff, poison_guard
-from .runtime.worker import runtime
+from .models.chat_common import Sampling
+from .runtime import signals  # noqa: F401  (a worker registers its signal handlers with its task module)
+from .runtime.faults import exit_on_device_fault, retry_once
+from .runtime.lifecycle import as_job_error, backoff, poison_guard
+from .runtime.runtime import runtime
+from .runtime.tasks import BaseTask
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +37,9 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
-@app.task(base=BaseTask, bind=True, name="ourvidz.chat.chat")
+@app.task(base=BaseTask, bind=True, name=names.CHAT_CHAT)
 def chat(self: BaseTask, request: dict[str, Any]) -> dict[str, Any]:
     """Answer a chat request (CONTRACT.md section 3)."""
-    from .models.chat_engine import Sampling
-
     rt = runtime(self.app)
     poisoned = poison_guard(self, rt, "chat")  # a request that stopped its worker each time
     if poisoned is not None:
@@ -52,6 +54,7 @@ def chat(self: BaseTask, request: dict[str, Any]) -> dict[str, Any]:
         out = retry_once(lambda: engine.generate(messages, sampling, job=job), family="chat", stage="chat",
                          device=rt.device, hooks=rt.attempt_hooks, what=f"chat {job}")
     except Exception as exc:
+        exit_on_device_fault(exc, f"chat {self.request.id or '?'}")  # a device fault ends the process here
         error = as_job_error(exc)
         if error is None:
             raise
@@ -76,11 +79,9 @@ def system_prompt(settings: Settings, spec: EnhanceSpec | None) -> str:
     return DEFAULT_SYSTEM_PROMPT
 
 
-@app.task(base=BaseTask, bind=True, name="ourvidz.chat.enhance")
+@app.task(base=BaseTask, bind=True, name=names.CHAT_ENHANCE)
 def enhance(self: BaseTask, job: Any) -> Any:
     """The same job with ``prompt`` enhanced (original kept in metadata)."""
-    from .models.chat_engine import Sampling
-
     if not isinstance(job, dict):
         return job  # the generate step dead-letters or fails it
     job_id = usable_id(job) or "?"
@@ -114,6 +115,7 @@ def enhance(self: BaseTask, job: Any) -> Any:
         if not enhanced:
             raise ValueError("the model returned an empty prompt")
     except Exception as exc:
+        exit_on_device_fault(exc, f"job {job_id}")  # a device fault ends the process here
         error = as_job_error(exc)
         if error is not None and error.retryable and self.request.retries < self.max_retries:
             raise self.retry(exc=error, countdown=backoff(self.request.retries)) from None

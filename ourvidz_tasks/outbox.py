@@ -11,77 +11,28 @@ reported (logs, ``ourvidz status``, metrics).
 It still consumes the Celery queue ``outbox`` that earlier versions of the
 pools published to: such a message is appended to the Redis outbox, behind
 what waits there, and delivered in order from it.
+
+Its runtime (built at start, withdrawn at shutdown) is
+:mod:`~ourvidz_tasks.runtime.outbox_consumer`; the signal handlers that do it are
+:mod:`~ourvidz_tasks.runtime.signals`. This module imports neither torch, PIL nor numpy: the
+consumer runs from the light install (``pip install .``).
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from typing import Any
-
-from celery import Celery, signals
-
 from .celery import app
-from .contract.settings import Settings, load_settings
-from .runtime.lifecycle import BaseTask
-from .runtime.recovery import Recovery
-from .services import metrics
-from .services.delivery import HttpCallbacks
-from .services.outbox_store import CONSUMER, Drainer, Outbox
-from .services.redis_client import connect
+from .contract import names
+from .runtime import signals  # noqa: F401  (a worker registers its signal handlers with its task module)
+from .runtime.outbox_consumer import outbox_runtime
+from .runtime.tasks import BaseTask
 
-log = logging.getLogger(__name__)
-
-QUEUE = "outbox"
+QUEUE = names.OUTBOX
 
 
-@dataclass
-class OutboxRuntime:
-    """What the outbox consumer needs, built once at start."""
-
-    settings: Settings
-    outbox: Outbox
-    drainer: Drainer
-    recovery: Recovery | None
-
-
-@app.task(base=BaseTask, bind=True, name="ourvidz.outbox.deliver", send_events=False)
+@app.task(base=BaseTask, bind=True, name=names.OUTBOX_DELIVER, send_events=False)
 def deliver(self: BaseTask, job_id: str, body: str) -> bool:
     """A body published by an earlier pool version: append it to the Redis outbox (delivered in order)."""
-    rt: OutboxRuntime | None = getattr(self.app, "ourvidz_outbox", None)
-    if rt is None:
-        raise RuntimeError("ourvidz.outbox.deliver runs only in bin/worker outbox")
+    rt = outbox_runtime(self.app)
     rt.outbox.push(job_id, body.encode())
     rt.drainer.wake()
     return True
-
-
-@signals.celeryd_after_setup.connect
-def _start(sender: str, instance: Any, **_: Any) -> None:
-    consumer_app: Celery = instance.app
-    if QUEUE not in (consumer_app.amqp.queues.consume_from or {}):
-        return
-    import httpx
-
-    settings = load_settings()
-    metrics.start(settings, QUEUE)
-    store = connect(settings.redis, settings)
-    client = httpx.Client(timeout=settings.http_timeout, follow_redirects=False)
-    outbox = Outbox.for_settings(store, settings)
-    drainer = Drainer(outbox, HttpCallbacks(settings, client, tries=1).send, sender, consumer=True,
-                      max_pause=settings.outbox_max_pause)
-    recovery = None
-    if settings.broker_is_redis:
-        recovery = Recovery(connect(settings.broker_url, settings), sender,
-                            lease_seconds=settings.lease_seconds, owner_ttl=settings.visibility_timeout)
-        recovery.start()
-    consumer_app.ourvidz_outbox = OutboxRuntime(settings, outbox, drainer.start(), recovery)  # type: ignore[attr-defined]
-    log.info("%s ready: draining the callback outbox to %s", sender, settings.supabase_url)
-
-
-@signals.worker_shutdown.connect
-def _stop(sender: Any, **_: Any) -> None:
-    rt: OutboxRuntime | None = getattr(sender.app, "ourvidz_outbox", None)
-    if rt is not None:
-        rt.drainer.stop()
-        rt.outbox.redis.delete(CONSUMER)  # the pools take the draining over at once

@@ -1,8 +1,8 @@
 """``ourvidz.sdxl.generate``: SDXL text-to-image and image-to-image.
 
-Section 6 of the contract decides the parameters (:func:`~ourvidz_tasks.contract.jobs.sdxl_params`);
+Section 6 of the contract decides the parameters (:func:`~ourvidz_tasks.contract.params.sdxl_params`);
 this module fetches the reference, picks the pipeline, applies the fallbacks
-and describes each image. The lifecycle around it is :class:`~ourvidz_tasks.runtime.lifecycle.JobTask`.
+and describes each image. The lifecycle around it is :func:`~ourvidz_tasks.runtime.lifecycle.run_job`.
 """
 
 from __future__ import annotations
@@ -15,25 +15,29 @@ from typing import Any
 from PIL import Image
 
 from .celery import app
+from .contract import names
 from .contract.errors import I2IPipelineError, InvalidJob, ReferenceUnavailable, UnsafeReference
-from .contract.jobs import Job, SdxlParams, sdxl_params
-from .runtime.faults import Remedy
-from .runtime.lifecycle import Generated, JobTask, Progress, as_job_error
-from .runtime.worker import Runtime
+from .contract.jobs import Job
+from .contract.params import SdxlParams, sdxl_params
+from .models.sdxl import run_sdxl
+from .runtime import signals  # noqa: F401  (a worker registers its signal handlers with its task module)
+from .runtime.faults import Remedy, exit_on_device_fault
+from .runtime.lifecycle import Generated, Progress, as_job_error
+from .runtime.remedies import DiffusionRemedies, run_with_remedies, sdxl_ladder
+from .runtime.runtime import Runtime
+from .runtime.tasks import JobTask
 from .services.media import ImageOutput
 
 log = logging.getLogger(__name__)
 
 
-@app.task(base=JobTask, bind=True, name="ourvidz.sdxl.generate")
+@app.task(base=JobTask, bind=True, name=names.SDXL_GENERATE)
 def generate(self: JobTask, job: dict[str, Any]) -> dict[str, Any]:
     """Generate 1, 3 or 6 images for a job; returns the callback body sent."""
     return self.execute(job, "sdxl", work)
 
 
 def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
-    from .models.sdxl import run_sdxl
-
     params = sdxl_params(job, rt.settings)
     reference, fallback = _reference(rt, params)  # before the model: a job that must fail fails first
     model = rt.model("sdxl")
@@ -50,13 +54,14 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
         try:
             images, stepped = _stepping_down(rt, model, i2i, params.seeds, "img2img", params.job_id)
         except Exception as exc:
-            error = as_job_error(exc, f"job {params.job_id}")  # a device fault exits here
+            exit_on_device_fault(exc, f"job {params.job_id}")  # a device fault ends the process here
+            error = as_job_error(exc)
             if error is not None and not isinstance(error, I2IPipelineError):
                 raise  # out of memory after every remedy, cancelled, timed out: not a reason to fall back
             if params.exact_copy:
                 raise I2IPipelineError(f"img2img failed: {type(exc).__name__}") from exc
             log.warning("job %s: img2img failed (%s), falling back to txt2img", params.job_id, type(exc).__name__)
-            fallback = {"code": "I2I_PIPELINE_ERROR", "reason": f"img2img failed: {type(exc).__name__}", "used": "txt2img"}
+            fallback = {"code": I2IPipelineError.code, "reason": f"img2img failed: {type(exc).__name__}", "used": "txt2img"}
             pipeline = "txt2img"
     if images is None:
         images, stepped = _stepping_down(rt, model, pipe, params.seeds, "txt2img", params.job_id)
@@ -75,8 +80,6 @@ def _stepping_down(rt: Runtime, model: Any, pipe: Callable[..., list[Image.Image
     model is unloaded, so the next job starts clean). The images are those
     of an un-stepped run: each image has its own generator.
     """
-    from .runtime.remedies import DiffusionRemedies, run_with_remedies, sdxl_ladder
-
     remedies = DiffusionRemedies(model.i2i if stage == "img2img" else model.t2i, model.device,
                                  rt.models["sdxl"].unload)
 
@@ -106,7 +109,7 @@ def _reference(rt: Runtime, params: SdxlParams) -> tuple[Image.Image | None, dic
             reason = f"reference unavailable: {exc}"
     if params.exact_copy:
         raise I2IPipelineError(f"exact copy needs a usable reference image ({reason})")
-    return None, {"code": "I2I_PIPELINE_ERROR", "reason": reason, "used": "txt2img"}
+    return None, {"code": I2IPipelineError.code, "reason": reason, "used": "txt2img"}
 
 
 def _describe(params: SdxlParams, images: list[Image.Image], pipeline: str, fallback: dict[str, Any] | None) -> Generated:

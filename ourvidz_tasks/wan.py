@@ -1,6 +1,6 @@
 """``ourvidz.wan.generate``: Wan 2.1 text-to-video, image jobs and reference frames.
 
-Section 6 of the contract decides the parameters (:func:`~ourvidz_tasks.contract.jobs.wan_params`).
+Section 6 of the contract decides the parameters (:func:`~ourvidz_tasks.contract.params.wan_params`).
 ``*_enhanced`` types that arrive without enhancement replace themselves with
 ``enhance → generate``. A reference that cannot be used falls back to plain
 text-to-video with ``REFERENCE_FRAME_ERROR`` in the job metadata.
@@ -15,22 +15,28 @@ from typing import Any
 from PIL import Image
 
 from .celery import app
-from .chat import enhance
-from .contract.errors import InvalidJob, ReferenceUnavailable, UnsafeReference
-from .contract.jobs import Job, WanParams, parse_job, wan_params
-from .runtime.lifecycle import Generated, JobTask, Progress
-from .runtime.worker import Runtime, runtime
+from .contract import names
+from .contract.errors import InvalidJob, ReferenceFrameError, ReferenceUnavailable, UnsafeReference
+from .contract.jobs import Job, parse_job
+from .contract.params import WanParams, wan_params
+from .models.wan import run_wan
+from .runtime import signals  # noqa: F401  (a worker registers its signal handlers with its task module)
+from .runtime.lifecycle import Generated, Progress
+from .runtime.remedies import DiffusionRemedies, run_with_remedies, wan_ladder
+from .runtime.runtime import Runtime, runtime
+from .runtime.tasks import JobTask, by_name
 from .services.media import ImageOutput, Output, VideoOutput
 
 log = logging.getLogger(__name__)
 
 
-@app.task(base=JobTask, bind=True, name="ourvidz.wan.generate")
+@app.task(base=JobTask, bind=True, name=names.WAN_GENERATE)
 def generate(self: JobTask, job: dict[str, Any]) -> dict[str, Any] | None:
     """Generate a clip or an image for a job; returns the callback body sent."""
     if _needs_enhancement(self, job):
         log.info("job %s: %s, enhancing first", job.get("id"), job.get("type"))
-        raise self.replace(enhance.s(job) | generate.s())
+        # by name: a wan pool imports no chat code (the enhancement runs on a chat pool)
+        raise self.replace(by_name(app, names.CHAT_ENHANCE, job) | generate.s())
     return self.execute(job, "wan", work)
 
 
@@ -43,9 +49,6 @@ def _needs_enhancement(task: JobTask, payload: Any) -> bool:
 
 
 def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
-    from .models.wan import run_wan
-    from .runtime.remedies import DiffusionRemedies, run_with_remedies, wan_ladder
-
     params = wan_params(job, rt.settings)
     model = rt.model("wan")
     references, fallback = _references(rt, params, model.conditions_on_frames)
@@ -101,8 +104,8 @@ def _references(
         except UnsafeReference as exc:
             raise InvalidJob(f"`{field}`: {exc}", field=field) from None
         except ReferenceUnavailable as exc:
-            return {}, {"code": "REFERENCE_FRAME_ERROR", "reason": f"`{field}`: {exc}", "used": "t2v"}
+            return {}, {"code": ReferenceFrameError.code, "reason": f"`{field}`: {exc}", "used": "t2v"}
     if not conditions_on_frames:
         reason = "the configured Wan checkpoint (text-to-video) cannot condition on frames"
-        return {}, {"code": "REFERENCE_FRAME_ERROR", "reason": reason, "used": "t2v"}
+        return {}, {"code": ReferenceFrameError.code, "reason": reason, "used": "t2v"}
     return images, None

@@ -1,9 +1,11 @@
-"""Fault injection for tests: the prompt-policy seam (`OURVIDZ_PROMPT_POLICY`) and runtime plug-ins (`OURVIDZ_RUNTIME_PLUGINS`)."""
+"""Fault injection for tests: the prompt-policy seam (`OURVIDZ_PROMPT_POLICY`), runtime plug-ins
+(`OURVIDZ_RUNTIME_PLUGINS`) and bridge plug-ins (`OURVIDZ_BRIDGE_PLUGINS`)."""
 
 from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import signal
 from dataclasses import asdict
@@ -117,3 +119,24 @@ def fault_env(broker: str, rules: Path, **extra: str) -> dict[str, str]:
     """
     return {"OURVIDZ_BROKER_URL": broker, "OURVIDZ_RUNTIME_PLUGINS": "tests.faults:inject",
             RULES_ENV: str(rules), "OURVIDZ_LEASE_SECONDS": "6", **extra}
+
+
+# -- bridge step hooks (OURVIDZ_BRIDGE_PLUGINS=tests.faults:crash_bridge) -----------------------------
+
+#: the step of ``bin/bridge`` after which it dies: ``move``, ``claim`` or ``publish``
+CRASH_AT_ENV = "OURVIDZ_TEST_BRIDGE_CRASH_AT"
+#: the status it dies with
+CRASH_STATUS = 70
+
+
+def crash_bridge(bridge: Any) -> None:
+    """A bridge plug-in: the process ends at once (no cleanup) right after the step in ``$OURVIDZ_TEST_BRIDGE_CRASH_AT``."""
+    point = os.environ.get(CRASH_AT_ENV)
+    if point:
+        bridge.step_hooks.append(lambda step: _crash(step) if step == point else None)
+
+
+def _crash(step: str) -> None:
+    logging.getLogger("tests.faults").warning("crash plug-in: exiting right after the %s step", step)
+    logging.shutdown()
+    os._exit(CRASH_STATUS)

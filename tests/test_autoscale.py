@@ -10,7 +10,6 @@ counts as a live pool and drains the queue.
 from __future__ import annotations
 
 import re
-import socket
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -23,17 +22,13 @@ from devtools.sink import Sink
 from ourvidz_tasks.contract.settings import Settings
 from ourvidz_tasks.services.metrics import serve
 
-from .conftest import WorkerProcess, new_id, terminal, wait_for
-from .test_brokers import tiny_job
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id, terminal, tiny_job
+from .support.ports import free_port
+from .support.process import wait_for
 from .wire import publish
 
 TASK = "ourvidz.sdxl.generate"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def scrape(url: str) -> dict[str, float]:

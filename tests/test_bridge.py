@@ -3,14 +3,12 @@
 In-process tests drive :class:`~ourvidz_tasks.tools.bridge.Bridge` against the real
 Redis with a recording publisher (and the real Celery publisher on an
 in-memory broker); end-to-end tests run ``bin/bridge`` processes in front of a
-real SDXL worker, killing the bridge between its steps.
+real SDXL worker, killing the bridge between its steps (a bridge plug-in, :func:`tests.faults.crash_bridge`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -25,22 +23,15 @@ from celery.signals import before_task_publish
 
 from devtools.sink import Sink
 from ourvidz_tasks import app as real_app
-from ourvidz_tasks.services.guard import DEAD_LETTERS
-from ourvidz_tasks.tools.bridge import (
-    LOCK,
-    PROCESSING,
-    PUBLISHED,
-    PUBLISHING,
-    RECORD,
-    Bridge,
-    CeleryPublisher,
-    Route,
-    Unroutable,
-    route,
-    task_ids,
-)
+from ourvidz_tasks.contract import keys
+from ourvidz_tasks.tools.bridge import PUBLISHED, PUBLISHING, STEPS, Bridge
+from ourvidz_tasks.tools.routing import CeleryPublisher, Route, Unroutable, route, task_ids
 
-from .conftest import ROOT, WorkerProcess, new_id, terminal, wait_for, worker_env
+from .faults import CRASH_AT_ENV, CRASH_STATUS
+from .support.cluster import BridgeProcess, WorkerProcess
+from .support.env import worker_env
+from .support.jobs import new_id, terminal
+from .support.process import ROOT, wait_for
 
 PROMPT = "a lighthouse on a cliff at dawn, secret-prompt-marker"
 
@@ -78,7 +69,7 @@ def lists(store: redis.Redis) -> Iterator[tuple[str, str]]:
     names = (f"test:{new_id()}:sdxl_queue", f"test:{new_id()}:wan_queue")
     yield names
     for name in names:
-        store.delete(name, PROCESSING.format(list=name))
+        store.delete(name, keys.bridge_processing(name))
 
 
 def make(store: redis.Redis, recorder: Recorder, lists: Sequence[str], **options: Any) -> Bridge:
@@ -86,7 +77,7 @@ def make(store: redis.Redis, recorder: Recorder, lists: Sequence[str], **options
 
 
 def dead_for(store: redis.Redis, queue: str) -> list[dict[str, Any]]:
-    return [entry for entry in map(json.loads, store.lrange(DEAD_LETTERS, 0, -1)) if entry["queue"] == queue]
+    return [entry for entry in map(json.loads, store.lrange(keys.DEAD_LETTERS, 0, -1)) if entry["queue"] == queue]
 
 
 def push(store: redis.Redis, queue: str, *items: Any) -> None:
@@ -104,7 +95,7 @@ def test_oldest_job_first(store: redis.Redis, lists: tuple[str, str]) -> None:
     assert make(store, recorder, lists).drain() == 4
     assert recorder.ids() == [job["id"] for job in jobs]
     assert recorder.published[0][0] == jobs[0]  # the payload untouched
-    assert store.llen(lists[0]) == 0 and store.llen(PROCESSING.format(list=lists[0])) == 0
+    assert store.llen(lists[0]) == 0 and store.llen(keys.bridge_processing(lists[0])) == 0
 
 
 def test_routed_by_type_never_by_list(store: redis.Redis, lists: tuple[str, str]) -> None:
@@ -145,7 +136,7 @@ def test_malformed_items_become_dead_letters(store: redis.Redis, lists: tuple[st
     (entry,) = dead_for(store, lists[0])
     assert entry["reason"].startswith(reason), entry["reason"]
     assert entry["raw"] == item.decode("utf-8", "replace")  # kept whole for an operator
-    assert store.llen(PROCESSING.format(list=lists[0])) == 0
+    assert store.llen(keys.bridge_processing(lists[0])) == 0
 
 
 def test_a_job_id_is_published_once(store: redis.Redis, lists: tuple[str, str]) -> None:
@@ -155,23 +146,23 @@ def test_a_job_id_is_published_once(store: redis.Redis, lists: tuple[str, str]) 
     push(store, lists[1], job)
     make(store, recorder, lists).drain()
     assert recorder.ids() == [job["id"]]
-    assert store.get(RECORD.format(job_id=job["id"])) == PUBLISHED.encode()
+    assert store.get(keys.bridge_record(job["id"])) == PUBLISHED.encode()
 
 
 def test_recovery_publishes_what_a_crash_left_once(store: redis.Redis, lists: tuple[str, str]) -> None:
     recorder = Recorder()
     fresh, done, started, unsure = (raw_job() for _ in range(4))
-    store.set(RECORD.format(job_id=done["id"]), PUBLISHED, ex=60)
-    store.set(RECORD.format(job_id=started["id"]), PUBLISHING, ex=60)
-    store.set(RECORD.format(job_id=unsure["id"]), PUBLISHING, ex=60)
+    store.set(keys.bridge_record(done["id"]), PUBLISHED, ex=60)
+    store.set(keys.bridge_record(started["id"]), PUBLISHING, ex=60)
+    store.set(keys.bridge_record(unsure["id"]), PUBLISHING, ex=60)
     recorder.started.add(task_ids(started["id"], False)[0])  # the result backend knows this one
-    push(store, PROCESSING.format(list=lists[0]), fresh, done, started, unsure)
+    push(store, keys.bridge_processing(lists[0]), fresh, done, started, unsure)
     bridge = make(store, recorder, lists)
     assert bridge.recover(lists[0]) == 4
     assert recorder.ids() == [fresh["id"], unsure["id"]]
     for job in (fresh, done, started, unsure):
-        assert store.get(RECORD.format(job_id=job["id"])) == PUBLISHED.encode()
-    assert store.llen(PROCESSING.format(list=lists[0])) == 0
+        assert store.get(keys.bridge_record(job["id"])) == PUBLISHED.encode()
+    assert store.llen(keys.bridge_processing(lists[0])) == 0
 
 
 def test_a_failed_publish_keeps_the_job(store: redis.Redis, lists: tuple[str, str]) -> None:
@@ -182,10 +173,37 @@ def test_a_failed_publish_keeps_the_job(store: redis.Redis, lists: tuple[str, st
     bridge = make(store, recorder, lists)
     with pytest.raises(ConnectionError):
         bridge.step(lists[0], block=False)
-    assert store.lrange(PROCESSING.format(list=lists[0]), 0, -1) == [json.dumps(job).encode()]
+    assert store.lrange(keys.bridge_processing(lists[0]), 0, -1) == [json.dumps(job).encode()]
     bridge.recover(lists[0])
     assert recorder.ids() == [job["id"]]
-    assert store.llen(PROCESSING.format(list=lists[0])) == 0
+    assert store.llen(keys.bridge_processing(lists[0])) == 0
+
+
+class Crash(Exception):
+    """What a step hook raises to stop the bridge between two steps."""
+
+
+def test_a_crash_between_steps_loses_nothing(store: redis.Redis, lists: tuple[str, str]) -> None:
+    """The step hooks see every step; stopped after the claim, the job waits in the processing list."""
+    recorder, seen = Recorder(), []
+
+    def crash_after_claim(step: str) -> None:
+        seen.append(step)
+        if step == "claim":
+            raise Crash(step)
+
+    job = raw_job()
+    push(store, lists[0], job)
+    with pytest.raises(Crash):
+        make(store, recorder, lists, step_hooks=[crash_after_claim]).step(lists[0], block=False)
+    assert seen == ["move", "claim"] and recorder.ids() == []
+    assert store.lrange(keys.bridge_processing(lists[0]), 0, -1) == [json.dumps(job).encode()]
+    assert store.get(keys.bridge_record(job["id"])) == PUBLISHING.encode()
+
+    restarted = make(store, recorder, lists, step_hooks=[seen.append])
+    assert restarted.recover(lists[0]) == 1
+    assert seen[2:] == ["claim", "publish"] and recorder.ids() == [job["id"]]
+    assert store.llen(keys.bridge_processing(lists[0])) == 0
 
 
 def test_the_serving_loop_survives_errors(store: redis.Redis, lists: tuple[str, str]) -> None:
@@ -211,10 +229,10 @@ def test_every_key_written_expires(store: redis.Redis, lists: tuple[str, str]) -
     push(store, lists[0], job, b"junk")
     bridge = make(store, recorder, lists)
     assert bridge.move(lists[0], block=False) is not None
-    assert store.ttl(PROCESSING.format(list=lists[0])) > 0
+    assert store.ttl(keys.bridge_processing(lists[0])) > 0
     bridge.drain()
-    assert store.ttl(RECORD.format(job_id=job["id"])) > 0
-    assert store.ttl(DEAD_LETTERS) > 0
+    assert store.ttl(keys.bridge_record(job["id"])) > 0
+    assert store.ttl(keys.DEAD_LETTERS) > 0
 
 
 # -- the real Celery publisher (in-memory broker, the real routes) ---------------------
@@ -282,47 +300,6 @@ def test_route_errors_name_the_problem() -> None:
 # -- end to end: bin/bridge processes and a real SDXL worker ------------------------------
 
 
-class BridgeProcess:
-    """A real ``bin/bridge`` process with its log file."""
-
-    def __init__(self, log: Path, env: dict[str, str], args: Sequence[str] = ()) -> None:
-        self.log = log
-        self.handle = open(log, "ab")
-        self.proc = subprocess.Popen(
-            [str(ROOT / "bin" / "bridge"), "--block", "0.2", "--lock-ttl", "1", *args], cwd=ROOT, env=env,
-            stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def ready(self, timeout: float = 60) -> BridgeProcess:
-        def check() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bridge exited {self.proc.returncode}:\n{self.text()[-3000:]}")
-            return "bridge ready" in self.text()
-
-        wait_for(check, timeout, what="bin/bridge ready")
-        return self
-
-    def wait(self, timeout: float = 60) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.handle.close()
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.handle.close()
-        return self.proc.returncode
-
-
 @pytest.fixture
 def start_bridge(sink: Sink, store: redis.Redis, tmp_path: Path) -> Iterator[Callable[..., BridgeProcess]]:
     """Starts ``bin/bridge`` processes on the real ``sdxl_queue``/``wan_queue``; stops and cleans up after."""
@@ -330,7 +307,7 @@ def start_bridge(sink: Sink, store: redis.Redis, tmp_path: Path) -> Iterator[Cal
 
     def start(*args: str, **extra: str) -> BridgeProcess:
         env = worker_env(sink, "bridge", **extra)
-        bridge = BridgeProcess(tmp_path / f"bridge-{len(started)}.log", env, args)
+        bridge = BridgeProcess(tmp_path / f"bridge-{len(started)}.log", env, args).launch()
         started.append(bridge)
         return bridge
 
@@ -338,7 +315,7 @@ def start_bridge(sink: Sink, store: redis.Redis, tmp_path: Path) -> Iterator[Cal
     for bridge in started:
         bridge.stop()
     for name in ("sdxl_queue", "wan_queue"):
-        store.delete(name, PROCESSING.format(list=name))
+        store.delete(name, keys.bridge_processing(name))
 
 
 def terminals(sink: Sink, job_id: str) -> list[dict[str, Any]]:
@@ -348,7 +325,7 @@ def terminals(sink: Sink, job_id: str) -> list[dict[str, Any]]:
 @pytest.mark.slow
 def test_a_raw_job_on_sdxl_queue_completes(sdxl_worker: WorkerProcess, store: redis.Redis, sink: Sink,
                                           start_bridge: Callable[..., BridgeProcess]) -> None:
-    bridge = start_bridge().ready()
+    bridge = start_bridge().wait_ready()
     job = raw_job()
     store.rpush("sdxl_queue", json.dumps(job))
     body = terminal(sink, job["id"])
@@ -359,28 +336,28 @@ def test_a_raw_job_on_sdxl_queue_completes(sdxl_worker: WorkerProcess, store: re
     log = bridge.text()
     assert f"job {job['id']} (sdxl_image_fast) from sdxl_queue published as ourvidz.sdxl.generate" in log
     assert "secret-prompt-marker" not in log and "bridge stopped" in log
-    assert store.get(LOCK) is None  # released on a clean stop
+    assert store.get(keys.BRIDGE_LOCK) is None  # released on a clean stop
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["move", "claim", "publish"])
+@pytest.mark.parametrize("point", STEPS)
 def test_killed_between_steps_the_job_still_runs_once(point: str, sdxl_worker: WorkerProcess, store: redis.Redis,
                                                       sink: Sink, start_bridge: Callable[..., BridgeProcess]) -> None:
-    crashing = start_bridge(OURVIDZ_BRIDGE_CRASH_AT=point).ready()
+    crashing = start_bridge(OURVIDZ_BRIDGE_PLUGINS="tests.faults:crash_bridge", **{CRASH_AT_ENV: point}).wait_ready()
     job = raw_job()
     store.rpush("sdxl_queue", json.dumps(job))
-    assert crashing.wait(60) == 70, crashing.text()[-2000:]
+    assert crashing.wait(60) == CRASH_STATUS, crashing.text()[-2000:]
     # the job is in no list but the processing list: a plain RPOP consumer would have lost it
-    assert store.lrange(PROCESSING.format(list="sdxl_queue"), 0, -1) == [json.dumps(job).encode()]
+    assert store.lrange(keys.bridge_processing("sdxl_queue"), 0, -1) == [json.dumps(job).encode()]
     assert store.llen("sdxl_queue") == 0
 
-    restarted = start_bridge().ready()
+    restarted = start_bridge().wait_ready()
     body = terminal(sink, job["id"])
     assert body["status"] == "completed", body
     time.sleep(3)  # time for a second run, if one had been published
     assert len(terminals(sink, job["id"])) == 1
     assert sdxl_worker.text().count(f"job {job['id']} completed") == 1
-    assert store.llen(PROCESSING.format(list="sdxl_queue")) == 0
+    assert store.llen(keys.bridge_processing("sdxl_queue")) == 0
     assert "1 job(s) left by an earlier run handled" in restarted.text()
     assert restarted.stop() == 0
 
@@ -390,6 +367,13 @@ def test_a_bad_configuration_is_one_line(sink: Sink, tmp_path: Path) -> None:
     out = subprocess.run([str(ROOT / "bin" / "bridge")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "OURVIDZ_LEGACY_REDIS_URL" in out.stderr
+
+
+def test_a_bad_plugin_is_one_line(sink: Sink) -> None:
+    env = worker_env(sink, "bridge", OURVIDZ_BRIDGE_PLUGINS="tests.nowhere:plugin")
+    out = subprocess.run([str(ROOT / "bin" / "bridge")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "OURVIDZ_BRIDGE_PLUGINS" in out.stderr
 
 
 @pytest.mark.slow
@@ -404,14 +388,14 @@ def test_drain_moves_what_waits_and_exits(sdxl_worker: WorkerProcess, store: red
     assert terminal(sink, good["id"])["status"] == "completed"
     failed = terminal(sink, invalid["id"])
     assert failed["error"]["code"] == "INVALID_JOB" and "user_id" in failed["error"]["message"]
-    assert store.llen("sdxl_queue") == 0 and store.llen(PROCESSING.format(list="sdxl_queue")) == 0
+    assert store.llen("sdxl_queue") == 0 and store.llen(keys.bridge_processing("sdxl_queue")) == 0
 
 
 def test_one_bridge_at_a_time(store: redis.Redis, start_bridge: Callable[..., BridgeProcess]) -> None:
-    first = start_bridge().ready()
+    first = start_bridge().wait_ready()
     second = start_bridge()
     wait_for(lambda: "another bridge holds" in second.text(), 30, what="the second bridge waiting")
     assert "bridge ready" not in second.text()
     assert first.stop() == 0
-    second.ready(30)
-    assert second.stop() == 0 and store.get(LOCK) is None
+    second.wait_ready(30)
+    assert second.stop() == 0 and store.get(keys.BRIDGE_LOCK) is None

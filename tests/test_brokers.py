@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import pickle
-import signal
 import socket
 import ssl
 import subprocess
@@ -28,7 +27,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,123 +36,11 @@ import redis
 from devtools.sink import Sink
 from ourvidz_tasks.services.guard import DEAD_LETTERS
 
-from .conftest import BROKER, ROOT, WorkerProcess, new_id, terminal, wait_for, worker_env
+from .support.cluster import Pools, RedisServer, WorkerProcess
+from .support.env import AMQP, BROKER, amqp_reachable
+from .support.jobs import TASK, new_id, terminal, terminal_counts, tiny_job
+from .support.process import ROOT, wait_for
 from .wire import publish
-
-AMQP = os.environ.get("OURVIDZ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-TASK = "ourvidz.sdxl.generate"
-
-
-def tiny_job(steps: int = 2, size: str = "256x256", prompt: str = "a tiny harbour at dusk") -> dict[str, Any]:
-    return {"id": new_id(), "type": "sdxl_image_fast", "user_id": "user_123", "prompt": prompt,
-            "config": {"resolution": size, "num_inference_steps": steps, "seed": 5}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisServer:
-    """A private ``redis-server`` on a free port, persisting to ``dir`` (AOF, fsync always)."""
-
-    def __init__(self, directory: Path, port: int | None = None, password: str | None = None) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.password = password
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def url(self, db: int = 0) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
-
-    def client(self, db: int = 0) -> redis.Redis:
-        return redis.Redis.from_url(self.url(db))
-
-    def start(self, timeout: float = 30) -> RedisServer:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
-                "--logfile", str(self.dir / "redis.log")]
-        if self.password:
-            args += ["--requirepass", self.password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        self.starts += 1
-        client = redis.Redis.from_url(self.url(), socket_connect_timeout=1)
-
-        def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited {self.proc.returncode}: {self.log()[-2000:]}")
-            try:
-                return bool(client.ping()) and client.info("persistence").get("loading") == 0
-            except redis.RedisError:
-                return False
-
-        wait_for(ready, timeout, interval=0.05, what=f"redis-server on {self.port}")
-        client.close()
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def restart(self, down: float = 2.0) -> float:
-        """SIGTERM, stay down ``down`` seconds, start on the same port and dir; return the outage."""
-        began = time.time()
-        self.stop()
-        time.sleep(down)
-        self.start()
-        return time.time() - began
-
-    def log(self) -> str:
-        path = self.dir / "redis.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-
-class Pools:
-    """Worker processes started here (not through ``start_worker``), so each gets exactly this env.
-
-    ``start_worker`` brings an outbox that inherits only the broker URL; on
-    RabbitMQ that outbox would keep its bookkeeping in Redis database 0.
-    """
-
-    def __init__(self, sink: Sink, logs: Path) -> None:
-        self.sink, self.logs = sink, logs
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.started: list[WorkerProcess] = []
-
-    def start(self, family: str, **env: str) -> WorkerProcess:
-        log = self.logs / f"{family}-{len(self.started)}.log"
-        worker = WorkerProcess(family, worker_env(self.sink, family, **env), log)
-        self.started.append(worker)
-        return worker.start()
-
-    def stop(self) -> None:
-        for worker in reversed(self.started):
-            worker.stop()
-
-
-@pytest.fixture()
-def pools(sink: Sink, tmp_path: Path) -> Iterator[Pools]:
-    p = Pools(sink, tmp_path / "logs")
-    yield p
-    p.stop()
-
-
-def terminal_counts(sink: Sink, ids: list[str]) -> Counter[str]:
-    counts: Counter[str] = Counter({job_id: 0 for job_id in ids})
-    for job_id in ids:
-        counts[job_id] += sum(c["body"]["status"] in ("completed", "failed") for c in sink.callbacks(job_id))
-    return counts
-
 
 # -- Redis restart ---------------------------------------------------------------------------------------------
 
@@ -346,18 +232,7 @@ def test_live_workers_keep_their_messages(isolated_broker: str, pools: Pools, si
 # -- RabbitMQ ----------------------------------------------------------------------------------------------------
 
 
-def _amqp_reachable() -> bool:
-    from kombu import Connection
-
-    try:
-        with Connection(AMQP, connect_timeout=2) as conn:
-            conn.ensure_connection(max_retries=1)
-        return True
-    except Exception:
-        return False
-
-
-amqp = pytest.mark.skipif(not _amqp_reachable(), reason=f"no RabbitMQ at {AMQP}")
+amqp = pytest.mark.skipif(not amqp_reachable(), reason=f"no RabbitMQ at {AMQP}")
 
 
 def _purge_rabbit(*queues: str) -> dict[str, int]:

@@ -11,9 +11,11 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
-from ourvidz_tasks import chat, enhance
+from ourvidz_tasks.publish import chat, enhance
 
-from .conftest import WorkerProcess, new_id, wait_for
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id
+from .support.process import wait_for
 
 LENGTHS = [12, 30, 7, 45, 20, 33, 9, 26]
 

@@ -11,9 +11,10 @@ from celery import chain
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from devtools.sink import Sink
-from ourvidz_tasks import chat, enhance, sdxl_generate
+from ourvidz_tasks.publish import chat, enhance, sdxl_generate
 
-from .conftest import WorkerProcess, new_id, terminal
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id, terminal
 from .wire import envelope, signature
 
 MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name a colour."}]

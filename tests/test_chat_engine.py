@@ -18,10 +18,11 @@ import torch
 
 from ourvidz_tasks.contract.errors import InvalidJob, ModelLoadError
 from ourvidz_tasks.contract.settings import Settings, load_settings
-from ourvidz_tasks.models.chat_engine import ChatEngine, Sampling
-from ourvidz_tasks.models.qwen import QwenModel, QwenName, generate_chat, load_qwen, render_prompt
+from ourvidz_tasks.models.chat_common import QwenName, Sampling
+from ourvidz_tasks.models.chat_engine import ChatEngine
+from ourvidz_tasks.models.qwen import QwenModel, generate_chat, load_qwen, render_prompt
 
-from .conftest import TINY_CACHE
+from .support.env import TINY_CACHE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

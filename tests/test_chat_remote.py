@@ -12,7 +12,9 @@ from celery import Celery
 from ourvidz_tasks.runtime.ledger import Ledger
 
 from .chat_server import ChatServer
-from .conftest import WorkerProcess, new_id, wait_for
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id
+from .support.process import wait_for
 
 USER = [{"role": "system", "content": "Answer."}, {"role": "user", "content": "Name a colour."}]
 

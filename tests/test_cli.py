@@ -19,7 +19,9 @@ import redis
 
 from devtools.sink import Sink
 
-from .conftest import ROOT, WorkerProcess, new_id, terminal, wait_for
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id, terminal
+from .support.process import ROOT, wait_for
 from .wire import publish
 
 PROMPT = "a paper boat on a pond"

@@ -23,13 +23,16 @@ import pytest
 import yaml
 
 from ourvidz_tasks.contract.devices import device_index, local_cuda_index, node_name
+from ourvidz_tasks.contract.names import FAMILIES, ROLES
 from ourvidz_tasks.services.metrics import port_for
-from ourvidz_tasks.tools.launcher import ROLES
 
-from .conftest import ROOT
+from .support.process import ROOT
 
-IMAGE = "ourvidz-tasks:latest"
-POOLS = ("sdxl", "chat", "wan")
+#: the Dockerfile's two targets and the image compose tags each as
+IMAGES = {"worker": "ourvidz-tasks:latest", "light": "ourvidz-tasks-light:latest"}
+POOLS: tuple[str, ...] = FAMILIES
+#: what runs without torch (the light image): everything but the pools
+LIGHT = ("outbox", "flower", "metrics", "bridge")
 #: the pool set of the host's second card (profile gpu1): service -> role
 GPU1 = {f"{name}-gpu1": name for name in POOLS}
 
@@ -85,9 +88,20 @@ def console_scripts() -> dict[str, str]:
 
 
 def dockerfile_entrypoint() -> list[str]:
-    match = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", (ROOT / "Dockerfile").read_text(), re.M)
+    match = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", dockerfile_stages()["base"], re.M)
     assert match, "the Dockerfile has an exec-form ENTRYPOINT"
     return list(json.loads(match.group(1)))
+
+
+def dockerfile_stages() -> dict[str, str]:
+    """The Dockerfile's stages by name (``FROM ... AS name``), in order, each with its text."""
+    parts = re.split(r"^(?=FROM )", (ROOT / "Dockerfile").read_text(), flags=re.M)[1:]
+    stages = {}
+    for part in parts:
+        match = re.match(r"FROM \S+ AS (\w+)\n", part)
+        assert match, f"every stage is named: {part.splitlines()[0]}"
+        stages[match.group(1)] = part
+    return stages
 
 
 def argv_of(service: dict[str, Any]) -> list[str]:
@@ -179,7 +193,8 @@ def test_a_two_gpu_host_runs_one_pool_set_per_card(compose: str) -> None:
     assert {"sdxl@gpu0", "sdxl.gpu1@gpu0", "chat.gpu1@gpu0", "wan.gpu1@gpu0"} <= nodes and len(nodes) == 6
     assert ledgers == {("gpu0", "cuda:0"), ("gpu0", "cuda:1")}, "one memory ledger per card"
     assert ports == {9101, 9102, 9103, 9105, 9106, 9107}
-    shared = [n for n, s in services.items() if "deploy" not in s and s.get("image") == IMAGE and not s.get("profiles")]
+    shared = [n for n, s in services.items() if "deploy" not in s and s.get("image") in IMAGES.values()
+              and not s.get("profiles")]
     assert sorted(shared) == ["flower", "metrics", "outbox"], "no per-card copy of the shared services"
     for name in GPU1:
         assert _settings_of(services[name])["broker"] == _settings_of(services["sdxl"])["broker"]
@@ -191,11 +206,12 @@ def _published(service: dict[str, Any]) -> set[int]:
 
 def test_every_service_command_exists_and_takes_its_arguments(compose: str) -> None:
     services = rendered(compose, ROOT / ".env.example")["services"]
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^COPY bin \./bin$", dockerfile, re.M) and "WORKDIR /app" in dockerfile
+    stages = dockerfile_stages()
+    assert re.search(r"^COPY bin /app/bin$", stages["source"], re.M) and "WORKDIR /app" in stages["base"]
+    assert all(re.search(r"^COPY --from=source /app /app$", stages[t], re.M) for t in IMAGES)
     scripts = console_scripts()
     for name, service in services.items():
-        if service.get("image") != IMAGE:
+        if service.get("image") not in IMAGES.values():
             continue
         argv = argv_of(service)
         program, args = argv[0], argv[1:]
@@ -217,6 +233,25 @@ def test_every_service_command_exists_and_takes_its_arguments(compose: str) -> N
         # every other command parses its arguments first: --help after them must succeed
         check = subprocess.run([*local, *args, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert check.returncode == 0, f"{name}: {argv} --help: {check.stderr[-2000:]}"
+
+
+def test_the_pools_run_the_worker_image_and_the_rest_the_light_one(compose: str) -> None:
+    """Two Dockerfile targets: ``worker`` (CUDA torch; the default, last stage) for the pools, ``light``
+    (``pip install .``, no torch) for the outbox consumer, Flower, the metrics exporter and the bridge."""
+    services = rendered(compose, ROOT / ".env.example")["services"]
+    stages = dockerfile_stages()
+    assert list(stages)[-1] == "worker", "a plain docker build makes the pools' image"
+    assert "torch" not in stages["light"] and "requirements/light.lock" in stages["light"]
+    assert "requirements/torch.txt" in stages["worker"] and "requirements/runtime.lock" in stages["worker"]
+    for name, service in services.items():
+        if name == "redis":
+            continue
+        target = "light" if name in LIGHT else "worker"
+        assert service["image"] == IMAGES[target], name
+        assert service["build"] == {"context": str(ROOT), "target": target}, name
+    for name in LIGHT:  # bin/worker in the light image runs the outbox role only
+        argv = argv_of(services[name])
+        assert argv[0] != "/app/bin/worker" or argv[1:] == ["outbox"], f"{name}: {argv}"
 
 
 # -- the environment each service gets ----------------------------------------------------------

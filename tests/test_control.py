@@ -23,14 +23,17 @@ from celery.bin.control import _get_commands_of_type
 from celery.contrib.testing.worker import start_worker
 from celery.worker.control import Panel
 
-from ourvidz_tasks.runtime import control
-from ourvidz_tasks.runtime.ledger import Ledger, Reservation
+from ourvidz_tasks.runtime import between_jobs, control, signals
+from ourvidz_tasks.runtime.leases import Reservation
+from ourvidz_tasks.runtime.ledger import Ledger
+from ourvidz_tasks.runtime.runtime import JobGate
 
-from .conftest import BROKER, wait_for
+from .support.env import BROKER
+from .support.process import wait_for
 
 
 class FakeSlot:
-    """A model slot as worker.ModelSlot is to become: reserve before load, release on unload."""
+    """A model slot as runtime.ModelSlot is: reserve before load, release on unload."""
 
     def __init__(self, rt: FakeRuntime, name: str, default_mb: int) -> None:
         self.rt, self.name, self.default_mb = rt, name, default_mb
@@ -56,12 +59,13 @@ class FakeSlot:
 
 
 class FakeRuntime:
-    """The parts of worker.Runtime the ledger hooks read (other worker hooks see ``None``)."""
+    """The parts of runtime.Runtime the ledger hooks read (other worker hooks see ``None``)."""
 
     recovery = None
 
     def __init__(self, ledger: Ledger, family: str, models: dict[str, int]) -> None:
         self.ledger, self.family, self.worker_id = ledger, family, f"{family}@test"
+        self.gate, self.last_job_ended = JobGate(), time.monotonic()
         self.models = {name: FakeSlot(self, name, mb) for name, mb in models.items()}
 
     def close(self) -> None:
@@ -121,14 +125,14 @@ def test_model_unload_is_a_request_carried_out_between_jobs(pools: dict[str, Fak
     assert reply["ok"].startswith("unload of qwen_base on chat requested")
     assert [(r["action"], r["model"], r["reason"]) for r in reply["requests"]] == [("unload", "qwen_base", "control")]
     assert chat.models["qwen_base"].model is not None  # nothing happened yet
-    served = control.serve_requests(chat)
+    served = between_jobs.serve_requests(chat)
     assert [r["model"] for r in served] == ["qwen_base"]
     assert chat.models["qwen_base"].model is None and ledger.holders("chat") == {"chat/qwen_instruct": 40}
     assert ledger.requests() == []
     assert control.model_unload(state_of(chat), "nope")["error"].startswith("`model` must be one of")
     reply = control.model_unload(state_of(chat))  # all it holds
     assert [r["model"] for r in reply["requests"]] == ["qwen_instruct"]
-    control.serve_requests(chat)
+    between_jobs.serve_requests(chat)
     assert ledger.holders("chat") == {}
     assert control.model_unload(state_of(chat))["ok"] == "nothing to unload: chat holds nothing"
 
@@ -139,10 +143,10 @@ def test_model_load_waits_until_it_fits(pools: dict[str, FakeRuntime], ledger: L
     chat.models["qwen_base"].get()  # 80 of 100
     reply = control.model_load(state_of(wan))
     assert "load of wan (50 MB) requested" in reply["ok"]
-    assert control.serve_requests(wan) == []  # does not fit: stays pending
+    assert between_jobs.serve_requests(wan) == []  # does not fit: stays pending
     assert [r.action for r in ledger.pending_requests("wan")] == ["load"]
     chat.models["qwen_base"].unload()
-    assert [r["action"] for r in control.serve_requests(wan)] == ["load"]
+    assert [r["action"] for r in between_jobs.serve_requests(wan)] == ["load"]
     assert wan.models["wan"].model is not None and ledger.pending_requests("wan") == []
     assert control.model_load(state_of(wan))["ok"] == "wan is already loaded"
 
@@ -152,8 +156,8 @@ def test_force_unload_of_another_pool(pools: dict[str, FakeRuntime], ledger: Led
     ledger.set_busy("wan", True)  # in a job: the request waits for its end
     reply = control.force_unload(state_of(pools["sdxl"]), "wan_worker")
     assert [(r["pool"], r["model"], r["reason"]) for r in reply["requests"]] == [("wan", "wan", "force")]
-    assert control.serve_requests(pools["sdxl"]) == []  # not sdxl's to do
-    control.serve_requests(pools["wan"])
+    assert between_jobs.serve_requests(pools["sdxl"]) == []  # not sdxl's to do
+    between_jobs.serve_requests(pools["wan"])
     assert ledger.holders() == {} and ledger.counters()["forced"] == 1
 
 
@@ -167,9 +171,9 @@ def test_predictive_load_makes_room_then_loads(pools: dict[str, FakeRuntime], le
     assert "room for wan of wan (50 MB) requested" in reply["ok"]
     got = {(r["action"], r["pool"], r["reason"]) for r in reply["requests"]}
     assert got == {("unload", "chat", "predict"), ("load", "wan", "predict")}  # sdxl stays resident
-    assert control.serve_requests(wan) == []  # no room yet
-    control.serve_requests(chat)
-    assert [r["action"] for r in control.serve_requests(wan)] == ["load"]
+    assert between_jobs.serve_requests(wan) == []  # no room yet
+    between_jobs.serve_requests(chat)
+    assert [r["action"] for r in between_jobs.serve_requests(wan)] == ["load"]
     assert ledger.holders() == {"sdxl/sdxl": 30, "wan/wan": 50}
     assert ledger.counters()["switches"] == 1
     assert "error" in control.predictive_load(state_of(sdxl), "other")
@@ -196,7 +200,7 @@ def test_through_a_real_solo_worker(pools: dict[str, FakeRuntime], ledger: Ledge
         time.sleep(seconds)
         return True
 
-    control.install(app)
+    assert signals  # its worker_init adds the idle timer, its task_prerun/postrun keep the busy marks
     chat = pools["chat"]
     chat.models["qwen_instruct"].get()
     chat.models["qwen_base"].get()
@@ -227,8 +231,7 @@ def test_through_a_real_solo_worker(pools: dict[str, FakeRuntime], ledger: Ledge
 def test_predictive_load_makes_room_for_queued_work(store) -> None:
     """A cold pool with queued jobs asks the idle holder nobody needs to unload, before any job starts."""
     from ourvidz_tasks.contract.settings import Settings
-    from ourvidz_tasks.runtime.control import predict
-    from ourvidz_tasks.runtime.ledger import Ledger
+    from ourvidz_tasks.runtime.between_jobs import predict
 
     depths = {"wan": 2, "sdxl": 0, "chat": 0}
     ledger = Ledger(store, f"predict-{uuid.uuid4().hex[:6]}", "cpu", 10, queue_depth=lambda pool: depths[pool])

@@ -22,8 +22,10 @@ import redis
 from devtools.sink import Sink
 from ourvidz_tasks.contract.settings import load_settings
 
-from .conftest import WorkerProcess, new_id, terminal, wait_for
 from .faults import MARKER
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id, terminal
+from .support.process import wait_for
 from .wire import publish
 
 LEASE = 2.0

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import random
 import subprocess
 import sys
 import time
@@ -19,15 +20,19 @@ import redis
 from PIL import Image
 
 from devtools.sink import Sink
+from ourvidz_tasks.contract.callbacks import callback_body, dumps, sign
 from ourvidz_tasks.contract.errors import DeliveryError
 from ourvidz_tasks.contract.settings import Settings
-from ourvidz_tasks.services.delivery import Delivery, HttpCallbacks, callback_body, dumps, sign
+from ourvidz_tasks.services.backoff import Backoff, full_jitter
+from ourvidz_tasks.services.delivery import Delivery, HttpCallbacks
 from ourvidz_tasks.services.guard import DeadLetters
 from ourvidz_tasks.services.media import ImageOutput, VideoOutput
 from ourvidz_tasks.services.metrics import outbox_metrics
 from ourvidz_tasks.services.outbox_store import JOBS, LIST, LOCK, STUCK_SECONDS, Drainer, Outbox, pool_callbacks
 
-from .conftest import KEY, ROOT, SECRET, new_id
+from .support.env import KEY, SECRET
+from .support.jobs import new_id
+from .support.process import ROOT
 
 
 @pytest.fixture()
@@ -261,3 +266,33 @@ def test_a_configured_consumer_that_is_missing_or_stuck_shows_in_logs_status_and
     stuck = json.loads(_status(isolated_broker, OURVIDZ_OUTBOX_CONSUMER="1").stdout)["outbox"]
     assert stuck["consumer_health"] == "stuck" and stuck["consumer"] == "outbox@test" and stuck["depth"] == 1
     assert _health(private, settings) == "stuck"
+
+
+def test_every_retry_pause_is_full_jitter() -> None:
+    """``uniform(0, min(cap, base * 2**n))``: spread over the whole ceiling, which doubles up to the cap."""
+    random.seed(7)
+    for attempt, ceiling in ((0, 0.5), (1, 1.0), (3, 4.0), (6, 10.0), (10_000, 10.0)):
+        pauses = [full_jitter(attempt, 0.5, 10.0) for _ in range(400)]
+        assert all(0.0 <= p <= ceiling for p in pauses)
+        assert min(pauses) < 0.1 * ceiling and max(pauses) > 0.9 * ceiling
+    loop = Backoff(1.0, 8.0)
+    assert not loop.backing_off
+    assert [loop.next() <= c for c in (1, 2, 4, 8, 8)] == [True] * 5 and loop.backing_off
+    loop.reset()
+    assert not loop.backing_off and loop.next() <= 1.0
+
+
+_LIGHT = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("PIL", "numpy", "cv2", "torch"):
+            raise ImportError(name)
+sys.meta_path.insert(0, Block())
+import ourvidz_tasks.services.delivery, ourvidz_tasks.services.outbox_store
+"""
+
+
+def test_delivery_and_the_outbox_import_without_pil_or_numpy() -> None:
+    """The light outbox consumer installs neither: media is imported only where an output is encoded."""
+    subprocess.run([sys.executable, "-c", _LIGHT], cwd=ROOT, check=True, timeout=60)

@@ -23,7 +23,9 @@ import redis
 
 from devtools.sink import Sink
 
-from .conftest import WorkerProcess, new_id, terminal, wait_for
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id, terminal
+from .support.process import wait_for
 from .wire import publish
 
 JOBS = 25

@@ -32,8 +32,10 @@ import redis
 from devtools.sink import Sink
 from ourvidz_tasks.contract.schemas import CallbackBody
 
-from .conftest import BROKER, KEY, ROOT, WorkerProcess, new_id, terminal, worker_env
-from .test_bridge import BridgeProcess
+from .support.cluster import BridgeProcess, WorkerProcess
+from .support.env import BROKER, KEY, worker_env
+from .support.jobs import new_id, terminal
+from .support.process import ROOT
 from .upstash_rest import UpstashRest
 
 EDGE = ROOT / "edge"
@@ -77,7 +79,7 @@ def deno_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture
 def bridge(sink: Sink, tmp_path: Path) -> Iterator[BridgeProcess]:
-    process = BridgeProcess(tmp_path / "bridge.log", worker_env(sink, "bridge"))
+    process = BridgeProcess(tmp_path / "bridge.log", worker_env(sink, "bridge")).launch()
     yield process
     process.stop()
 
@@ -134,7 +136,7 @@ def test_typescript_publisher_end_to_end(node_modules: Path, upstash: UpstashRes
     single, body = check_report(json.loads(report_path.read_text()), upstash, sink)
 
     # done when: the same job pushed raw onto the legacy list gives the same signed completed callback
-    bridge.ready()
+    bridge.wait_ready()
     raw = {**copy.deepcopy(single), "id": new_id()}
     store.rpush("sdxl_queue", json.dumps(raw))
     raw_body = terminal(sink, raw["id"])

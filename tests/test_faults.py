@@ -147,7 +147,7 @@ def test_a_device_fault_exits_the_process_with_75(where: str) -> None:
     code = textwrap.dedent(f"""
         import torch
         from ourvidz_tasks.runtime.faults import Remedy, step_down
-        from ourvidz_tasks.runtime.worker import ModelSlot
+        from ourvidz_tasks.runtime.runtime import ModelSlot
 
         def broken():
             try:

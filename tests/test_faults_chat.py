@@ -16,8 +16,10 @@ import pytest
 from celery import Celery
 from celery.result import AsyncResult
 
-from .conftest import WorkerProcess, new_id, wait_for
 from .faults import fault_env, fired, set_rules
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id
+from .support.process import wait_for
 
 pytestmark = pytest.mark.slow
 

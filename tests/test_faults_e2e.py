@@ -21,8 +21,11 @@ from PIL import Image
 
 from devtools.sink import Sink
 
-from .conftest import KEY, WorkerProcess, new_id, terminal, wait_for, worker_env
 from .faults import fault_env, fired, set_rules
+from .support.cluster import WorkerProcess
+from .support.env import KEY, worker_env
+from .support.jobs import new_id, terminal
+from .support.process import wait_for
 from .wire import publish
 
 pytestmark = pytest.mark.slow

@@ -23,10 +23,14 @@ from devtools.sink import Sink
 from ourvidz_tasks.contract.devices import canonical_device, local_cuda_index
 from ourvidz_tasks.contract.errors import ConfigError, WorkerUnavailable
 from ourvidz_tasks.contract.settings import Settings, load_settings
-from ourvidz_tasks.runtime.ledger import Ledger, Reservation
+from ourvidz_tasks.runtime.leases import Reservation
+from ourvidz_tasks.runtime.ledger import Ledger
 from ourvidz_tasks.runtime.recovery import UNACKED, node_of
 
-from .conftest import WorkerProcess, new_id, terminal, wait_for, worker_env
+from .support.cluster import WorkerProcess
+from .support.env import worker_env
+from .support.jobs import new_id, terminal
+from .support.process import wait_for
 from .wire import publish
 
 #: the lease of these tests (OURVIDZ_LEASE_SECONDS): every wait below is derived from it
@@ -42,7 +46,7 @@ BUDGET_MB = 4096
     (" cuda:12 ", "cuda:12", "sdxl.gpu12@h"),
 ])
 def test_one_spelling_per_device_names_the_node(given: str, device: str, node: str) -> None:
-    from ourvidz_tasks.runtime.worker import node_name
+    from ourvidz_tasks.runtime.runtime import node_name
 
     settings = Settings(device=given, hostname="h")
     assert settings.device == device == canonical_device(given)

@@ -13,8 +13,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -28,10 +26,14 @@ from PIL import Image
 
 from devtools.sink import Sink
 from ourvidz_tasks.contract.errors import ConfigError
+from ourvidz_tasks.services.progress import progress_text
 from ourvidz_tasks.services.redact import HIDDEN
-from ourvidz_tasks.tools.flower import check_auth, format_task, progress_text
+from ourvidz_tasks.tools.flower import check_auth, format_task
 
-from .conftest import ROOT, WorkerProcess, new_id, terminal, wait_for
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id, terminal
+from .support.ports import free_port
+from .support.process import ROOT, ManagedProcess, wait_for
 from .wire import publish
 
 USER = "operator"
@@ -40,63 +42,35 @@ MARKER = "flower-secret-prompt-marker"
 ARTIFACTS = Path(os.environ.get("OURVIDZ_TEST_ARTIFACTS", ROOT / ".cache" / "test-artifacts"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "FLOWER_"))}
     env.update(extra)
     return env
 
 
-class FlowerProcess:
-    """``bin/flower`` on a free port, its output in a log file."""
+class FlowerProcess(ManagedProcess):
+    """``bin/flower`` on a free port; ready when its ``/healthcheck`` answers."""
+
+    name = "bin/flower"
 
     def __init__(self, log: Path, *args: str, port: int | None = None, port_flag: bool = True, **env: str) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        handle = open(log, "wb")
         flags = ["--port", str(self.port)] if port_flag else []
-        self.proc = subprocess.Popen(
-            [str(ROOT / "bin" / "flower"), *flags, *args], cwd=ROOT, env=base_env(**env),
-            stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        handle.close()
+        super().__init__([str(ROOT / "bin" / "flower"), *flags, *args], base_env(**env), log)
 
-    def wait_ready(self, timeout: float = 120) -> FlowerProcess:
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bin/flower exited {self.proc.returncode}:\n{self.text()}")
-            try:
-                return httpx.get(f"{self.url}/healthcheck", timeout=2).text == "OK"
-            except httpx.HTTPError:
-                return False
-
-        wait_for(up, timeout, 0.2, "flower to answer")
-        return self
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+    def ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthcheck", timeout=2).text == "OK"
+        except httpx.HTTPError:
+            return False
 
 
 @pytest.fixture(scope="module")
 def flower(sdxl_worker: WorkerProcess, chat_worker: WorkerProcess, wan_worker: WorkerProcess,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerProcess]:
     log = tmp_path_factory.mktemp("flower") / "flower.log"
-    process = FlowerProcess(log, "--address", "127.0.0.1", FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}").wait_ready()
+    process = FlowerProcess(log, "--address", "127.0.0.1", FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}").start()
     yield process
     process.stop()
 
@@ -189,7 +163,7 @@ def test_refuses_to_start_without_basic_auth() -> None:
 
 @pytest.mark.slow
 def test_local_only_serves_loopback_without_password(tmp_path: Path) -> None:
-    process = FlowerProcess(tmp_path / "local.log", "--local-only").wait_ready()
+    process = FlowerProcess(tmp_path / "local.log", "--local-only").start()
     try:
         assert f"Visit me at http://127.0.0.1:{process.port}" in process.text()
         assert httpx.get(f"{process.url}/workers", timeout=10).status_code == 200  # the UI: no password
@@ -210,8 +184,9 @@ def test_flower_environment_options_work_and_flags_win(tmp_path: Path) -> None:
     env_port, flag_port = free_port(), free_port()
     by_env = FlowerProcess(tmp_path / "env.log", port=env_port, port_flag=False, FLOWER_PORT=str(env_port),
                            FLOWER_ADDRESS="127.0.0.1", FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}",
-                           FLOWER_URL_PREFIX="dash")
-    by_flag = FlowerProcess(tmp_path / "flag.log", "--local-only", port=flag_port, FLOWER_PORT=str(env_port + 1))
+                           FLOWER_URL_PREFIX="dash").launch()
+    by_flag = FlowerProcess(tmp_path / "flag.log", "--local-only", port=flag_port,
+                            FLOWER_PORT=str(env_port + 1)).launch()
     try:
         by_env.url = f"{by_env.url}/dash"
         by_env.wait_ready()

@@ -33,7 +33,9 @@ from hypothesis import strategies as st
 from devtools.sink import Sink
 from ourvidz_tasks.services.guard import DEAD_LETTERS
 
-from .conftest import WorkerProcess, new_id, wait_for
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id
+from .support.process import wait_for
 from .wire import envelope
 
 TASK = "ourvidz.sdxl.generate"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, TINY_CACHE
+from .support.env import TINY_CACHE
+from .support.process import ROOT
 
 
 @pytest.mark.slow

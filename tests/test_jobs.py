@@ -7,17 +7,10 @@ from typing import Any
 import pytest
 
 from ourvidz_tasks.contract.errors import InvalidJob
-from ourvidz_tasks.contract.jobs import (
-    exact_copy_plan,
-    frame_count,
-    img2img_steps,
-    parse_chat,
-    parse_job,
-    sdxl_params,
-    usable_id,
-    wan_params,
-)
+from ourvidz_tasks.contract.jobs import parse_chat, parse_job, usable_id
+from ourvidz_tasks.contract.params import frame_count, sdxl_params, wan_params
 from ourvidz_tasks.contract.settings import Settings
+from ourvidz_tasks.contract.steps import exact_copy_plan, img2img_steps
 
 S = Settings()
 

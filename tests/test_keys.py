@@ -12,11 +12,18 @@ from typing import Any
 import redis
 
 from devtools.sink import Sink
+from ourvidz_tasks.contract import keys
+from ourvidz_tasks.contract.callbacks import callback_body
+from ourvidz_tasks.contract.keys import DEAD_LETTERS
+from ourvidz_tasks.contract.keys import JOBS_ENDED as ENDED
+from ourvidz_tasks.contract.names import QUEUES, SDXL_GENERATE
 from ourvidz_tasks.contract.settings import MAX_TASK_RETRIES, Settings, load_settings
-from ourvidz_tasks.services.delivery import ENDED, ENDED_LIMIT, Delivery, callback_body
-from ourvidz_tasks.services.guard import DEAD_LETTERS
+from ourvidz_tasks.services.delivery import ENDED_LIMIT, Delivery
 
-from .conftest import LOCK, WorkerProcess, new_id, terminal, wait_for
+from .support.cluster import WorkerProcess
+from .support.env import LOCK
+from .support.jobs import new_id, terminal
+from .support.process import wait_for
 from .wire import publish
 
 
@@ -47,7 +54,7 @@ def test_ended_list_keeps_only_the_last_jobs(store: redis.Redis) -> None:
     finally:
         with store.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.delete(f"ourvidz:job:{job_id}:final", f"ourvidz:job:{job_id}:delivered")
+                pipe.delete(keys.job_final(job_id), keys.job_delivered(job_id))
             pipe.delete(ENDED)
             pipe.execute()
         delivery.close()
@@ -73,7 +80,7 @@ def _snapshot(store: redis.Redis) -> dict[str, tuple[int, int]]:
 
 
 #: keys without a TTL that a running cluster keeps, each bounded by what it holds right now
-BOUNDED = {"sdxl", "chat", "wan", "outbox", "unacked", "unacked_index", "unacked_mutex", DEAD_LETTERS}
+BOUNDED = {*QUEUES, "unacked", "unacked_index", "unacked_mutex", DEAD_LETTERS}
 
 
 def _unbounded(snapshot: dict[str, tuple[int, int]]) -> set[str]:
@@ -87,7 +94,7 @@ def _round(store: redis.Redis, sink: Sink, count: int) -> None:
         config = {"width": 64, "height": 64, "num_inference_steps": 1, "seed": i}
         payload = {"id": new_id(), "type": "sdxl_image_fast", "user_id": "user_123", "prompt": "a cat",
                    "config": config if i % 3 else {**config, "num_images": 2}}  # some fail (INVALID_JOB)
-        publish(store, "ourvidz.sdxl.generate", payload, "sdxl")
+        publish(store, SDXL_GENERATE, payload, "sdxl")
         jobs.append(payload)
     for payload in jobs:
         assert terminal(sink, payload["id"], 300)["status"] in ("completed", "failed")

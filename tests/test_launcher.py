@@ -1,4 +1,5 @@
-"""bin/worker refuses a wrong configuration with status 2 and one line naming the variable."""
+"""bin/worker refuses a wrong configuration with status 2 and one line naming the variable; each role's
+worker imports its own task module only."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import subprocess
 
 import pytest
 
-from .conftest import ROOT
+from ourvidz_tasks.contract.names import ROLES
+from ourvidz_tasks.tools.launcher import USAGE, task_modules
+
+from .support.process import ROOT
 
 
 def worker(*args: str, **env: str | None) -> subprocess.CompletedProcess[str]:
@@ -43,3 +47,12 @@ def test_wrong_configuration_exits_2_with_one_line(args: tuple[str, ...], env: d
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
     assert "test-service-key" not in result.stderr
+
+
+def test_each_role_imports_its_own_task_module_only() -> None:
+    """Celery's ``include`` per role: the outbox consumer never imports a pool's module (nor torch;
+    tests/test_light_install.py runs it without)."""
+    assert USAGE.startswith(f"usage: bin/worker {'|'.join(ROLES)} ")
+    for role in ROLES:
+        assert task_modules(role) == [f"ourvidz_tasks.{role}"]
+        assert (ROOT / "ourvidz_tasks" / f"{role}.py").is_file()

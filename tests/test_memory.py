@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from importlib import resources
 from typing import Any
 
 import pytest
 import redis
 
 from ourvidz_tasks.contract.errors import WorkerUnavailable
-from ourvidz_tasks.runtime.ledger import Heartbeat, Ledger, Reservation, measure_peak, pressure_of
+from ourvidz_tasks.runtime import lua
+from ourvidz_tasks.runtime.leases import Heartbeat, Reservation
+from ourvidz_tasks.runtime.ledger import Ledger, pressure_of
+from ourvidz_tasks.runtime.memprobe import measure_peak
 
-from .conftest import BROKER, wait_for
+from .support.env import BROKER
+from .support.process import wait_for
 
 MakeLedger = Callable[..., Ledger]
 
@@ -386,6 +392,20 @@ def test_pressure_levels(make: MakeLedger) -> None:
     assert report["worker_status"]["sdxl"] == {"loaded": True, "memory": 85}
     assert report["worker_status"]["wan"] == {"loaded": False, "memory": 0}
     assert "monitor_pressure" in report["recommendations"]
+
+
+def test_the_scripts_are_the_packaged_lua_files_and_name_only_ledger_keys() -> None:
+    """Every operation is the prelude plus its own ``.lua`` file; every ``K.part`` they use is a key part."""
+    names = {path.name for path in resources.files(lua).iterdir()}
+    assert {"prelude.lua", "recent.lua", *(f"{op}.lua" for op in lua.OPERATIONS)} <= names
+    parts: set[str] = set()
+    for op in lua.OPERATIONS:
+        script = lua.operation(op)
+        assert script.startswith(lua.source("prelude")) and script.endswith(lua.source(op))
+        parts |= set(re.findall(r"\bK\.(\w+)", script))
+    assert parts == set(lua.STATE)
+    with pytest.raises(ValueError):
+        lua.operation("recent")
 
 
 def test_every_key_has_a_ttl(make: MakeLedger, store: redis.Redis) -> None:

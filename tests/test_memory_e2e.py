@@ -12,7 +12,8 @@ import redis
 
 from devtools.sink import Sink
 
-from .conftest import WorkerProcess, new_id, terminal
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id, terminal
 from .wire import publish
 
 

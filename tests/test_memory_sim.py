@@ -23,9 +23,12 @@ import redis
 from celery import signature
 
 from devtools.sink import Sink
-from ourvidz_tasks.runtime.ledger import Ledger, first_estimate
+from ourvidz_tasks.runtime.estimates import first_estimate
+from ourvidz_tasks.runtime.ledger import Ledger
 
-from .conftest import WorkerProcess, new_id, terminal, wait_for
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id, terminal
+from .support.process import wait_for
 from .wire import envelope, publish
 
 UNIT = 10  # MB

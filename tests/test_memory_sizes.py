@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from ourvidz_tasks.models import sizes
-from ourvidz_tasks.models import memplan
+from ourvidz_tasks.models import memplan, sizes
 
 #: published parameter counts (model cards, papers) and how close the derived count must be
 PUBLISHED = {

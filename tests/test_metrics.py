@@ -6,10 +6,10 @@ queue depth and the job counters are its own and exact.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,18 +18,16 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.sink import Sink
+from ourvidz_tasks.contract import keys
 from ourvidz_tasks.services.metrics import callback_backlog, ledger_rows, port_for
 
-from .conftest import ROOT, WorkerProcess, new_id, terminal, wait_for
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id, terminal
+from .support.ports import free_port
+from .support.process import ROOT, ManagedProcess, wait_for
 from .wire import publish
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def scrape(port: int) -> Samples:
@@ -61,14 +59,14 @@ def test_port_offsets_keep_the_processes_of_one_host_apart() -> None:
 def test_backlog_and_ledger_read_redis_defensively(isolated_broker: str) -> None:
     store = redis.Redis.from_url(isolated_broker)
     assert callback_backlog(store) == 0 and ledger_rows(store) == []
-    store.rpush("ourvidz:jobs:ended", "a", "b", "c", "a")
-    store.set("ourvidz:job:a:final", "{}")
-    store.set("ourvidz:job:b:final", "{}")
-    store.set("ourvidz:job:b:delivered", "1")  # c: final record expired, not counted
+    store.rpush(keys.JOBS_ENDED, "a", "b", "c", "a")
+    store.set(keys.job_final("a"), "{}")
+    store.set(keys.job_final("b"), "{}")
+    store.set(keys.job_delivered("b"), "1")  # c: final record expired, not counted
     assert callback_backlog(store) == 1
-    store.hset("ourvidz:ledger:gpu-host:cuda:0:meta", mapping={"budget": 76000, "seen": 1})
-    store.hset("ourvidz:ledger:gpu-host:cuda:0:held", mapping={"sdxl/sdxl": 10240, "chat/qwen_instruct": 15360})
-    store.hset("ourvidz:ledger:other:cpu:meta", mapping={"budget": "junk"})
+    store.hset(keys.ledger("gpu-host", "cuda:0") + ":meta", mapping={"budget": 76000, "seen": 1})
+    store.hset(keys.ledger("gpu-host", "cuda:0") + ":held", mapping={"sdxl/sdxl": 10240, "chat/qwen_instruct": 15360})
+    store.hset(keys.ledger("other", "cpu") + ":meta", mapping={"budget": "junk"})
     rows = {(r.host, r.device): (r.reserved_mb, r.budget_mb) for r in ledger_rows(store)}
     assert rows == {("gpu-host", "cuda:0"): (25600, 76000), ("other", "cpu"): (0, 0)}
 
@@ -149,13 +147,11 @@ def test_worker_metrics_move_as_jobs_run(isolated_broker: str, start_worker: Cal
 
 
 @pytest.mark.slow
-def test_standalone_exporter_sees_queue_depth(isolated_broker: str) -> None:
+def test_standalone_exporter_sees_queue_depth(isolated_broker: str, tmp_path: Path) -> None:
     port = free_port()
     broker = redis.Redis.from_url(isolated_broker)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ourvidz_tasks.tools.cli", "metrics", "--port", str(port)], cwd=ROOT,
-        env={**_env(), "OURVIDZ_BROKER_URL": isolated_broker}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    exporter = ManagedProcess([sys.executable, "-m", "ourvidz_tasks.tools.cli", "metrics", "--port", str(port)],
+                              {**_env(), "OURVIDZ_BROKER_URL": isolated_broker}, tmp_path / "metrics.log").launch()
     try:
         samples = wait_for(lambda: _try_scrape(port), 60, 0.2, "the exporter")
         assert value(samples, "ourvidz_queue_depth", queue="wan") == 0
@@ -172,8 +168,7 @@ def test_standalone_exporter_sees_queue_depth(isolated_broker: str) -> None:
         assert value(samples, "ourvidz_redis_up") == 1
         assert not any(name.startswith("ourvidz_jobs") for name, _ in samples)  # no pool, no job counters
     finally:
-        proc.terminate()
-        proc.wait(30)
+        exporter.stop()
 
 
 def _env() -> dict[str, str]:

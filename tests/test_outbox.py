@@ -17,7 +17,10 @@ from ourvidz_tasks.contract.settings import Settings
 from ourvidz_tasks.services.delivery import Delivery
 from ourvidz_tasks.services.outbox_store import CONSUMER, LIST
 
-from .conftest import KEY, SECRET, WorkerProcess, new_id, terminal, wait_for
+from .support.cluster import WorkerProcess
+from .support.env import KEY, SECRET
+from .support.jobs import new_id, terminal
+from .support.process import wait_for
 from .wire import publish
 
 OUTAGE = float(os.environ.get("OURVIDZ_TEST_OUTAGE_SECONDS", "10"))

@@ -18,7 +18,9 @@ from devtools.sink import Sink
 from ourvidz_tasks.contract.settings import load_settings
 from ourvidz_tasks.runtime.ledger import Ledger
 
-from .conftest import WorkerProcess, new_id, terminal, wait_for
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id, terminal
+from .support.process import wait_for
 from .wire import publish
 
 

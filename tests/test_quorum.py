@@ -24,9 +24,11 @@ import pytest
 
 from devtools.sink import Sink
 
-from .conftest import BROKER, ROOT, WorkerProcess, new_id, terminal, wait_for, worker_env
 from .faults import MARKER, RULES_ENV, fired, set_rules
-from .test_brokers import AMQP, Pools, _amqp_reachable, terminal_counts, tiny_job
+from .support.cluster import Pools, WorkerProcess
+from .support.env import AMQP, BROKER, amqp_reachable, worker_env
+from .support.jobs import new_id, terminal, terminal_counts, tiny_job
+from .support.process import ROOT, wait_for
 
 VHOST = "ourvidz_quorum_test"
 URL = AMQP[:AMQP.index("/", len("amqp://"))] + "/" + VHOST  # amqp://user:password@host:port/VHOST
@@ -35,7 +37,7 @@ TASK = "ourvidz.sdxl.generate"
 RABBITMQCTL = shutil.which("rabbitmqctl")
 
 pytestmark = [
-    pytest.mark.skipif(not _amqp_reachable(), reason=f"no RabbitMQ at {AMQP}"),
+    pytest.mark.skipif(not amqp_reachable(), reason=f"no RabbitMQ at {AMQP}"),
     pytest.mark.skipif(not RABBITMQCTL, reason="rabbitmqctl is needed to make a vhost for the quorum queues"),
 ]
 
@@ -86,13 +88,6 @@ def vhost() -> Iterator[str]:
     ctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
     yield VHOST
     subprocess.run([str(RABBITMQCTL), "-q", "delete_vhost", VHOST], capture_output=True, timeout=120)
-
-
-@pytest.fixture()
-def pools(sink: Sink, tmp_path: Path) -> Iterator[Pools]:
-    started = Pools(sink, tmp_path / "logs")
-    yield started
-    started.stop()
 
 
 @pytest.mark.slow

@@ -10,13 +10,14 @@ from typing import Any, get_args
 import pytest
 from pydantic import ValidationError
 
+from devtools import schemas as generator
 from ourvidz_tasks.contract import jobs, schemas
+from ourvidz_tasks.contract.callbacks import callback_body
 from ourvidz_tasks.contract.errors import ERROR_CODES
 from ourvidz_tasks.contract.schemas import CallbackBody, ChatRequest, ChatResult, Job
 from ourvidz_tasks.contract.settings import load_settings
-from ourvidz_tasks.services.delivery import callback_body
 
-from .conftest import ROOT
+from .support.process import ROOT
 
 CONTRACT_JOB = {
     "id": "8b7d3f7e-0c55-4a3f-9d62-1f0f5a2f7b11", "type": "sdxl_image_fast", "prompt": "text",
@@ -44,17 +45,17 @@ def test_spelled_out_enums_are_the_constants() -> None:
 
 
 def test_checked_in_files_are_current() -> None:
-    stale = [str(rel) for rel, text in schemas.rendered().items()
+    stale = [str(rel) for rel, text in generator.rendered().items()
              if not (ROOT / rel).exists() or (ROOT / rel).read_text() != text]
-    assert not stale, f"stale: {stale}; run .venv/bin/python -m ourvidz_tasks.contract.schemas"
-    assert schemas.main(["--check"]) == 0
+    assert not stale, f"stale: {stale}; run .venv/bin/python -m devtools.schemas"
+    assert generator.main(["--check"]) == 0
 
 
 def test_check_reports_stale_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert schemas.main(["--check", "--root", str(tmp_path)]) == 1
+    assert generator.main(["--check", "--root", str(tmp_path)]) == 1
     assert "schemas/job.schema.json" in capsys.readouterr().err
-    assert schemas.main(["--root", str(tmp_path)]) == 0
-    assert schemas.main(["--check", "--root", str(tmp_path)]) == 0
+    assert generator.main(["--root", str(tmp_path)]) == 0
+    assert generator.main(["--check", "--root", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "schemas" / "callback.schema.json").read_text())["title"] == "CallbackBody"
 
 
@@ -69,7 +70,7 @@ def _interfaces(source: str) -> dict[str, dict[str, bool]]:
 
 def _definitions() -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
-    for model in schemas.MODELS.values():
+    for model in generator.MODELS.values():
         schema = json.loads((ROOT / "schemas" / f"{_stem(model)}.schema.json").read_text())
         found.update(schema.pop("$defs", {}))
         found[schema["title"]] = schema
@@ -77,7 +78,7 @@ def _definitions() -> dict[str, dict[str, Any]]:
 
 
 def _stem(model: type) -> str:
-    return next(stem for stem, m in schemas.MODELS.items() if m is model)
+    return next(stem for stem, m in generator.MODELS.items() if m is model)
 
 
 def test_typescript_types_match_the_schemas() -> None:
@@ -94,7 +95,7 @@ def test_typescript_types_match_the_schemas() -> None:
 
 
 def test_job_schema_is_the_contract() -> None:
-    schema = schemas.schema_of(Job)
+    schema = generator.schema_of(Job)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert set(schema["required"]) == {"id", "type", "user_id"}
     assert schema["properties"]["type"]["enum"] == [*jobs.SDXL_TYPES, *jobs.WAN_TYPES]
@@ -129,5 +130,5 @@ def test_callback_bodies_built_by_delivery_validate() -> None:
         CallbackBody.model_validate(body)
     with pytest.raises(ValidationError):
         CallbackBody.model_validate({**bodies[2], "error": {"code": "NOPE", "message": "m", "retryable": False}})
-    schema = schemas.schema_of(CallbackBody)
+    schema = generator.schema_of(CallbackBody)
     assert schema["$defs"]["CallbackError"]["properties"]["code"]["enum"] == list(ERROR_CODES)

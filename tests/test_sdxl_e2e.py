@@ -15,7 +15,10 @@ from PIL import Image
 
 from devtools.sink import Sink
 
-from .conftest import KEY, ROOT, WorkerProcess, new_id, terminal, wait_for
+from .support.cluster import WorkerProcess
+from .support.env import KEY
+from .support.jobs import new_id, terminal
+from .support.process import ROOT, wait_for
 from .wire import envelope, publish
 
 PROMPT = "a lighthouse on a cliff at dawn, secret-prompt-marker"

@@ -28,11 +28,14 @@ import pytest
 import redis
 
 from devtools.sink import Sink
-from ourvidz_tasks.services.guard import DEAD_LETTERS
+from ourvidz_tasks.contract import keys
+from ourvidz_tasks.contract.keys import DEAD_LETTERS
 from ourvidz_tasks.services.redact import HIDDEN
 
-from .conftest import KEY, SECRET, new_id, terminal, wait_for
-from .test_brokers import Pools, RedisServer
+from .support.cluster import Pools, RedisServer
+from .support.env import KEY, SECRET
+from .support.jobs import new_id, terminal
+from .support.process import wait_for
 from .wire import envelope, publish
 
 TASK = "ourvidz.sdxl.generate"
@@ -152,7 +155,7 @@ def test_no_secret_or_prompt_leaks(private_redis: RedisServer, tmp_path: Path, s
             sink.faults()
         bodies["retried"] = terminal(sink, retried["id"], 180)
         wait_for(lambda: client.llen(DEAD_LETTERS) >= 3, 30, what="three dead letters")
-        wait_for(lambda: all(client.exists(f"ourvidz:job:{p['id']}:delivered") for p in (*jobs.values(), retried)),
+        wait_for(lambda: all(client.exists(keys.job_delivered(p["id"])) for p in (*jobs.values(), retried)),
                  60, what="every terminal callback delivered")
         time.sleep(3)  # the last events and log lines
     finally:

@@ -1,6 +1,6 @@
 """CONTRACT.md section 6, one test per rule, named after it.
 
-Pure rules run on :mod:`ourvidz_tasks.contract.jobs`; rules whose truth is in what a
+Pure rules run on :mod:`ourvidz_tasks.contract.params`; rules whose truth is in what a
 model does or what a worker sends run the real tiny models in this process or
 a real worker over the wire. Step counts are checked against diffusers' own
 timestep computation, not against our formula.
@@ -23,20 +23,14 @@ from PIL import Image
 
 from devtools.sink import Sink
 from ourvidz_tasks.contract.errors import InvalidJob
-from ourvidz_tasks.contract.jobs import (
-    MAX_SCHEDULE,
-    MIN_BOTH_FRAMES,
-    exact_copy_plan,
-    img2img_steps,
-    parse_chat,
-    parse_job,
-    sdxl_params,
-    strength_for,
-    wan_params,
-)
+from ourvidz_tasks.contract.jobs import parse_chat, parse_job
+from ourvidz_tasks.contract.params import MIN_BOTH_FRAMES, sdxl_params, wan_params
 from ourvidz_tasks.contract.settings import Settings, load_settings
+from ourvidz_tasks.contract.steps import MAX_SCHEDULE, exact_copy_plan, img2img_steps, strength_for
 
-from .conftest import WorkerProcess, new_id, terminal, wait_for
+from .support.cluster import WorkerProcess
+from .support.jobs import new_id, terminal
+from .support.process import wait_for
 from .wire import publish
 
 S = Settings()
@@ -69,7 +63,7 @@ def diffusers_steps() -> Any:
     """``count(schedule, strength)``: the timesteps SDXL img2img runs, computed by diffusers."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 
-    from ourvidz_tasks.models.sdxl import _SCHEDULER_CONFIG
+    from ourvidz_tasks.models.tiny.sdxl import _SCHEDULER_CONFIG
 
     class Holder:
         scheduler = EulerDiscreteScheduler.from_config(_SCHEDULER_CONFIG)
@@ -182,7 +176,7 @@ def test_img2img_steps_run_is_int_steps_times_denoise_at_least_one(diffusers_ste
 def test_img2img_modify_mode_runs_the_steps_it_reports(schedule: int, denoise: float) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 
-    from ourvidz_tasks.models.sdxl import _SCHEDULER_CONFIG
+    from ourvidz_tasks.models.tiny.sdxl import _SCHEDULER_CONFIG
 
     class Holder:
         scheduler = EulerDiscreteScheduler.from_config(_SCHEDULER_CONFIG)

@@ -11,8 +11,8 @@ and printed (the README and docs/brokers.md quote it).
 
 from __future__ import annotations
 
+import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +25,10 @@ from ourvidz_tasks.contract.errors import ConfigError
 from ourvidz_tasks.contract.settings import Settings
 from ourvidz_tasks.services.redis_client import connect, parse_sentinel
 
-from .conftest import WorkerProcess, new_id, wait_for
-from .test_brokers import Pools, RedisServer, free_port, terminal_counts, tiny_job
+from .support.cluster import Pools, RedisServer, WorkerProcess
+from .support.jobs import new_id, terminal_counts, tiny_job
+from .support.ports import free_port
+from .support.process import ManagedProcess, wait_for
 from .wire import publish
 
 MASTER = "ourvidz-test"
@@ -47,8 +49,10 @@ def test_sentinel_urls_parse_and_bad_ones_are_named() -> None:
     assert settings.broker_is_redis and settings.redis == settings.backend == settings.broker_url
 
 
-class SentinelServer:
+class SentinelServer(ManagedProcess):
     """``redis-server --sentinel`` watching ``primary`` under the group name :data:`MASTER`."""
+
+    name = "redis sentinel"
 
     def __init__(self, directory: Path, primary: RedisServer) -> None:
         self.dir, self.port = directory, free_port()
@@ -59,8 +63,7 @@ class SentinelServer:
             f"sentinel monitor {MASTER} 127.0.0.1 {primary.port} 1\n"
             f"sentinel down-after-milliseconds {MASTER} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {MASTER} 10000\nsentinel parallel-syncs {MASTER} 1\n")
-        self.proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT)
+        super().__init__(["redis-server", str(conf), "--sentinel"], dict(os.environ), self.dir / "sentinel.out")
         self.client = redis.Redis(port=self.port, socket_connect_timeout=1, decode_responses=True)
 
     def url(self, db: int = 0) -> str:
@@ -79,22 +82,10 @@ class SentinelServer:
         except redis.RedisError:
             return []
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
-
 
 class Group:
     def __init__(self, primary: RedisServer, replica: RedisServer, sentinel: SentinelServer) -> None:
         self.primary, self.replica, self.sentinel = primary, replica, sentinel
-
-
-@pytest.fixture()
-def pools(sink: Sink, tmp_path: Path) -> Iterator[Pools]:
-    started = Pools(sink, tmp_path / "logs")
-    yield started
-    started.stop()
 
 
 @pytest.fixture()
@@ -105,7 +96,7 @@ def group(tmp_path: Path) -> Iterator[Group]:
     replica.client().replicaof("127.0.0.1", primary.port)
     wait_for(lambda: replica.client().info("replication").get("master_link_status") == "up", 30,
              what="the replica to sync")
-    sentinel = SentinelServer(tmp_path / "sentinel", primary)
+    sentinel = SentinelServer(tmp_path / "sentinel", primary).launch()
     wait_for(lambda: sentinel.primary() == ("127.0.0.1", primary.port), 30, what="the sentinel to see the primary")
     wait_for(lambda: any(int(str(r.get("port"))) == replica.port for r in sentinel.replicas()), 60,
              what="the sentinel to find the replica")

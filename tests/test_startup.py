@@ -15,8 +15,11 @@ import pytest
 
 from devtools.sink import Sink
 
-from .conftest import WorkerProcess, new_id, terminal, wait_for, worker_env
-from .test_brokers import TASK, RedisServer, free_port, tiny_job
+from .support.cluster import RedisServer, WorkerProcess
+from .support.env import worker_env
+from .support.jobs import TASK, new_id, terminal, tiny_job
+from .support.ports import free_port
+from .support.process import wait_for
 from .warmup_gate import HELD
 from .wire import publish
 
@@ -110,7 +113,7 @@ def test_a_job_reaching_a_pool_that_is_not_warm_goes_back_to_its_queue() -> None
 
 @pytest.mark.slow
 def test_pool_exits_for_its_supervisor_when_redis_never_answers(tmp_path: Path, sink: Sink) -> None:
-    from ourvidz_tasks.runtime.worker import EXIT_NOT_READY
+    from ourvidz_tasks.runtime.pool import EXIT_NOT_READY
 
     worker = _pool(sink, tmp_path, f"redis://127.0.0.1:{free_port()}/0", "never", OURVIDZ_STARTUP_WAIT="3")
     worker.launch()

@@ -14,10 +14,12 @@ import redis
 from PIL import Image
 
 from devtools.sink import Sink
-from ourvidz_tasks.models import fit_image
+from ourvidz_tasks.models.diffusion import fit_image
 from ourvidz_tasks.models.wan import image_digest
 
-from .conftest import KEY, WorkerProcess, new_id, terminal
+from .support.cluster import WorkerProcess
+from .support.env import KEY
+from .support.jobs import new_id, terminal
 from .wire import publish
 
 MODES = ("none", "single", "start", "end", "both")

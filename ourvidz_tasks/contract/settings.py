@@ -21,7 +21,7 @@ from .devices import canonical_device
 from .errors import ConfigError
 
 _BROKER_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp")
-#: the most retries a generation task takes (``lifecycle.JobTask.max_retries``)
+#: the most retries a generation task takes (``runtime.tasks.JobTask.max_retries``)
 MAX_TASK_RETRIES = 3
 
 
@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     #: ``module:callable`` plug-ins, comma-separated, each called once with the worker's Runtime at
     #: start (they may add attempt hooks around model calls: tracing, fault injection in tests)
     runtime_plugins: Annotated[tuple[str, ...], NoDecode] = ()
+    #: ``module:callable`` plug-ins of ``bin/bridge``, each called once with the Bridge at start (they may add step hooks)
+    bridge_plugins: Annotated[tuple[str, ...], NoDecode] = ()
     #: seconds a model load waits for GPU memory before WORKER_UNAVAILABLE (retried)
     memory_wait: float = Field(600.0, gt=0)
     #: the default budget (no ``vram_budget_mb``) is the card minus this per pool (its CUDA context)...
@@ -194,7 +196,7 @@ class Settings(BaseSettings):
     #: seconds one request to the server may take
     chat_server_timeout: float = Field(600.0, gt=0)
 
-    @field_validator("fetch_allow", "runtime_plugins", mode="before")
+    @field_validator("fetch_allow", "runtime_plugins", "bridge_plugins", mode="before")
     @classmethod
     def _split_allow(cls, value: object) -> object:
         if isinstance(value, str):

@@ -1,8 +1,12 @@
 """Model loaders, one module per family; helpers shared by all of them here.
 
-Each family module offers ``build_tiny(dest)`` (a small random-weight model
-written as a real checkpoint folder, offline) and a ``load_*`` that reads real
-weights and tiny ones through the same ``from_pretrained`` code path.
+Each family module (:mod:`.sdxl`, :mod:`.wan`, :mod:`.qwen`) offers a
+``load_*`` that reads real weights and tiny ones (:mod:`.tiny`: small
+random-weight models written as real checkpoint folders, offline) through the
+same ``from_pretrained`` code path. What the two diffusers families share is in
+:mod:`.diffusion`, what every chat backend shares in :mod:`.chat_common`.
+Layer 2: imports only :mod:`ourvidz_tasks.contract`; torch, diffusers and
+transformers are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -21,12 +25,6 @@ from ..contract.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
-
-#: Called by pipelines after each denoising step as ``on_step(step, total)``.
-#: It may raise (cancel, time limit) to stop the pipeline at that step.
-StepCallback = Callable[[int, int], None]
-
 
 def resolve_device(name: str | None) -> torch.device:
     """``OURVIDZ_DEVICE`` as this process's torch device: default the first GPU, else CPU.
@@ -117,21 +115,8 @@ def build_once(dest: Path, build: Callable[[Path], None]) -> Path:
     return dest
 
 
-def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
-    """The reference policy of every family: upright (EXIF), RGB, scaled to cover
-    ``width`` x ``height`` and center-cropped to exactly that."""
-    from PIL import Image as PILImage
-    from PIL import ImageOps
-
-    upright = ImageOps.exif_transpose(image) or image
-    return ImageOps.fit(upright.convert("RGB"), (width, height), method=PILImage.Resampling.LANCZOS)
-
-
-def step_callback(on_step: StepCallback) -> Callable[..., dict[str, object]]:
-    """diffusers' ``callback_on_step_end`` calling ``on_step(step, total)`` (exceptions propagate)."""
-
-    def callback(pipe: object, step_index: int, timestep: object, callback_kwargs: dict[str, object]) -> dict[str, object]:
-        on_step(step_index + 1, int(getattr(pipe, "num_timesteps", 0) or 0))
-        return callback_kwargs
-
-    return callback
+def brief_error(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters (for load errors)."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

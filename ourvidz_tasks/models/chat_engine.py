@@ -16,18 +16,16 @@ The engine keeps its own admission in front of the manager:
 * waiting requests are admitted urgent-first (enhancements gate generations),
   but a waiting chat passed over ``max_running`` times goes next.
 
-Sampling is done per request by :class:`_Sampler`, a per-request logits
-processor that turns each row into a one-hot choice: greedy rows take the
-argmax, sampled rows draw with the request's own ``torch.Generator`` (seeded
-from ``seed``), so a request's tokens depend only on its own logits, not on
-its neighbours in the batch or their order.
+Sampling is done per request by
+:class:`~ourvidz_tasks.models.chat_sampler.RequestSampler`, so a request's
+tokens depend only on its own logits, not on its neighbours in the batch or
+their order. torch is imported when an engine starts, not with this module.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 import threading
 import time
 from collections import deque
@@ -35,15 +33,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
-
 from ..contract.errors import InvalidJob, ModelLoadError
-from .qwen import ChatOutput, QwenModel, QwenName, _pad_id, _stop_ids, load_qwen, render_prompt
+from .chat_common import ChatOutput, QwenName, Sampling, check_sampling
+from .qwen import QwenModel, load_qwen, pad_token_id, render_prompt, stop_token_ids
 
 if TYPE_CHECKING:
+    import torch
     from transformers import ContinuousBatchingManager
-    from transformers.generation.continuous_batching.requests import FutureRequestState, GenerationOutput
+    from transformers.generation.continuous_batching.requests import GenerationOutput
 
     from ..contract.settings import Settings
 
@@ -53,61 +50,6 @@ log = logging.getLogger(__name__)
 PAGE_SIZE = 64
 #: the most prompt tokens one decode step prefills (longer prompts take several steps)
 MAX_BATCH_TOKENS = 512
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """What a caller asked for: greedy when ``temperature`` is 0."""
-
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None = None
-
-
-class _Sampler(ContinuousBatchingLogitsProcessor):
-    """Per-request token choice: each row of the scores becomes one-hot on the chosen token."""
-
-    def __init__(self) -> None:
-        self.supported_kwargs: dict[str, type] = {"slot": int}
-        self.ignored_kwargs: tuple[str, ...] = ()
-        self.rows: dict[int, tuple[Sampling, torch.Generator | None]] = {}
-
-    def add(self, slot: int, sampling: Sampling, device: torch.device) -> None:
-        generator = None
-        if sampling.temperature > 0:
-            seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
-            generator = torch.Generator(device=device).manual_seed(seed)
-        self.rows[slot] = (sampling, generator)
-
-    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-        int32_tensor.fill_(-1)
-
-    def prepare_tensor_args(self, requests_with_new_token: list[FutureRequestState]) -> torch.Tensor:
-        slots = [int(r.state.logit_processor_kwargs.get("slot", -1)) for r in requests_with_new_token]
-        return torch.tensor(slots, dtype=torch.int32, device="cpu")
-
-    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-        chosen = scores.argmax(dim=-1)
-        for row, slot in enumerate(tensor_arg[: scores.size(0)].tolist()):
-            sampling, generator = self.rows.get(slot, (None, None))
-            if sampling is not None and generator is not None:
-                chosen[row] = _draw(scores[row], sampling, generator)
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, chosen.unsqueeze(1), 0.0)
-        return out
-
-
-def _draw(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
-    """Temperature, then nucleus (top-p) filtering as ``TopPLogitsWarper`` does, then one draw."""
-    scores = logits / sampling.temperature
-    if sampling.top_p < 1.0:
-        ordered, order = torch.sort(scores, descending=False)
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - sampling.top_p)
-        remove[-1:] = False
-        scores = scores.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[0]
 
 
 @dataclass
@@ -134,13 +76,15 @@ class ChatEngine:
         self.qwen = model
         self.name = model.name
         self.max_running = max_running
-        self.stop_ids = _stop_ids(model)
-        self._pad = _pad_id(model, self.stop_ids)
+        self.stop_ids = stop_token_ids(model)
+        self._pad = pad_token_id(model, self.stop_ids)
         self._lock = threading.Lock()
         self._waiting: deque[_Request] = deque()
         self._running: dict[str, _Request] = {}
         self._slots = 0
-        self._sampler = _Sampler()
+        from .chat_sampler import RequestSampler  # torch: only where an engine starts
+
+        self._sampler = RequestSampler()
         self._closed = threading.Event()
         self._stopping = threading.Event()
         self._manager = self._start_manager(math.ceil(cache_tokens / PAGE_SIZE))
@@ -158,10 +102,11 @@ class ChatEngine:
     # -- the manager ------------------------------------------------------------
 
     def _start_manager(self, pages: int) -> ContinuousBatchingManager:
+        import torch
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
         # do_sample with a temperature makes the manager keep one per-request processor slot,
-        # which _Sampler then takes over; every row it returns is one-hot, so the draw is ours
+        # which the RequestSampler then takes over; every row it returns is one-hot, so the draw is ours
         generation = GenerationConfig(do_sample=True, temperature=0.5, max_new_tokens=1,
                                       eos_token_id=self.stop_ids, pad_token_id=self._pad)
         config = ContinuousBatchingConfig(
@@ -218,7 +163,7 @@ class ChatEngine:
     def submit(self, messages: list[dict[str, str]], sampling: Sampling, *, urgent: bool = False,
                job: str = "?") -> Future[ChatOutput]:
         """Queue ``messages``; the future holds the answer or the error."""
-        _check_sampling(sampling)
+        check_sampling(sampling)
         if self._stopping.is_set() or self.qwen.tokenizer is None:
             raise ModelLoadError(f"{self.name}: the model was unloaded")
         prompt = render_prompt(self.qwen, messages)
@@ -243,8 +188,13 @@ class ChatEngine:
                              f"({prompt_tokens} tokens; {limit} in all); got {max_tokens}", field="max_tokens")
 
     def _admit(self) -> None:
-        """Move waiting requests into the batch while slots and cache pages last (lock held)."""
-        while self._waiting and len(self._running) < self.max_running and not self._stopping.is_set():
+        """Move waiting requests into the batch while slots and cache pages last (lock held).
+
+        Nothing is admitted while the decode thread is down: a request that comes between its
+        failure and the restart waits for the fresh thread instead of failing with the old error.
+        """
+        while (self._waiting and len(self._running) < self.max_running and not self._stopping.is_set()
+               and self._manager.is_running()):
             request = self._next()
             if request.pages > self._pages_free:
                 return  # it waits at the head, so a big request is never starved by small ones
@@ -378,17 +328,6 @@ def _copy(error: BaseException) -> BaseException:
         clone = RuntimeError(f"{type(error).__name__}: {error}")
     clone.__cause__ = error
     return clone
-
-
-def _check_sampling(sampling: Sampling) -> None:
-    if isinstance(sampling.max_tokens, bool) or not isinstance(sampling.max_tokens, int) or sampling.max_tokens < 1:
-        raise InvalidJob(f"`max_tokens` must be an integer >= 1; got {sampling.max_tokens!r}", field="max_tokens")
-    if not isinstance(sampling.temperature, (int, float)) or not sampling.temperature >= 0:
-        raise InvalidJob(f"`temperature` must be >= 0; got {sampling.temperature!r}", field="temperature")
-    if not isinstance(sampling.top_p, (int, float)) or not 0 < sampling.top_p <= 1:
-        raise InvalidJob(f"`top_p` must be in (0, 1]; got {sampling.top_p!r}", field="top_p")
-    if sampling.seed is not None and (isinstance(sampling.seed, bool) or not isinstance(sampling.seed, int)):
-        raise InvalidJob(f"`seed` must be an integer; got {sampling.seed!r}", field="seed")
 
 
 def load_chat_engine(settings: Settings, name: QwenName, device: torch.device) -> ChatEngine:

@@ -22,17 +22,9 @@ import httpx
 
 from ..contract.errors import InvalidJob, WorkerUnavailable
 from ..contract.settings import Settings
-from .chat_engine import Sampling, _check_sampling
-from .qwen import ENDOFTEXT, IM_END, IM_START, ChatOutput, _check_messages
+from .chat_common import ENDOFTEXT, IM_END, ChatOutput, Sampling, chatml, check_sampling
 
 log = logging.getLogger(__name__)
-
-
-def chatml(messages: list[dict[str, str]]) -> str:
-    """The prompt both Qwen models get in-process: ChatML turns, then the assistant's turn opens."""
-    _check_messages(messages)
-    turns = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    return f"{turns}{IM_START}assistant\n"
 
 
 class RemoteChat:
@@ -58,7 +50,7 @@ class RemoteChat:
     def generate(self, messages: list[dict[str, str]], sampling: Sampling, *, urgent: bool = False,
                  job: str = "?") -> ChatOutput:
         """Answer ``messages`` through the server (``urgent`` is the server's scheduling business)."""
-        _check_sampling(sampling)
+        check_sampling(sampling)
         body: dict[str, Any] = {
             "model": self.server_model, "prompt": chatml(messages), "max_tokens": sampling.max_tokens,
             "temperature": float(sampling.temperature), "top_p": float(sampling.top_p) if sampling.temperature else 1.0,

@@ -25,10 +25,11 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
-CONFIGS = Path(__file__).with_name("configs")
+from ..contract.names import Family
+from .sizes import CONFIGS
+
 MB = 2**20
 GB = 2**30
 #: per-process CUDA context (driver, cuBLAS/cuDNN handles, kernels) each pool holds beside its tensors
@@ -40,7 +41,7 @@ SLACK = 0.05
 #: tokens the chat engine prefills in one step (``chat_engine.MAX_BATCH_TOKENS``, kept in step by a test)
 CHAT_PREFILL_TOKENS = 512
 #: the pool serving each model
-POOL_OF = {"sdxl": "sdxl", "qwen_instruct": "chat", "qwen_base": "chat", "wan": "wan"}
+POOL_OF: dict[str, Family] = {"sdxl": "sdxl", "qwen_instruct": "chat", "qwen_base": "chat", "wan": "wan"}
 #: the job shapes the plan prints per model (the first is its default, reserved at load)
 SHAPES: dict[str, tuple[str, ...]] = {
     "sdxl": ("1024x1024x1", "1024x1024x3", "1024x1024x6", "832x1216x6"),

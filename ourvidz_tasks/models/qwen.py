@@ -3,8 +3,9 @@
 Real weights and tiny ones go through the same :func:`_load_folder`
 (``from_pretrained`` with ``local_files_only=True``): ``OURVIDZ_MODEL_SOURCE=tiny``
 builds a small random-weight ``Qwen2ForCausalLM`` and a locally trained
-byte-level BPE tokenizer once into ``OURVIDZ_TINY_CACHE`` (:func:`build_tiny`),
-``local`` reads ``OURVIDZ_QWEN_INSTRUCT_MODEL`` / ``OURVIDZ_QWEN_BASE_MODEL``.
+byte-level BPE tokenizer once into ``OURVIDZ_TINY_CACHE``
+(:func:`~ourvidz_tasks.models.tiny.qwen.build_tiny`), ``local`` reads
+``OURVIDZ_QWEN_INSTRUCT_MODEL`` / ``OURVIDZ_QWEN_BASE_MODEL``.
 
 Prompt rendering (:func:`render_prompt`) is a pure function of the messages:
 the instruct model uses its tokenizer's chat template, the base model a plain
@@ -13,14 +14,25 @@ ChatML completion text; neither adds a system prompt of its own.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, cast
 
-from ..contract.errors import ConfigError, InvalidJob, ModelLoadError
-from . import build_once, compute_dtype, module_bytes, release_memory
+from ..contract.errors import ConfigError, ModelLoadError
+from . import brief_error, build_once, compute_dtype, module_bytes, release_memory
+from .chat_common import (
+    CHAT_TEMPLATE,
+    IM_END,
+    QWEN_NAMES,
+    ChatOutput,
+    QwenName,
+    Sampling,
+    chatml,
+    check_messages,
+    check_sampling,
+)
+from .tiny.qwen import build_tiny
 
 if TYPE_CHECKING:
     import torch
@@ -28,54 +40,7 @@ if TYPE_CHECKING:
 
     from ..contract.settings import Settings
 
-QwenName = Literal["qwen_instruct", "qwen_base"]
-
-_NAMES: tuple[str, ...] = get_args(QwenName)
 _ENV = {"qwen_instruct": "OURVIDZ_QWEN_INSTRUCT_MODEL", "qwen_base": "OURVIDZ_QWEN_BASE_MODEL"}
-_ROLES = ("system", "user", "assistant")
-
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-
-#: Qwen2.5's ChatML turns, without the default system prompt Qwen's own
-#: template invents when the caller sends none (and without tool calls).
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- endif %}"
-)
-
-#: Qwen2's pre-tokenizer split (same as the real tokenizer's).
-_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
-    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-#: The text the tiny tokenizer's merges are learned from (any text still
-#: tokenizes: every byte is in the base alphabet).
-_TRAINING_TEXT = """\
-You are a helpful assistant. The user asks a question and the assistant answers it.
-Write a detailed prompt for an image of a woman standing on a beach at sunset, golden hour,
-soft light, cinematic, high detail, photorealistic, 35mm film, shallow depth of field.
-A man walks through a busy city street at night, neon lights, rain, reflections on the road.
-Describe the scene: the camera slowly pans to the left while the wind moves the trees.
-A portrait of a young person with long hair, smiling, looking at the camera, studio lighting.
-The quick brown fox jumps over the lazy dog. The dog sleeps in the warm sun by the house.
-Enhance this prompt for a video: two people dancing in a room, warm colors, slow motion.
-Please make the description more vivid and add details about lighting, color and mood.
-The assistant replies with one paragraph and does not repeat the question.
-A mountain landscape with snow, a lake, a forest and clouds in a blue sky, wide angle shot.
-Close-up of a face, natural skin texture, freckles, green eyes, morning light from a window.
-What is the weather like today? It is sunny and warm, with a light breeze from the sea.
-Thank you! You're welcome. Let me know if there is anything else I can help you with.
-Numbers: 0 1 2 3 4 5 6 7 8 9 10 24 30 60 100 512 768 1024 2025.
-Punctuation: commas, periods. Questions? Exclamations! Quotes "like this" and 'this'.
-system user assistant message content role prompt response image video style quality
-"""
 
 
 @dataclass
@@ -102,124 +67,6 @@ class QwenModel:
         return freed
 
 
-@dataclass
-class ChatOutput:
-    """One chat completion."""
-
-    response: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: Literal["stop", "length"]
-    #: seconds spent in ``model.generate``
-    generation_time: float
-
-
-# -- tiny models ---------------------------------------------------------------
-
-
-def build_tiny(dest: Path, name: QwenName) -> None:
-    """Write a tiny random-weight Qwen2 checkpoint folder for ``name`` into ``dest``.
-
-    The folder holds ``config.json``, ``model.safetensors``,
-    ``generation_config.json`` and the tokenizer files, loadable with
-    ``AutoModelForCausalLM`` / ``AutoTokenizer`` and ``local_files_only=True``.
-    Weights come from ``torch.manual_seed(0)`` (instruct) or ``1`` (base) and the
-    tokenizer is trained on a built-in text, so every machine builds the same model.
-    The eos token is ``<|im_end|>`` for instruct, ``<|endoftext|>`` for base.
-    """
-    import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    if name not in _NAMES:
-        raise ValueError(f"name: expected one of {', '.join(_NAMES)}, got {name!r}")
-    instruct = name == "qwen_instruct"
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = _build_tokenizer(eos=IM_END if instruct else ENDOFTEXT)
-    tokenizer.save_pretrained(dest)
-    endoftext, im_end = _token_id(tokenizer, ENDOFTEXT), _token_id(tokenizer, IM_END)
-    # Qwen2.5-Instruct stops on both <|im_end|> and <|endoftext|>; the base on <|endoftext|>.
-    eos_ids: int | list[int] = [im_end, endoftext] if instruct else endoftext
-
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        tie_word_embeddings=True,
-        bos_token_id=endoftext,
-        eos_token_id=im_end if instruct else endoftext,
-        pad_token_id=endoftext,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0 if instruct else 1)
-        model = Qwen2ForCausalLM(config).eval()
-    model.save_pretrained(dest, safe_serialization=True)
-    GenerationConfig(bos_token_id=endoftext, eos_token_id=eos_ids, pad_token_id=endoftext).save_pretrained(dest)
-
-
-def _build_tokenizer(eos: str) -> PreTrainedTokenizerBase:
-    """Train a small byte-level BPE (Qwen2's pre-tokenizer) and wrap it as ``Qwen2Tokenizer``."""
-    from tokenizers import (
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
-    from transformers import Qwen2Tokenizer
-
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()  # type: ignore[assignment]  # tokenizers' stubs lack setters
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(  # type: ignore[assignment]
-        [
-            pre_tokenizers.Split(Regex(_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    bpe.decoder = decoders.ByteLevel()  # type: ignore[assignment]
-    trainer = trainers.BpeTrainer(
-        vocab_size=1024,
-        min_frequency=1,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([_TRAINING_TEXT], trainer=trainer)
-    state = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = dict(state["vocab"])
-    # The special tokens follow the learned ones, in Qwen's order.
-    for token in (ENDOFTEXT, IM_START, IM_END):
-        vocab[token] = len(vocab)
-    options: dict[str, Any] = {
-        "vocab": vocab,
-        "merges": [tuple(pair) for pair in state["merges"]],  # the BPE model wants pairs
-        "unk_token": None,  # byte-level: nothing is unknown
-        "eos_token": eos,
-        "pad_token": ENDOFTEXT,
-        "extra_special_tokens": [IM_START, IM_END],
-        "model_max_length": 32768,
-        "clean_up_tokenization_spaces": False,
-        "split_special_tokens": False,
-    }
-    tokenizer = Qwen2Tokenizer(**options)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
-    found = tokenizer.convert_tokens_to_ids(token)
-    if not isinstance(found, int) or found == tokenizer.unk_token_id:
-        raise ValueError(f"token: {token!r} is not in the vocabulary")
-    return found
-
-
 # -- loading -------------------------------------------------------------------
 
 
@@ -229,8 +76,8 @@ def load_qwen(settings: Settings, name: QwenName, device: torch.device) -> QwenM
     Raises :class:`ConfigError` when the local folder is unset or missing and
     :class:`ModelLoadError` when the folder (or the tiny build) cannot be loaded.
     """
-    if name not in _NAMES:
-        raise ValueError(f"name: expected one of {', '.join(_NAMES)}, got {name!r}")
+    if name not in QWEN_NAMES:
+        raise ValueError(f"name: expected one of {', '.join(QWEN_NAMES)}, got {name!r}")
     if settings.model_source == "tiny":
         try:
             folder = build_once(settings.tiny_cache / name, lambda d: build_tiny(d, name))
@@ -265,16 +112,11 @@ def _load_folder(folder: Path, name: QwenName, device: torch.device, *, source: 
     except torch.OutOfMemoryError:
         raise  # the slot releases memory once this traceback is gone (faults.load_failure)
     except Exception as exc:
-        raise ModelLoadError(f"{name}: could not load {folder}: {type(exc).__name__}: {_short(exc)}") from exc
+        raise ModelLoadError(f"{name}: could not load {folder}: {brief_error(exc)}") from exc
     if name == "qwen_instruct" and not tokenizer.chat_template:
         raise ModelLoadError(f"{name}: {folder} has no chat template")
     model.generation_config = plain_generation_config(model.generation_config)
     return QwenModel(name=name, model=model, tokenizer=tokenizer, device=device, source=source)
-
-
-def _short(exc: BaseException, limit: int = 160) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # -- prompting and generation --------------------------------------------------
@@ -284,7 +126,7 @@ def render_prompt(model: QwenModel, messages: list[dict[str, str]]) -> str:
     """The prompt text for ``messages``, ending where the assistant's reply begins.
 
     * instruct: ``tokenizer.apply_chat_template(..., chat_template=CHAT_TEMPLATE, add_generation_prompt=True)``.
-    * base: the same ChatML turns, rendered here, plus ``<|im_start|>assistant\\n``.
+    * base: the same ChatML turns (:func:`~ourvidz_tasks.models.chat_common.chatml`), plus ``<|im_start|>assistant\\n``.
       Qwen2.5 base checkpoints share the instruct vocabulary (ChatML tokens
       included) and continue ChatML well; the turn markers are single special
       tokens, so the roles stay unambiguous, unlike ``"role: content"`` lines,
@@ -295,16 +137,15 @@ def render_prompt(model: QwenModel, messages: list[dict[str, str]]) -> str:
     with :data:`CHAT_TEMPLATE`, not the checkpoint's own template, because
     Qwen2.5-Instruct's invents a system prompt when the caller sends none.
     """
-    _check_messages(messages)
-    if model.name == "qwen_instruct":
-        rendered = model.tokenizer.apply_chat_template(
-            messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
-        )
-        if not isinstance(rendered, str):
-            raise ModelLoadError(f"{model.name}: the chat template did not render text")
-        return rendered
-    turns = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    return f"{turns}{IM_START}assistant\n"
+    if model.name != "qwen_instruct":
+        return chatml(messages)
+    check_messages(messages)
+    rendered = model.tokenizer.apply_chat_template(
+        messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
+    if not isinstance(rendered, str):
+        raise ModelLoadError(f"{model.name}: the chat template did not render text")
+    return rendered
 
 
 def generate_chat(
@@ -326,14 +167,7 @@ def generate_chat(
     """
     import torch
 
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise InvalidJob(f"max_tokens: must be an integer >= 1, got {max_tokens!r}", field="max_tokens")
-    if not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise InvalidJob(f"temperature: must be >= 0, got {temperature!r}", field="temperature")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise InvalidJob(f"top_p: must be in (0, 1], got {top_p!r}", field="top_p")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InvalidJob(f"seed: must be an integer, got {seed!r}", field="seed")
+    check_sampling(Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed))
     if model.model is None or model.tokenizer is None:
         raise ModelLoadError(f"{model.name}: the model was unloaded")
 
@@ -341,9 +175,9 @@ def generate_chat(
     encoded = model.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     input_ids = encoded["input_ids"].to(model.device)
     attention_mask = encoded["attention_mask"].to(model.device)
-    stop_ids = _stop_ids(model)
+    stop_ids = stop_token_ids(model)
     config = sampling_config(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                             stop_ids=stop_ids, pad_id=_pad_id(model, stop_ids))
+                             stop_ids=stop_ids, pad_id=pad_token_id(model, stop_ids))
 
     devices = [model.device.index or 0] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None), torch.inference_mode():
@@ -407,20 +241,7 @@ def sampling_config(*, max_tokens: int, temperature: float, top_p: float, stop_i
     return GenerationConfig(do_sample=False, **neutral)
 
 
-def _check_messages(messages: list[dict[str, str]]) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise InvalidJob("messages: must be a non-empty list", field="messages")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidJob(f"messages[{index}]: must be an object", field="messages")
-        role, content = message.get("role"), message.get("content")
-        if role not in _ROLES:
-            raise InvalidJob(f"messages[{index}].role: must be one of {', '.join(_ROLES)}", field="messages")
-        if not isinstance(content, str):
-            raise InvalidJob(f"messages[{index}].content: must be a string", field="messages")
-
-
-def _stop_ids(model: QwenModel) -> list[int]:
+def stop_token_ids(model: QwenModel) -> list[int]:
     """End-of-reply token ids: the checkpoint's eos ids plus ``<|im_end|>`` (ChatML turn end)."""
     ids: list[int] = []
     configured = model.model.generation_config.eos_token_id
@@ -434,7 +255,8 @@ def _stop_ids(model: QwenModel) -> list[int]:
     return ids
 
 
-def _pad_id(model: QwenModel, stop_ids: list[int]) -> int | None:
+def pad_token_id(model: QwenModel, stop_ids: list[int]) -> int | None:
+    """The checkpoint's pad id, else the tokenizer's, else the first stop id."""
     pad = model.model.generation_config.pad_token_id
     if pad is None:
         pad = model.tokenizer.pad_token_id

@@ -1,23 +1,24 @@
 """SDXL text-to-image and image-to-image.
 
-``build_tiny`` writes a complete, random-weight SDXL diffusers folder (a few
-MB, seeded, offline) that loads through exactly the same ``from_pretrained``
-call as a real local folder. ``load_sdxl`` reads a diffusers folder or a single
-``.safetensors`` checkpoint (with ``OURVIDZ_SDXL_CONFIG`` giving the component
-configs) and ``run_sdxl`` renders one image per seed.
+:func:`~ourvidz_tasks.models.tiny.sdxl.build_tiny` writes a complete,
+random-weight SDXL diffusers folder (a few MB, seeded, offline) that loads
+through exactly the same ``from_pretrained`` call as a real local folder.
+``load_sdxl`` reads a diffusers folder or a single ``.safetensors``
+checkpoint (with ``OURVIDZ_SDXL_CONFIG`` giving the component configs) and
+``run_sdxl`` renders one image per seed.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..contract.errors import ConfigError, I2IPipelineError, ModelLoadError, OutOfMemory
-from . import StepCallback, build_once, compute_dtype, fit_image, module_bytes, release_memory, step_callback
+from . import brief_error, build_once, compute_dtype, module_bytes, release_memory
+from .diffusion import StepCallback, check_run_args, fit_image, is_seed, step_callback
+from .tiny.sdxl import build_tiny
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -28,36 +29,6 @@ if TYPE_CHECKING:
 
 #: The torch modules whose weights make up the model (``nbytes``, ``unload``).
 _MODULES = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-# -- tiny model shape ----------------------------------------------------------
-_TEXT_HIDDEN = 32  # text_encoder (CLIP ViT-L stand-in)
-_TEXT2_HIDDEN = 64  # text_encoder_2 (OpenCLIP bigG stand-in); must differ from _TEXT_HIDDEN
-_TEXT2_PROJECTION = 32
-_TIME_EMBED = 8  # UNet addition_time_embed_dim; SDXL adds 6 time ids
-_MAX_TOKENS = 77
-#: Words that get whole-word BPE merges in the tiny tokenizer (others split into bytes).
-_TINY_WORDS = (
-    "a an the of and in on with at photo portrait painting picture image cat dog man woman girl boy "
-    "red blue green white black sky sea tree house city street light dark night day sun face hair "
-    "eyes beautiful detailed high quality best worst low blurry ugly"
-)
-#: SDXL base's scheduler (``scheduler/scheduler_config.json`` of stable-diffusion-xl-base-1.0).
-_SCHEDULER_CONFIG: dict[str, Any] = {
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
 
 
 @dataclass
@@ -93,167 +64,6 @@ class SdxlModel:
             self._unloaded = True
         release_memory(self.device)
         return freed
-
-
-# -- tiny model -----------------------------------------------------------------
-
-
-def build_tiny(dest: Path) -> None:
-    """Write a complete random-weight SDXL diffusers folder into ``dest``.
-
-    Same layout and classes as stable-diffusion-xl-base-1.0 (UNet with
-    ``text_time`` added conditioning, 8x VAE with 4 latent channels, CLIP and
-    CLIP-with-projection text encoders, CLIP BPE tokenizers, Euler scheduler)
-    but tiny (about 1.5M parameters, 2 MB): three UNet levels with attention
-    only at the lowest, no attention in the VAE.
-    Weights come from ``torch.manual_seed(0)`` so every machine builds the same
-    model; nothing is downloaded.
-    """
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    _write_tiny_tokenizer(dest / "tokenizer", pad_token="<|endoftext|>")
-    _write_tiny_tokenizer(dest / "tokenizer_2", pad_token="!")  # as SDXL's tokenizer_2
-    tokenizer = CLIPTokenizer.from_pretrained(dest / "tokenizer", local_files_only=True)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(dest / "tokenizer_2", local_files_only=True)
-    vocab_size = len(tokenizer)
-    ids = {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=128,
-        in_channels=4,
-        out_channels=4,
-        # Attention only at 1/4 of the latent size (32x32 tokens for 1024x1024): on
-        # 2 CPU cores a step costs ~0.05 s where (32, 64) with attention at 1/2 costs ~0.4 s.
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        transformer_layers_per_block=1,
-        attention_head_dim=(2, 2, 4),
-        norm_num_groups=8,
-        cross_attention_dim=_TEXT_HIDDEN + _TEXT2_HIDDEN,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=_TIME_EMBED,
-        projection_class_embeddings_input_dim=6 * _TIME_EMBED + _TEXT2_PROJECTION,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=1024,
-        scaling_factor=0.13025,
-        force_upcast=True,
-        mid_block_add_attention=False,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=_TEXT_HIDDEN,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=_MAX_TOKENS,
-            hidden_act="quick_gelu",
-            projection_dim=_TEXT_HIDDEN,
-            **ids,
-        )
-    )
-    text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=_TEXT2_HIDDEN,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=_MAX_TOKENS,
-            hidden_act="gelu",
-            projection_dim=_TEXT2_PROJECTION,
-            **ids,
-        )
-    )
-    scheduler = EulerDiscreteScheduler.from_config(_SCHEDULER_CONFIG)
-    pipe: Any = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
-    pipe.save_pretrained(dest, safe_serialization=True)
-
-
-def _byte_chars() -> list[str]:
-    """GPT-2/CLIP's printable stand-in for each of the 256 bytes, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars: dict[int, str] = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def _write_tiny_tokenizer(folder: Path, *, pad_token: str) -> None:
-    """A small CLIP BPE tokenizer: every byte, a few whole-word merges, CLIP's special tokens."""
-    chars = _byte_chars()
-    vocab: dict[str, int] = {}
-    for token in chars + [c + "</w>" for c in chars]:
-        vocab[token] = len(vocab)
-    ranks: dict[tuple[str, str], int] = {}
-    for word in _TINY_WORDS.split():
-        # Tokenize with the merges so far (lowest rank first, as BPE does), then add
-        # merges joining what is left, so each word ends as one token.
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        while len(pieces) > 1:
-            pairs = [(ranks.get(pair), i) for i, pair in enumerate(itertools.pairwise(pieces))]
-            known = [(rank, i) for rank, i in pairs if rank is not None]
-            if known:
-                i = min(known)[1]
-            else:
-                i = 0
-                ranks[(pieces[0], pieces[1])] = len(ranks)
-                vocab.setdefault(pieces[0] + pieces[1], len(vocab))
-            pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
-    merges = [f"{a} {b}" for (a, b), _ in sorted(ranks.items(), key=lambda item: item[1])]
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": _MAX_TOKENS,
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": pad_token,
-        "do_lower_case": True,
-        "clean_up_tokenization_spaces": False,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
 
 
 # -- loading ----------------------------------------------------------------------
@@ -341,9 +151,7 @@ def _load_single_file(path: Path, config: Path | None, dtype: torch.dtype) -> St
 
 def _load_error(what: str, exc: BaseException) -> ModelLoadError:
     """A one-line ModelLoadError: what failed and the first line of why."""
-    lines = str(exc).strip().splitlines()
-    reason = lines[0][:200] if lines else ""
-    return ModelLoadError(f"{what} could not be loaded: {type(exc).__name__}: {reason}".rstrip(": "))
+    return ModelLoadError(f"{what} could not be loaded: {brief_error(exc)}")
 
 
 class _NoEmptyFp32Warning(logging.Filter):
@@ -479,17 +287,11 @@ def _reset_vae(model: SdxlModel) -> None:
 
 def _check_args(*, width: int, height: int, steps: int, guidance_scale: float, seeds: list[int]) -> None:
     """ValueError naming the first bad argument."""
-    for name, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8:
-            raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if not isinstance(guidance_scale, int | float) or guidance_scale != guidance_scale or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
+    check_run_args(width=width, height=height, multiple=8, steps=steps, guidance_scale=guidance_scale)
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
     for seed in seeds:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        if not is_seed(seed):
             raise ValueError(f"seeds must be integers in [0, 2**64), got {seed!r}")
 
 
@@ -505,7 +307,7 @@ def _check_strength(strength: float | None, steps: int) -> float:
 
 
 def _fit(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
-    """:func:`~ourvidz_tasks.models.fit_image`, with an unusable image as I2IPipelineError."""
+    """:func:`~ourvidz_tasks.models.diffusion.fit_image`, with an unusable image as I2IPipelineError."""
     if image.width < 1 or image.height < 1:
         raise I2IPipelineError("reference image is empty", field="image")
     try:

@@ -8,32 +8,30 @@ Two checkpoint kinds are served through diffusers:
 * ``t2v``: :class:`~diffusers.WanPipeline` (e.g. ``Wan2.1-T2V-1.3B``), text
   only; any reference mode is refused so the caller can fall back.
 
-``build_tiny`` writes a random-weight WAN 2.1 VACE folder (offline, seconds)
-that :func:`load_wan` reads through the same ``from_pretrained`` path as real
-weights. Nothing here holds a model at module level: a :class:`WanModel` is
-owned by whoever loaded it.
+:func:`~ourvidz_tasks.models.tiny.wan.build_tiny` writes a random-weight WAN
+2.1 VACE folder (offline, seconds) that :func:`load_wan` reads through the
+same ``from_pretrained`` path as real weights. Nothing here holds a model at
+module level: a :class:`WanModel` is owned by whoever loaded it. numpy and PIL,
+like torch, are imported where they are used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import string
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeGuard, get_args
-
-import numpy as np
-import PIL.Image
-import PIL.ImageOps
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from ..contract.errors import ConfigError, ModelLoadError
-from . import StepCallback, build_once, compute_dtype, fit_image, module_bytes, release_memory, step_callback
+from . import brief_error, build_once, compute_dtype, module_bytes, release_memory
+from .diffusion import StepCallback, check_run_args, fit_image, is_int, is_seed, quiet_progress, step_callback
+from .tiny.wan import build_tiny
 
 if TYPE_CHECKING:
+    import numpy as np
+    import PIL.Image
     import torch
     from diffusers import DiffusionPipeline
 
@@ -88,74 +86,6 @@ class WanModel:
         return freed
 
 
-# -- tiny model ----------------------------------------------------------------
-
-#: Words the tiny tokenizer knows whole; anything else is spelled out by characters.
-_TINY_WORDS = """
-a an the and or of in on at to from with by for into over under through near is are
-cat dog bird fish horse man woman girl boy person people child face hand eye hair
-car city street road house room forest tree flower grass sea ocean river lake beach
-mountain sky cloud sun moon star night day morning evening rain snow fire water light
-dark red blue green yellow white black gold silver pink purple orange brown
-walking running flying dancing smiling looking sitting standing turning swimming
-slow motion camera close up wide shot cinematic realistic portrait style video frame
-beautiful bright soft warm cold high low quality detailed blurry static
-"""
-
-
-def _tiny_tokenizer() -> Any:
-    """A small T5-style Unigram tokenizer (pad 0, eos 1, unk 2), built without any download."""
-    from transformers import T5Tokenizer
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [(char, -8.0) for char in string.ascii_letters + string.digits + string.punctuation]
-    vocab += [("\u2581" + word, -4.0) for word in dict.fromkeys(_TINY_WORDS.split())]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
-
-
-def build_tiny(dest: Path) -> None:
-    """Write a random-weight WAN 2.1 VACE diffusers folder to ``dest`` (seed 0, offline).
-
-    Same classes and layout as ``Wan2.1-VACE-1.3B-diffusers``: UMT5 text encoder
-    (d_model 32, 2 layers) with a local T5-style tokenizer, ``AutoencoderKLWan``
-    (base_dim 4, 8x spatial / 4x temporal compression, z_dim 16),
-    ``WanVACETransformer3DModel`` (2 layers, 2 heads x 16, VACE on layer 0,
-    patch 1x2x2) and the flow-matching UniPC scheduler (flow_shift 3). Sizes
-    must be multiples of 16 and clips 4k+1 frames, as with the real model.
-    """
-    import torch
-    from diffusers import (
-        AutoencoderKLWan,
-        UniPCMultistepScheduler,
-        WanVACEPipeline,
-        WanVACETransformer3DModel,
-    )
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        tokenizer = _tiny_tokenizer()
-        vocab_size = 64 * math.ceil(len(tokenizer) / 64)
-        config = UMT5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
-        text_encoder = UMT5EncoderModel(config).eval()
-        vae = AutoencoderKLWan(
-            base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-        )
-        transformer = WanVACETransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
-            text_dim=32, freq_dim=256, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", vace_layers=[0], vace_in_channels=96,
-        )
-        scheduler = UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
-        )
-        pipe: Any = WanVACEPipeline(
-            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
-        )
-        with _quiet_progress():
-            pipe.save_pretrained(str(dest), safe_serialization=True)
-
-
 # -- loading -------------------------------------------------------------------
 
 
@@ -175,7 +105,7 @@ def load_wan(settings: Settings, device: torch.device) -> WanModel:
         try:
             folder = build_once(settings.tiny_cache / "wan", build_tiny)
         except Exception as exc:
-            raise ModelLoadError(f"tiny WAN model could not be built: {_brief(exc)}") from exc
+            raise ModelLoadError(f"tiny WAN model could not be built: {brief_error(exc)}") from exc
         source = f"tiny:{folder}"
     else:
         if settings.wan_model is None:
@@ -193,7 +123,7 @@ def _detect_kind(folder: Path) -> WanKind:
     try:
         class_name = json.loads(index.read_text())["_class_name"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{index} is missing or unreadable: {_brief(exc)}") from exc
+        raise ModelLoadError(f"{index} is missing or unreadable: {brief_error(exc)}") from exc
     kind = _PIPELINE_KINDS.get(class_name)
     if kind is None:
         known = ", ".join(_PIPELINE_KINDS)
@@ -210,13 +140,13 @@ def _load_folder(folder: Path, wanted: Literal["auto", "vace", "t2v"], device: t
     pipeline_class = WanVACEPipeline if kind == "vace" else WanPipeline
     dtype = compute_dtype(device)
     try:
-        with _quiet_progress():
+        with quiet_progress():
             pipe = pipeline_class.from_pretrained(
                 str(folder), dtype={"default": dtype, "vae": torch.float32}, local_files_only=True
             )
         pipe.to(device)
     except Exception as exc:
-        raise ModelLoadError(f"WAN {kind} checkpoint {folder} could not be loaded: {_brief(exc)}") from exc
+        raise ModelLoadError(f"WAN {kind} checkpoint {folder} could not be loaded: {brief_error(exc)}") from exc
     transformer = pipe.transformer
     is_vace = isinstance(transformer, WanVACETransformer3DModel)
     if (kind == "vace") != is_vace or not isinstance(transformer, (WanTransformer3DModel, WanVACETransformer3DModel)):
@@ -226,29 +156,6 @@ def _load_folder(folder: Path, wanted: Literal["auto", "vace", "t2v"], device: t
         raise ModelLoadError(f"OURVIDZ_WAN_KIND={wanted}: {folder} holds a {found}, not a {kind} transformer")
     pipe.set_progress_bar_config(disable=True)
     return WanModel(pipe=pipe, kind=kind, device=device, dtype=dtype, source=source)
-
-
-@contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """Silence diffusers' and transformers' load/save progress bars, restoring their state after."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    restore = []
-    for library in (diffusers_logging, transformers_logging):
-        if library.is_progress_bar_enabled():
-            library.disable_progress_bar()
-            restore.append(library)
-    try:
-        yield
-    finally:
-        for library in restore:
-            library.enable_progress_bar()
-
-
-def _brief(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # -- running -------------------------------------------------------------------
@@ -411,27 +318,12 @@ def _check_args(
     if negative_prompt is not None and not isinstance(negative_prompt, str):
         raise ValueError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
     base = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
-    for name, value in (("width", width), ("height", height)):
-        if not _is_int(value) or value < base or value % base:
-            raise ValueError(f"{name} must be a positive multiple of {base}, got {value!r}")
+    check_run_args(width=width, height=height, multiple=base, steps=steps, guidance_scale=guidance_scale)
     temporal = pipe.vae_scale_factor_temporal
-    if not _is_int(num_frames) or num_frames < 1 or (num_frames - 1) % temporal:
+    if not is_int(num_frames) or num_frames < 1 or (num_frames - 1) % temporal:
         raise ValueError(f"num_frames must be {temporal}k+1 (1, 5, ..., 81), got {num_frames!r}")
-    if not _is_int(steps) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if (
-        isinstance(guidance_scale, bool)
-        or not isinstance(guidance_scale, (int, float))
-        or not math.isfinite(guidance_scale)
-        or guidance_scale < 0
-    ):
-        raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-    if not _is_int(seed) or not 0 <= seed < 2**64:
+    if not is_seed(seed):
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _conditioning(
@@ -453,6 +345,8 @@ def _conditioning(
     if first is not None and last is not None and num_frames < 5:
         raise ValueError(f"num_frames must be at least 5 for reference_mode 'both', got {num_frames}")
 
+    import PIL.Image
+
     gray = PIL.Image.new("RGB", (width, height), _GRAY)
     keep = PIL.Image.new("L", (width, height), 0)
     generate = PIL.Image.new("L", (width, height), 255)
@@ -466,6 +360,8 @@ def _conditioning(
 
 
 def _require(name: str, image: object, reference_mode: str) -> PIL.Image.Image:
+    import PIL.Image
+
     if image is None:
         raise ValueError(f"{name} is required for reference_mode {reference_mode!r}")
     if not isinstance(image, PIL.Image.Image):

@@ -18,50 +18,35 @@ loaded a model itself would hold its reply far past the caller's timeout,
 and one pool cannot touch another pool's models at all. So the commands
 that change memory only record a request in the ledger (Redis) and reply at
 once with ``{"ok": ..., "requests": [...]}``. The pool the request names
-carries it out between jobs (:func:`serve_requests`: after every job, and
-every quarter second while idle), and ``memory_status`` lists it as pending until
+carries it out between jobs (:func:`~.between_jobs.serve_requests`: after every job, and
+every quarter second while idle, :mod:`.between_jobs`), and ``memory_status`` lists it as pending until
 then. ``memory_status`` and ``pressure_check`` answer from the ledger, so
 any idle pool of a GPU reports for all of it; a worker in the middle of a
 long job answers only when the job ends (ask another pool of that GPU, or
 raise ``-t``).
 
-The same hooks keep the ledger's busy/idle marks: a pool is busy from
-``task_prerun`` to ``task_postrun``, and only idle holders are asked to
-unload. :func:`install` adds the idle timer to an app.
+The busy/idle marks and the serving itself are :mod:`.between_jobs`; :func:`install` adds the
+idle timer (:class:`ServeRequests`) to an app's workers (:mod:`.signals` does it at ``worker_init``).
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
-from celery import Celery, bootsteps, signals
+from celery import Celery, bootsteps
 from celery.worker.control import control_command, inspect_command
 
-from ..contract.errors import ConfigError, ModelLoadError, OutOfMemory, WorkerUnavailable
-from .ledger import DEFAULT_ESTIMATES_MB, Ledger, Request
-from .worker import runtime, warm_models
-
-log = logging.getLogger(__name__)
+from ..contract.errors import WorkerUnavailable
+from .between_jobs import REQUEST_TTL, serve_idle
+from .estimates import DEFAULT_ESTIMATES_MB
+from .ledger import Ledger, Request
+from .runtime import runtime
 
 #: the model a pool loads when none is named (the pool's first, warm model)
 DEFAULT_MODEL = {"sdxl": "sdxl", "chat": "qwen_instruct", "wan": "wan"}
-#: seconds a load/unload request waits for its pool before it lapses
-REQUEST_TTL = 600.0
 #: seconds between two looks at the ledger while the worker is idle
 SERVE_INTERVAL = 0.25
-
-
-class Slot(Protocol):
-    """What :func:`serve_requests` needs of a model slot (``worker.ModelSlot``)."""
-
-    model: Any
-
-    def get(self, wait: float | None = None) -> Any: ...
-    def unload(self) -> int: ...
 
 
 # -- the commands ------------------------------------------------------------------
@@ -146,162 +131,7 @@ def predictive_load(state: Any, target: str | None = None, model: str | None = N
                       lambda r: r.pool == pool or (r.for_pool, r.for_model) == (pool, model))
 
 
-# -- carrying requests out between jobs -----------------------------------------------
-
-
-def serve_requests(rt: Any) -> list[dict[str, Any]]:
-    """Carry out the ledger's requests for this pool; call only between jobs.
-
-    Unloads go first (they free room); a load that does not fit yet stays
-    pending until it fits or lapses. Returns the requests carried out.
-    """
-    ledger: Ledger | None = getattr(rt, "ledger", None)
-    if ledger is None:
-        return []
-    served = []
-    for req in ledger.pending_requests(rt.family):
-        slot: Slot | None = rt.models.get(req.model)
-        if slot is None:
-            log.warning("ledger asks %s to %s unknown model %r; dropped", rt.family, req.action, req.model)
-            ledger.done(req)
-            continue
-        if req.action == "unload":
-            log.info("unloading %s for %s (%s)", req.model, req.for_pool or "control", req.reason)
-            slot.unload()
-        elif slot.model is None:
-            try:
-                slot.get(wait=0.0)
-            except WorkerUnavailable:
-                continue  # not yet: the request stays until it fits or lapses
-            except (ConfigError, ModelLoadError, OutOfMemory) as exc:  # OOM: it loads on first use
-                log.error("requested load of %s failed: %s", req.model, exc)
-        ledger.done(req)
-        served.append(req.as_dict())
-    return served
-
-
-#: jobs running in this process (the chat pool runs several at once, in threads) and whether a
-#: serve_requests is in flight; a job starts only when none is, and serving waits for no job
-_jobs = threading.Condition()
-_depth = 0
-_serving = False
-
-
-@signals.task_prerun.connect
-def _job_started(sender: Any = None, **_: Any) -> None:
-    global _depth
-    rt = _runtime_of(sender)
-    if rt is None:
-        return
-    with _jobs:
-        _jobs.wait_for(lambda: not _serving)  # a serve_requests in flight on a timer thread
-        _depth += 1
-        if _depth == 1 and not getattr(sender, "marks_own_start", False):
-            _quietly(rt.ledger.set_busy, rt.family, True)
-
-
-def job_started(app: Any) -> None:
-    """A job task's busy mark, set by the job itself right after its ``processing`` callback (the
-    ledger's look at every queue is no part of dispatch); before any model work, as ever."""
-    rt = getattr(app, "ourvidz_runtime", None)
-    if rt is not None and getattr(rt, "ledger", None) is not None:
-        with _jobs:
-            if _depth == 1:
-                _quietly(rt.ledger.set_busy, rt.family, True)
-
-
-@signals.task_postrun.connect
-def _job_ended(sender: Any = None, **_: Any) -> None:
-    global _depth
-    rt = _runtime_of(sender)
-    if rt is None:
-        return
-    with _jobs:
-        _depth = max(0, _depth - 1)
-        rt.last_job_ended = time.monotonic()
-        if _depth or not _claim_serving():
-            return
-    try:
-        _quietly(rt.ledger.set_busy, rt.family, False)
-        if _quietly(rt.ledger.has_requests, rt.family):  # one HKEYS; the full look only when asked
-            _quietly(serve_requests, rt)
-        if _quietly(predict, rt):  # cold with its work waiting: load now, between jobs
-            _quietly(serve_requests, rt)
-    finally:
-        _end_serving()
-
-
-def _claim_serving() -> bool:
-    """With ``_jobs`` held: mark a serve in flight (False if one already is)."""
-    global _serving
-    if _serving:
-        return False
-    _serving = True
-    return True
-
-
-def _end_serving() -> None:
-    global _serving
-    with _jobs:
-        _serving = False
-        _jobs.notify_all()
-
-
-def serve_idle(app: Celery) -> None:
-    """The idle timer's tick: serve requests, or release an idle on-demand model, unless a job runs."""
-    rt: Any = getattr(app, "ourvidz_runtime", None)
-    ledger = _own_ledger(app)
-    if ledger is None:
-        return
-    with _jobs:
-        if _depth or not _claim_serving():
-            return
-    try:
-        if _quietly(ledger.has_requests, rt.family):
-            _quietly(serve_requests, rt)
-        release_idle(rt)
-        _quietly(predict, rt)
-    finally:
-        _end_serving()
-
-
-def predict(rt: Any) -> list[str]:
-    """Predictive load, run at the end of every job and on the idle tick: a model this pool
-    keeps warm is cold while work of its family waits (its queue, or a waiter of its family in
-    the ledger), so ask the ledger for room now and load it between jobs once it fits (a
-    ``load`` request with reason ``predict``, carried out by :func:`serve_requests`).
-
-    Costs no Redis round trip while the pool's models are warm. Returns the models asked for.
-    """
-    if rt.ledger is None:
-        return []
-    cold = [name for name in warm_models(rt.family, rt.settings) if rt.models[name].model is None]
-    if not cold or not (rt.ledger.queue_depth(rt.family) or _family_waits(rt.ledger, rt.family)):
-        return []
-    for name in cold:
-        mb = rt.ledger.estimate(name, rt.models[name].default_mb)
-        rt.ledger.want(rt.family, name, mb, ttl=REQUEST_TTL)
-        rt.ledger.request("load", rt.family, name, mb, reason="predict", ttl=REQUEST_TTL)
-        log.info("predictive load of %s on %s: its work waits while it is cold", name, rt.family)
-    return cold
-
-
-def _family_waits(ledger: Ledger, family: str) -> bool:
-    """A ticket of ``family`` waits in the ledger for memory."""
-    return any(t["pool"] == family for t in ledger.status().get("waiters", []))
-
-
-def release_idle(rt: Any) -> int:
-    """Unload the pool's models after ``idle_unload_seconds`` without a job (WAN only by default)."""
-    limit = rt.settings.idle_unload_seconds.get(rt.family)
-    if not limit or time.monotonic() - rt.last_job_ended < limit:
-        return 0
-    freed = 0
-    for slot in rt.models.values():
-        if slot.model is not None:
-            log.info("%s idle for %ss: unloading %s", rt.family, limit, slot.name)
-            freed += slot.unload()
-    return freed
+# -- the idle timer -----------------------------------------------------------------------
 
 
 class ServeRequests(bootsteps.StartStopStep):
@@ -309,7 +139,7 @@ class ServeRequests(bootsteps.StartStopStep):
 
     With an event loop (Redis, AMQP) the timer fires in the thread that runs
     solo jobs, so only between them; a threaded timer (and the chat pool's task threads) is
-    held off by ``_jobs``: it serves only while no job runs.
+    held off by the runtime's :class:`~.runtime.JobGate`: it serves only while no job runs.
     """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
@@ -330,7 +160,7 @@ class ServeRequests(bootsteps.StartStopStep):
 
 
 def install(app: Celery) -> None:
-    """Add the idle timer to ``app``'s workers (the commands and hooks need only this import)."""
+    """Add the idle timer to ``app``'s workers (the commands need only this import)."""
     app.steps["consumer"].add(ServeRequests)
 
 
@@ -347,16 +177,6 @@ def _context(state: Any) -> tuple[Any, Ledger | None]:
     if ledger is None:
         return f"{rt.worker_id} keeps no memory ledger", None
     return rt, ledger
-
-
-def _own_ledger(app: Any) -> Ledger | None:
-    return getattr(getattr(app, "ourvidz_runtime", None), "ledger", None)
-
-
-def _runtime_of(task: Any) -> Any:
-    """The runtime of the worker running ``task``, if it keeps a ledger."""
-    rt = getattr(getattr(task, "app", None), "ourvidz_runtime", None)
-    return rt if getattr(rt, "ledger", None) is not None else None
 
 
 def _pool(target: str | None) -> str | None:
@@ -381,12 +201,3 @@ def _unload(ledger: Ledger, pool: str, model: str | None, reason: str) -> dict[s
 def _requested(ledger: Ledger, what: str, keep: Callable[[Request], bool]) -> dict[str, Any]:
     reqs = [r.as_dict() for r in ledger.requests() if keep(r)]
     return {"ok": f"{what}; carried out between jobs", "requests": reqs}
-
-
-def _quietly(fn: Any, *args: Any) -> Any:
-    """Ledger upkeep around jobs must never fail a job (Redis down: log and go on)."""
-    try:
-        return fn(*args)
-    except Exception:
-        log.exception("memory ledger upkeep (%s) failed", getattr(fn, "__name__", fn))
-        return None

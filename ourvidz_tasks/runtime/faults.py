@@ -29,7 +29,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from ..contract.errors import ConfigError, ModelLoadError, OutOfMemory
 from ..models import release_memory
@@ -89,20 +89,26 @@ def device_fault(exc: BaseException) -> BaseException | None:
     return None
 
 
-def exit_on_device_fault(exc: BaseException, what: str) -> None:
+def exit_process(status: int) -> NoReturn:
+    """End this process now with ``status``, logs flushed: no Celery shutdown, nothing acknowledged."""
+    logging.shutdown()
+    os._exit(status)
+
+
+def exit_on_device_fault(exc: BaseException, what: str, exit: Callable[[int], object] = exit_process) -> None:
     """Exit the process (status 75, nothing acknowledged) when ``exc`` holds a device fault.
 
     ``what`` names the job or request (an id, never a prompt). ``os._exit``
     skips Celery's warm shutdown, which would acknowledge the running
     message; the job comes back to a fresh worker and the poison guard counts it.
+    ``exit`` is the seam in-process tests replace (the default ends the process).
     """
     fault = device_fault(exc)
     if fault is None:
         return
     log.critical("%s: device fault (%s); the worker exits with status %d, the job is requeued",
                  what, type(fault).__name__, EXIT_DEVICE_FAULT)
-    logging.shutdown()
-    os._exit(EXIT_DEVICE_FAULT)
+    exit(EXIT_DEVICE_FAULT)
 
 
 def detach(exc: BaseException) -> BaseException:

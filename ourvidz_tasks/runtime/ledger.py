@@ -5,7 +5,7 @@ the ledger before it loads a model and tells it when it unloads. Nothing here
 touches a model: the ledger only keeps the accounts and says who should make
 room; the worker acts (between jobs, see :mod:`ourvidz_tasks.runtime.control`).
 
-Keys: ``ourvidz:ledger:{host}:{device}:*`` (device ``cuda:0``, ``cpu``...), so
+Keys: :func:`ourvidz_tasks.contract.keys.ledger` ``(host, device):*`` (device ``cuda:0``, ``cpu``...), so
 many GPU hosts share one Redis. Every key has a TTL, renewed while in use.
 
 Reserving (:meth:`Ledger.reserve`) is one Lua script: reclaim expired leases,
@@ -31,34 +31,22 @@ so a holder that is busy now is asked as soon as it is idle. A request lives
 as long as its reason (the ticket, the want); a release that answers one
 counts as a *switch* (one unload plus the load it makes room for).
 
-Leases: a reservation expires ``lease_seconds`` after its last refresh; a
-:class:`Heartbeat` thread refreshes every reservation of the process. An
-expired lease (a killed worker) is reclaimed by whichever ledger call comes
-next. A live holder that was reclaimed anyway (stalled past its lease) is
-reinstated at its next refresh, even over the budget: the memory is really
-held, and the accounts say so.
-
-Sizes (:meth:`~Ledger.estimate`): a reservation is the model's weights,
-counted exactly at load (parameter and buffer bytes, :meth:`~Ledger.record_weights`),
-plus the working memory of the job shape, plus allocator slack (``slack``,
-a fraction). Working memory is measured around the model call only
-(:mod:`ourvidz_tasks.runtime.memprobe`) and kept as the largest of the shape's last
-``window`` measurements (:meth:`~Ledger.record_work`): a recent value that
-goes down again, never an all-time maximum. Before the first measurement,
-the first estimate computed from the model's config (:mod:`ourvidz_tasks.models.memplan`).
+Leases (:mod:`ourvidz_tasks.runtime.leases`): a reservation expires
+``lease_seconds`` after its last refresh; a heartbeat thread refreshes it, and
+an expired one (a killed worker) is reclaimed by the next ledger call. Sizes
+(:mod:`ourvidz_tasks.runtime.estimates`): what to reserve for a model and a job
+shape, from measured weights and working memory. The Redis scripts are the
+``.lua`` files of :mod:`ourvidz_tasks.runtime.lua`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -66,12 +54,13 @@ import redis
 
 from ..contract.devices import canonical_device
 from ..contract.errors import WorkerUnavailable
-from ..models import memplan
-from ._ledger_lua import OPS as _OPS
-from ._ledger_lua import PRELUDE as _PRELUDE
-from ._ledger_lua import RECENT_SCRIPT as _RECENT_SCRIPT
-from ._ledger_lua import STATE as _STATE
-from .memprobe import Measurement, default_budget, probe_for
+from ..contract.keys import ledger as ledger_key
+from ..contract.names import FAMILIES
+from ..contract.text import as_text
+from . import lua
+from .estimates import MeasuredSizes
+from .leases import Heartbeat, Reservation
+from .memprobe import default_budget
 
 if TYPE_CHECKING:
     import torch
@@ -80,34 +69,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MB = 2**20
-POOLS = ("sdxl", "chat", "wan")
-#: first estimates (MB) before anything is measured: weights from the published configs plus the
-#: working memory of each model's default job shape plus slack (:mod:`ourvidz_tasks.models.memplan`)
-DEFAULT_ESTIMATES_MB: dict[str, int] = {m: memplan.estimate_mb(m) for m in ("sdxl", "qwen_instruct", "qwen_base", "wan")}
-#: the first estimate of a tiny test model (MB, of it working memory): measured at its first load and job
-TINY_FIRST_MB, TINY_FIRST_WORK_MB = 64, 48
 #: ``used / budget`` below each bound; above the last one: ``critical``
 PRESSURE = ((0.6, "low"), (0.8, "medium"), (0.95, "high"))
 STATE_TTL = 24 * 3600
-SIZES_TTL = 30 * 24 * 3600
-
-
-def first_estimate(model: str, *, tiny: bool = False, slack: float = memplan.SLACK) -> dict[str, int]:
-    """``default_mb`` and ``default_work_mb`` of a model before anything is measured.
-
-    A real model: weights from its published config plus its default job
-    shape's working memory plus slack (:func:`ourvidz_tasks.models.memplan.estimate`).
-    """
-    if tiny or model not in memplan.sizes()["families"]:
-        return {"default_mb": TINY_FIRST_MB, "default_work_mb": TINY_FIRST_WORK_MB}
-    e = memplan.estimate(model, slack=slack)
-    return {"default_mb": e.total_mb, "default_work_mb": e.work_mb}
-
-
-def mb_of(nbytes: int) -> int:
-    """Bytes as whole MB, rounded up."""
-    return max(0, math.ceil(nbytes / MB))
 
 
 def pressure_of(used_mb: float, budget_mb: float) -> str:
@@ -165,59 +129,7 @@ class Wait:
     waited: float
 
 
-class Reservation:
-    """MB of the budget held for one model of one pool; refresh its lease, release it once."""
-
-    def __init__(self, ledger: Ledger, pool: str, model: str, mb: int, token: str, waited: float) -> None:
-        self.ledger, self.pool, self.model, self.mb = ledger, pool, model, mb
-        self.token, self.waited = token, waited
-        self.released = False
-        self._lock = threading.Lock()
-
-    @property
-    def member(self) -> str:
-        return f"{self.pool}/{self.model}"
-
-    def refresh(self) -> bool:
-        """Renew the lease; False once released or when another holder took the slot."""
-        with self._lock:
-            if self.released:
-                return False
-            code = self.ledger._op("refresh", self.member, self.token, self.ledger.lease_ms, self.mb)
-        if code == 2:
-            log.warning("%s: lease had expired and was reclaimed; reinstated (%d MB)", self.member, self.mb)
-        return bool(code)
-
-    def resize(self, mb: int) -> bool:
-        """Hold ``mb`` instead (grow only when it fits now, nobody waiting); True when done."""
-        with self._lock:
-            if self.released:
-                return False
-            status, *_ = self.ledger._reserve_once(self.pool, self.model, mb, "", self.token, enqueue=False)
-            if status == "granted":
-                self.mb = mb
-                return True
-            return False
-
-    def release(self) -> int:
-        """Give the MB back (idempotent); returns the MB released."""
-        with self._lock:
-            if self.released:
-                return 0
-            self.released = True
-            return int(self.ledger._op("release", self.member, self.token))
-
-    def __enter__(self) -> Reservation:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        return f"Reservation({self.member!r}, {self.mb} MB{', released' if self.released else ''})"
-
-
-class Ledger:
+class Ledger(MeasuredSizes):
     """The accounts of one device's memory, shared by every pool on it through Redis.
 
     ``budget_mb``: what the pools may hold together (``OURVIDZ_VRAM_BUDGET_MB``).
@@ -227,11 +139,12 @@ class Ledger:
     ``poll``: seconds between two tries of a waiting :meth:`reserve`.
     ``queue_depth(pool)``: jobs queued for a pool; default: the length of the
     Celery queue ``pool`` in ``store`` (the broker, when it is that Redis).
+    ``slack``, ``window``: how estimates are made (:class:`~ourvidz_tasks.runtime.estimates.MeasuredSizes`).
     """
 
     def __init__(
         self, store: redis.Redis, host: str, device: str, budget_mb: int, *,
-        lease_seconds: float = 15, pools: Sequence[str] = POOLS, preferred: str | None = "sdxl",
+        lease_seconds: float = 15, pools: Sequence[str] = FAMILIES, preferred: str | None = "sdxl",
         patience: float = 30.0, poll: float = 0.05, queue_depth: Callable[[str], int] | None = None,
         slack: float = 0.0, window: int = 5,
     ) -> None:
@@ -239,31 +152,30 @@ class Ledger:
             raise ValueError(f"`budget_mb` must be positive, got {budget_mb}")
         if lease_seconds <= 0:
             raise ValueError(f"`lease_seconds` must be positive, got {lease_seconds}")
-        self.redis, self.host, self.device, self.budget_mb = store, host, device, int(budget_mb)
+        self.prefix = ledger_key(host, device)
+        super().__init__(store, f"{self.prefix}:sizes", slack=slack, window=window)
+        self.host, self.device, self.budget_mb = host, device, int(budget_mb)
         self.lease_seconds, self.pools, self.preferred = lease_seconds, tuple(pools), preferred or ""
         self.patience, self.poll = patience, poll
-        self.slack, self.window = slack, max(1, int(window))
-        self.prefix = f"ourvidz:ledger:{host}:{device}"
-        self.keys = [f"{self.prefix}:{name}" for name in _STATE]
-        self.key = dict(zip(_STATE, self.keys, strict=True))
-        self.sizes_key = f"{self.prefix}:sizes"
+        self.keys = [f"{self.prefix}:{part}" for part in lua.STATE]
+        self.key = dict(zip(lua.STATE, self.keys, strict=True))
         self._queue_depth = queue_depth or self._broker_depth
-        self._scripts = {name: store.register_script(_PRELUDE + body) for name, body in _OPS.items()}
-        self._recent = store.register_script(_RECENT_SCRIPT)
+        self._scripts = {name: store.register_script(lua.operation(name)) for name in lua.OPERATIONS}
 
     @classmethod
     def for_settings(cls, store: redis.Redis, settings: Settings, device: torch.device | str,
                      **options: Any) -> Ledger:
-        """The ledger of ``device`` on this host, budget from settings (else :func:`default_budget_mb`).
+        """The ledger of ``device`` on this host, budget from settings (else
+        :func:`~ourvidz_tasks.runtime.memprobe.default_budget`).
 
         Keyed by ``OURVIDZ_DEVICE`` in its one spelling (``cpu:1``, ``cuda:1``: the host's card, even
         where the process sees it renumbered), else by ``device``.
         """
         # the node's host part: pools that share a GPU share it (compose sets one OURVIDZ_HOSTNAME)
         host = settings.hostname or socket.gethostname()
-        budget = settings.vram_budget_mb or default_budget_mb(
-            device, pools=len(options.get("pools", POOLS)), context_mb=settings.cuda_context_mb,
-            margin_mb=settings.memory_margin_mb)
+        budget = settings.vram_budget_mb or default_budget(
+            device, pools=len(options.get("pools", FAMILIES)), context_mb=settings.cuda_context_mb,
+            margin_mb=settings.memory_margin_mb).budget_mb
         options.setdefault("lease_seconds", settings.lease_seconds)
         options.setdefault("slack", settings.memory_slack)
         options.setdefault("window", settings.memory_window)
@@ -312,7 +224,21 @@ class Ledger:
                       *, enqueue: bool) -> tuple[str, str, int, int]:
         status, ticket_out, free, position = self._op(
             "reserve", pool, model, int(mb), ticket, token, self.lease_ms, int(enqueue))
-        return _s(status), _s(ticket_out), int(free), int(position or 0)
+        return as_text(status), as_text(ticket_out), int(free), int(position or 0)
+
+    # -- leases (what a Reservation asks) ---------------------------------------
+
+    def refresh_lease(self, member: str, token: str, mb: int) -> int:
+        """Renew ``member``'s lease: 1 renewed, 2 reinstated (it had been reclaimed), 0 held by another."""
+        return int(self._op("refresh", member, token, self.lease_ms, mb))
+
+    def release_lease(self, member: str, token: str) -> int:
+        """Drop ``member``'s reservation if ``token`` still holds it; the MB released."""
+        return int(self._op("release", member, token))
+
+    def regrant(self, pool: str, model: str, mb: int, token: str) -> bool:
+        """Hold ``mb`` for ``token``'s reservation instead, only if it fits now with nobody waiting."""
+        return self._reserve_once(pool, model, mb, "", token, enqueue=False)[0] == "granted"
 
     def keepalive(self, interval: float | None = None,
                   on_lost: Callable[[Reservation], None] | None = None) -> Heartbeat:
@@ -352,7 +278,7 @@ class Ledger:
 
     def has_requests(self, pool: str) -> bool:
         """A cheap look (one HKEYS, no script): might ``pool`` have requests? Then :meth:`pending_requests`."""
-        return any(_s(f).split("|", 1)[1].startswith(f"{pool}/") for f in self.redis.hkeys(self.key["requests"]))
+        return any(as_text(f).split("|", 1)[1].startswith(f"{pool}/") for f in self.redis.hkeys(self.key["requests"]))
 
     def done(self, request: Request) -> None:
         """Forget a request that was carried out (a release answers unloads by itself)."""
@@ -362,79 +288,6 @@ class Ledger:
         """``{"pool/model": MB}`` of live reservations (of ``pool`` only, if given)."""
         held = self._snapshot()["held"]
         return {m: mb for m, mb in held.items() if pool is None or m.split("/", 1)[0] == pool}
-
-    # -- sizes -------------------------------------------------------------------
-
-    def record_work(self, model: str, shape_key: str, mb: int) -> int:
-        """One measurement of a job shape's working memory (MB above the weights).
-
-        Returns the shape's recent value: the largest of its last ``window``
-        measurements (one bad sample ages out; the value can go down).
-        """
-        return int(self._recent(keys=[self.sizes_key],
-                                args=[f"work:{model}:{shape_key}", int(mb), self.window, SIZES_TTL]))
-
-    record_peak = record_work  # the first name of it
-
-    def record_resident(self, model: str, mb: int) -> None:
-        """What the first call after a load left allocated (the model's caches; MB): held with the weights.
-
-        Measured again at every load, replacing the last value.
-        """
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.sizes_key, f"resident:{model}", max(0, int(mb)))
-            pipe.expire(self.sizes_key, SIZES_TTL)
-            pipe.execute()
-
-    def record_weights(self, model: str, mb: int) -> None:
-        """The model's weights as loaded (MB): parameter and buffer bytes, exact; replaces the last."""
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.sizes_key, f"weights:{model}", int(mb))
-            pipe.expire(self.sizes_key, SIZES_TTL)
-            pipe.execute()
-
-    def sizes(self, model: str) -> dict[str, Any]:
-        """What is known of ``model``: ``weights`` (MB or None), ``work`` (recent MB per shape),
-        ``first`` (the first measurement per shape), ``samples`` (the last ones, newest first)."""
-        raw = {_s(k): _s(v) for k, v in self.redis.hgetall(self.sizes_key).items()}
-        out: dict[str, Any] = {"weights": None, "resident": 0, "work": {}, "first": {}, "samples": {}}
-        if f"weights:{model}" in raw:
-            out["weights"] = int(raw[f"weights:{model}"])
-        out["resident"] = int(raw.get(f"resident:{model}", 0))
-        for key, value in raw.items():
-            kind, _, rest = key.partition(":")
-            name, _, shape = rest.partition(":")
-            if name != model or not shape:
-                continue
-            try:
-                if kind == "work":
-                    samples = [int(v) for v in json.loads(value)]
-                    out["samples"][shape] = samples
-                    out["work"][shape] = max(samples) if samples else 0
-                elif kind == "first":
-                    out["first"][shape] = int(value)
-            except (ValueError, TypeError):  # a value another version wrote: not ours to trust
-                log.warning("ledger sizes: unreadable %s, ignored", key)
-        return out
-
-    def estimate(self, model: str, default_mb: int, shape: str | None = None, *, default_work_mb: int = 0) -> int:
-        """What to reserve for ``model``: weights (+ resident caches) + working memory of ``shape`` + slack (MB).
-
-        Working memory: the shape's recent value; an unmeasured shape (or
-        none given) takes the largest recent value of the model's shapes.
-        Before anything is measured: ``default_mb`` (the first estimate,
-        ``default_work_mb`` of it working memory); measured weights with no
-        working memory yet never reserve less than that first estimate.
-        """
-        known = self.sizes(model)
-        weights, works = known["weights"], known["work"]
-        work = works.get(shape) if shape is not None and shape in works else max(works.values(), default=None)
-        if weights is None and work is None:
-            return default_mb
-        w = (weights + known["resident"]) if weights is not None else max(0, default_mb - default_work_mb)
-        total = w + (work if work is not None else default_work_mb)
-        total += math.ceil(total * self.slack)
-        return total if work is not None else max(default_mb, total)
 
     # -- reading -----------------------------------------------------------------
 
@@ -537,86 +390,6 @@ class Ledger:
             "stats": {k: int(v) for k, v in _obj(snap["stats"]).items()},
             "switches": int(snap["switches"]),
         }
-
-
-class Heartbeat:
-    """Refreshes the leases of the reservations it holds, from a daemon thread.
-
-    ``on_lost(reservation)`` is called when a reservation's slot was taken by
-    another holder (its refresh returned False while not released).
-    """
-
-    def __init__(self, interval: float, on_lost: Callable[[Reservation], None] | None = None) -> None:
-        if interval <= 0:
-            raise ValueError(f"`interval` must be positive, got {interval}")
-        self.interval, self.on_lost = interval, on_lost
-        self._held: set[Reservation] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def add(self, reservation: Reservation) -> None:
-        with self._lock:
-            self._held.add(reservation)
-
-    def discard(self, reservation: Reservation) -> None:
-        with self._lock:
-            self._held.discard(reservation)
-
-    def beat(self) -> None:
-        """One round of refreshes (the thread calls it every ``interval``)."""
-        with self._lock:
-            held = list(self._held)
-        for res in held:
-            try:
-                ok = res.refresh()
-            except redis.RedisError as exc:
-                log.warning("lease refresh of %s failed: %s", res.member, type(exc).__name__)
-                continue
-            if res.released:
-                self.discard(res)
-            elif not ok:
-                log.error("%s: reservation lost to another holder", res.member)
-                self.discard(res)
-                if self.on_lost is not None:
-                    self.on_lost(res)
-
-    def start(self) -> Heartbeat:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="ledger-heartbeat", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.beat()
-
-
-# -- measuring -------------------------------------------------------------------
-
-
-@contextmanager
-def measure_peak(device: torch.device | str | None = None) -> Iterator[Measurement]:
-    """Working memory of the block with the probe of ``device``'s kind (:mod:`ourvidz_tasks.runtime.memprobe`)."""
-    with probe_for(device if device is not None else "cpu").measure() as measurement:
-        yield measurement
-
-
-def default_budget_mb(device: torch.device | str, *, pools: int = len(POOLS), context_mb: int = 768,
-                      margin_mb: int = 1024) -> int:
-    """No ``OURVIDZ_VRAM_BUDGET_MB``: the card minus one CUDA context per pool and a safety margin
-    (on CPU: the machine's RAM minus the margin)."""
-    return default_budget(device, pools=pools, context_mb=context_mb, margin_mb=margin_mb).budget_mb
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _obj(value: Any) -> dict[str, Any]:

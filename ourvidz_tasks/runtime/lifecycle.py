@@ -1,28 +1,31 @@
-"""The life of one generation job, the same for every family.
+"""The life of one generation job, the same for every family: :func:`run_job`.
 
-``JobTask.execute`` reads forward: id → already ended? → ``processing`` →
-validate → prompt policy → the family's ``work`` (model) → media + storage →
-one terminal callback. Errors map to the contract's codes; retryable ones are
-Celery retries with exponential backoff and jitter, and only the last attempt
-sends ``failed``. Families provide ``work(rt, job, progress) -> Generated``.
+``run_job(rt, ctx, payload, family, work)`` reads forward: id → already ended? → poison? →
+``processing`` → validate → prompt policy → the family's ``work`` (model) → media + storage →
+one terminal callback. It is a plain function of what it is given: the pool's runtime, the
+running task (a :class:`JobContext`: its id and retry count, its start and progress reports)
+and the job, so a test runs it in-process with a runtime it built.
+
+Errors map to the contract's codes (:func:`as_job_error`, pure); retryable ones raise
+:class:`RetryJob` (the task turns it into a Celery retry with backoff), and only the last
+attempt sends ``failed``. A device fault ends the process through ``on_device_fault``
+(status 75, nothing acknowledged). Families provide ``work(rt, job, progress) -> Generated``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
-from celery import Task
-from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 
+from ..contract import keys
+from ..contract.callbacks import callback_body
 from ..contract.errors import (
     Cancelled,
     DeliveryError,
@@ -35,16 +38,19 @@ from ..contract.errors import (
 from ..contract.jobs import TIME_LIMITS, Job, parse_job, usable_id
 from ..models import release_memory
 from ..services import events
-from ..services.delivery import callback_body
-from ..services.media import Output
-from .control import job_started
+from ..services.backoff import full_jitter
 from .faults import EXIT_DEVICE_FAULT as EXIT_DEVICE_FAULT
 from .faults import detach, device_fault, exit_on_device_fault, is_oom
 from .memprobe import Measurement
 from .recovery import count_delivery, queue_count_delivery
-from .worker import Runtime, flush_task_events, runtime
+from .runtime import Runtime
+
+if TYPE_CHECKING:
+    from ..services.media import Output  # PIL and numpy: a pool's only
 
 log = logging.getLogger(__name__)
+
+CANCEL_TTL = 24 * 3600
 
 
 @dataclass
@@ -57,11 +63,39 @@ class Generated:
     shape: str = ""
 
 
+class JobContext(Protocol):
+    """What the lifecycle needs of the task that runs the job (:class:`~.tasks.JobTask` gives its own)."""
+
+    @property
+    def task_id(self) -> str | None: ...
+    @property
+    def retries(self) -> int:
+        """Retries so far (0 on the first attempt)."""
+    @property
+    def max_retries(self) -> int: ...
+    def started(self) -> None:
+        """The job started: Flower's events, the ``STARTED`` state, the pool's busy mark."""
+    def report(self, meta: dict[str, Any]) -> None:
+        """Progress: the ``PROGRESS`` state and a ``task-progress`` event."""
+
+
+class RetryJob(Exception):
+    """This attempt failed retryably: run the job again in ``countdown`` seconds (a Celery retry)."""
+
+    def __init__(self, error: JobError, countdown: float) -> None:
+        super().__init__(error.code)
+        self.error, self.countdown = error, countdown
+
+
+#: what ends the process on a device fault: ``(exception, what)``, a no-op when there is none
+FaultExit = Callable[[BaseException, str], None]
+
+
 class Progress:
     """``progress(step, total)``: throttled ``processing`` callbacks and Celery PROGRESS state."""
 
-    def __init__(self, task: Task, rt: Runtime, job_id: str, attempt: int, limit: float) -> None:
-        self.task, self.rt, self.job_id, self.attempt = task, rt, job_id, attempt
+    def __init__(self, ctx: JobContext, rt: Runtime, job_id: str, attempt: int, limit: float) -> None:
+        self.ctx, self.rt, self.job_id, self.attempt = ctx, rt, job_id, attempt
         self.interval = rt.settings.progress_interval
         self._last = time.monotonic()
         self.limit, self.deadline = limit, self._last + limit
@@ -80,28 +114,21 @@ class Progress:
         percent = int(100 * step / max(total, 1))
         try:  # progress is best effort: a broker outage must not end the job it reports on
             self.rt.delivery.processing(self.job_id, self.attempt, {"progress": percent})
-            if self.task.request.id:
-                meta = {"job_id": self.job_id, "percent": percent, "step": step, "total": total, "stage": self.stage}
-                self.task.update_state(state="PROGRESS", meta=meta)
-                # Flower reads events, not the result backend: the same as a custom task event
-                self.task.send_event("task-progress", retry=False, result=meta)
+            if self.ctx.task_id:
+                self.ctx.report({"job_id": self.job_id, "percent": percent, "step": step, "total": total,
+                                 "stage": self.stage})
         except (redis.RedisError, OSError, OperationalError) as exc:
             log.warning("job %s: progress not published (%s)", self.job_id, type(exc).__name__)
 
     def _cancelled(self) -> bool:
         """The cancel flag; while Redis is away it reads as not set (read again at the next step)."""
         try:
-            return bool(self.rt.redis.exists(cancel_key(self.job_id)))
+            return bool(self.rt.redis.exists(keys.cancel(self.job_id)))
         except redis.RedisError:
             return False
 
 
 Work = Callable[[Runtime, Job, Progress], Generated]
-CANCEL_TTL = 24 * 3600
-
-
-def cancel_key(job_id: str) -> str:
-    return f"ourvidz:cancel:{job_id}"
 
 
 def cancel(store: redis.Redis, job_id: str) -> None:
@@ -111,12 +138,12 @@ def cancel(store: redis.Redis, job_id: str) -> None:
     at every denoising step. A job cancelled before it starts also ends with
     ``CANCELLED`` when it is picked up.
     """
-    store.set(cancel_key(job_id), "1", ex=CANCEL_TTL)
+    store.set(keys.cancel(job_id), "1", ex=CANCEL_TTL)
 
 
 def backoff(retries: int, base: float = 2.0, cap: float = 600.0) -> float:
-    """Exponential backoff with full jitter: ``uniform(0.5, 1) * min(cap, base * 2^retries)``."""
-    return random.uniform(0.5, 1.0) * min(cap, base * 2**retries)
+    """The countdown of Celery retry ``retries``: :func:`~ourvidz_tasks.services.backoff.full_jitter`."""
+    return full_jitter(retries, base, cap)
 
 
 def is_device_fault(exc: BaseException) -> bool:
@@ -129,15 +156,13 @@ def retries_for(error: JobError, default: int) -> int:
     return 1 if isinstance(error, ModelLoadError) else default
 
 
-def as_job_error(exc: BaseException, what: str = "a task") -> JobError | None:
-    """Map library exceptions to wire errors (None: not one we know).
+def as_job_error(exc: BaseException) -> JobError | None:
+    """Map library exceptions to wire errors (None: not one we know); no side effect.
 
-    Every pool maps its errors here, so a device fault can't be swallowed: the
-    process exits with status 75 (:func:`~ourvidz_tasks.runtime.faults.exit_on_device_fault`;
-    ``what`` names the job in that log line). Out-of-memory anywhere in the chain
-    (a model load wraps it) is ``OOM_ERROR``.
+    Out-of-memory anywhere in the chain (a model load wraps it) is ``OOM_ERROR``. A device
+    fault is not an error a job reports: call sites end the process first
+    (:func:`~ourvidz_tasks.runtime.faults.exit_on_device_fault`), then classify.
     """
-    exit_on_device_fault(exc, what)
     if isinstance(exc, JobError) and not isinstance(exc, ModelLoadError):
         return exc
     if is_oom(exc):
@@ -149,136 +174,92 @@ def as_job_error(exc: BaseException, what: str = "a task") -> JobError | None:
     return None
 
 
-class BaseTask(Task):  # type: ignore[misc]
-    """Base of every task here: acks late, no type checks, job-id-only argsrepr."""
+def run_job(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work, *,
+            on_device_fault: FaultExit = exit_on_device_fault) -> dict[str, Any]:
+    """Run one attempt of a generation job; return the terminal callback body recorded for it.
 
-    acks_late = True
-    reject_on_worker_lost = True
-    typing = False
-    max_retries = 3
-    Request = "ourvidz_tasks.services.redact:QuietRequest"
+    Raises :class:`RetryJob` when the attempt failed retryably and retries are left.
+    """
+    job_id = usable_id(payload)
+    if job_id is None:
+        raw = json.dumps(payload)[:65536] if payload is not None else None
+        rt.dead.push("no usable job id", raw=raw, queue=family, task_id=ctx.task_id)
+        return {"status": "dead_letter", "reason": "no usable job id"}
+    recorded, deliveries, cancelled = _admit(rt, job_id, ctx.retries)
+    if recorded is not None:
+        log.info("job %s already ended (%s); not run again", job_id, recorded["status"])
+        rt.delivery.resend(job_id, recorded)
+        return recorded
 
-    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        """Publish with ``argsrepr`` naming only the job id: Flower and logs show it, never prompts."""
-        payload = args[0] if args else None
-        options.setdefault("argsrepr", f"({usable_id(payload) or '?'!r},)")
-        options.setdefault("kwargsrepr", "{}")
-        return super().apply_async(args, kwargs, **options)
-
-    #: a job task records its start itself, right after its ``processing`` callback is on its way
-    marks_own_start = False
-
-    def mark_started(self) -> None:
-        """Flower's task events now (a solo pool would flush them only after the task), the
-        ``STARTED`` state in the result backend (``ourvidz submit`` shows it) and, for a job
-        task, the pool's busy mark in the memory ledger."""
-        flush_task_events(self.app)
-        if self.marks_own_start:
-            job_started(self.app)
-        if self.request.id and not self.request.is_eager:
-            self.update_state(state="STARTED", meta={"pid": os.getpid(), "hostname": self.request.hostname})
-
-    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
-        """A pool's job that reaches a process with no warmed-up runtime goes back to its queue.
-
-        Pools consume only once warm (:func:`~ourvidz_tasks.runtime.worker.warm_up`), so this is the
-        last guard: never a job taken and dropped without a callback.
-        """
-        if self.name.split(".")[1:2] != ["outbox"] and getattr(self.app, "ourvidz_runtime", None) is None:
-            log.error("task %s reached %s before it was warm; back to its queue", task_id, self.request.hostname)
-            time.sleep(NOT_READY_PAUSE)  # no hot loop while this process stays unready
-            raise Reject("this process is not a warmed-up ourvidz pool", requeue=True)
-
-
-#: seconds an unready process holds a job before handing it back
-NOT_READY_PAUSE = 1.0
-
-
-class JobTask(BaseTask):
-    """Base of the generation tasks: the job lifecycle in :meth:`execute`."""
-
-    marks_own_start = True
-
-    def execute(self, payload: Any, family: str, work: Work) -> dict[str, Any]:
-        rt = runtime(self.app)
-        job_id = usable_id(payload)
-        if job_id is None:
-            raw = json.dumps(payload)[:65536] if payload is not None else None
-            rt.dead.push("no usable job id", raw=raw, queue=family, task_id=self.request.id)
-            return {"status": "dead_letter", "reason": "no usable job id"}
-        recorded, deliveries, cancelled = _admit(rt, job_id, self.request.retries)
-        if recorded is not None:
-            log.info("job %s already ended (%s); not run again", job_id, recorded["status"])
-            rt.delivery.resend(job_id, recorded)
-            return recorded
-
-        attempt = self.request.retries + 1
-        if deliveries > rt.settings.max_deliveries:
-            return self._poison(rt, job_id, attempt, deliveries)
-        started = time.perf_counter()
-        rt.delivery.processing(job_id, attempt, wait=True)
-        self.mark_started()  # Flower's events and the STARTED state, while the callback travels
-        metadata: dict[str, Any] = {}
-        body: dict[str, Any] | None = None
-        retry: BaseException | None = None
-        oom = False
-        error_dict: dict[str, Any] = {}
-        try:
-            if cancelled:
-                raise Cancelled("the job was cancelled before it started")
-            job = parse_job(payload, rt.settings, family)
-            metadata.update(_enhancement(job))
-            rt.policy(job.prompt)
-            rt.used.clear()
-            resumed = rt.delivery.resume(job.user_id or "", job_id)
-            if resumed is not None:  # an earlier attempt computed it; storage failed
-                assets, produced = resumed
-                metadata.update(produced, resumed_from_spool=True)
-                model_time = 0.0
-            else:
-                limit = rt.settings.time_limits.get(job.the_type, TIME_LIMITS.get(job.the_type, rt.settings.max_job_seconds))
-                # working memory of the model call only: a load or an OOM attempt inside restarts it
-                with rt.measure() as peak:
-                    generated = work(rt, job, Progress(self, rt, job_id, attempt, limit))
-                _remember_peak(rt, generated.shape or job.the_type, peak)
-                model_time = time.perf_counter() - started
-                metadata.update(generated.metadata)
-                assets = rt.delivery.publish(job.user_id or "", job_id, generated.outputs, generated.metadata)
-            total = time.perf_counter() - started
-            metadata.update(processing_time=round(total, 3), model_time=round(model_time, 3),
-                            delivery_time=round(total - model_time, 3), batch_size=len(assets))
-            body = callback_body(job_id, rt.worker_id, "completed", attempt=attempt, assets=assets, metadata=metadata)
-            log.info("job %s completed in %.2fs (model %.2fs)", job_id, total, model_time)
-        except Exception as exc:
-            # a device fault exits here (status 75, the message unacknowledged: it is requeued)
-            error = as_job_error(exc, f"job {job_id}")
-            oom = isinstance(error, OutOfMemory)
-            if error is None:
-                log.exception("job %s: unexpected %s", job_id, type(exc).__name__)
-                error = WorkerUnavailable(f"internal error ({type(exc).__name__})")
-                error_dict = {**error.as_dict(), "retryable": False}
-            elif error.retryable and self.request.retries < retries_for(error, self.max_retries):
-                log.warning("job %s: %s, retry %d", job_id, error.code, attempt)
-                retry = error
-            else:
-                error_dict = error.as_dict()
-            if oom:
-                detach(error)  # its traceback would keep the failed run's tensors alive
+    attempt = ctx.retries + 1
+    if deliveries > rt.settings.max_deliveries:
+        return _poison(rt, job_id, attempt, deliveries)
+    started = time.perf_counter()
+    rt.delivery.processing(job_id, attempt, wait=True)
+    ctx.started()  # Flower's events and the STARTED state, while the callback travels
+    metadata: dict[str, Any] = {}
+    body: dict[str, Any] | None = None
+    retry: JobError | None = None
+    oom = False
+    error_dict: dict[str, Any] = {}
+    try:
+        if cancelled:
+            raise Cancelled("the job was cancelled before it started")
+        job = parse_job(payload, rt.settings, family)
+        metadata.update(_enhancement(job))
+        rt.policy(job.prompt)
+        rt.used.clear()
+        resumed = rt.delivery.resume(job.user_id or "", job_id)
+        if resumed is not None:  # an earlier attempt computed it; storage failed
+            assets, produced = resumed
+            metadata.update(produced, resumed_from_spool=True)
+            model_time = 0.0
+        else:
+            limit = rt.settings.time_limits.get(job.the_type, TIME_LIMITS.get(job.the_type, rt.settings.max_job_seconds))
+            # working memory of the model call only: a load or an OOM attempt inside restarts it
+            with rt.measure() as peak:
+                generated = work(rt, job, Progress(ctx, rt, job_id, attempt, limit))
+            _remember_peak(rt, generated.shape or job.the_type, peak)
+            model_time = time.perf_counter() - started
+            metadata.update(generated.metadata)
+            assets = rt.delivery.publish(job.user_id or "", job_id, generated.outputs, generated.metadata)
+        total = time.perf_counter() - started
+        metadata.update(processing_time=round(total, 3), model_time=round(model_time, 3),
+                        delivery_time=round(total - model_time, 3), batch_size=len(assets))
+        body = callback_body(job_id, rt.worker_id, "completed", attempt=attempt, assets=assets, metadata=metadata)
+        log.info("job %s completed in %.2fs (model %.2fs)", job_id, total, model_time)
+    except Exception as exc:
+        # a device fault ends the process here (status 75, the message unacknowledged: it is requeued)
+        on_device_fault(exc, f"job {job_id}")
+        error = as_job_error(exc)
+        oom = isinstance(error, OutOfMemory)
+        if error is None:
+            log.exception("job %s: unexpected %s", job_id, type(exc).__name__)
+            error = WorkerUnavailable(f"internal error ({type(exc).__name__})")
+            error_dict = {**error.as_dict(), "retryable": False}
+        elif error.retryable and ctx.retries < retries_for(error, ctx.max_retries):
+            log.warning("job %s: %s, retry %d", job_id, error.code, attempt)
+            retry = error
+        else:
+            error_dict = error.as_dict()
         if oom:
-            release_memory(rt.device)  # outside the except: the failed run's frames are gone
-        if retry is not None:
-            raise self.retry(exc=retry, countdown=backoff(self.request.retries))
-        if body is None:
-            metadata["processing_time"] = round(time.perf_counter() - started, 3)
-            body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata=metadata, error=error_dict)
-            log.info("job %s failed: %s", job_id, error_dict["code"])
-        return end_job(rt, payload, body)
+            detach(error)  # its traceback would keep the failed run's tensors alive
+    if oom:
+        release_memory(rt.device)  # outside the except: the failed run's frames are gone
+    if retry is not None:
+        raise RetryJob(retry, backoff(ctx.retries))
+    if body is None:
+        metadata["processing_time"] = round(time.perf_counter() - started, 3)
+        body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata=metadata, error=error_dict)
+        log.info("job %s failed: %s", job_id, error_dict["code"])
+    return end_job(rt, payload, body)
 
-    def _poison(self, rt: Runtime, job_id: str, attempt: int, deliveries: int) -> dict[str, Any]:
-        log.error("job %s: delivered %d times, given up as poison", job_id, deliveries)
-        error = _poison_error(deliveries)
-        body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata={}, error=error)
-        return end_job(rt, {}, body)
+
+def _poison(rt: Runtime, job_id: str, attempt: int, deliveries: int) -> dict[str, Any]:
+    log.error("job %s: delivered %d times, given up as poison", job_id, deliveries)
+    error = _poison_error(deliveries)
+    body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata={}, error=error)
+    return end_job(rt, {}, body)
 
 
 def _admit(rt: Runtime, job_id: str, retries: int) -> tuple[dict[str, Any] | None, int, bool]:
@@ -286,9 +267,9 @@ def _admit(rt: Runtime, job_id: str, retries: int) -> tuple[dict[str, Any] | Non
     ended?), one more delivery counted (every broker redelivers a message whose worker died:
     RabbitMQ at once, Redis via leases) and the cancel flag."""
     with rt.redis.pipeline(transaction=False) as pipe:
-        pipe.get(rt.delivery.final_key(job_id))
+        pipe.get(keys.job_final(job_id))
         queue_count_delivery(pipe, job_id, retries, rt.settings.idempotency_ttl)
-        pipe.exists(cancel_key(job_id))
+        pipe.exists(keys.cancel(job_id))
         recorded, deliveries, _, cancelled = pipe.execute()
     return (json.loads(recorded) if recorded else None), int(deliveries), bool(cancelled)
 
@@ -337,7 +318,7 @@ def _remember_peak(rt: Runtime, shape: str, peak: Measurement | None) -> None:
     rt.cap_memory()
 
 
-def poison_guard(task: Task, rt: Runtime, kind: str) -> str | None:
+def poison_guard(task: Any, rt: Runtime, kind: str) -> str | None:
     """The poison guard of a task without a job lifecycle (chat, enhance): why it is given up, or None.
 
     Counts one more delivery of this task attempt under its Celery id (a

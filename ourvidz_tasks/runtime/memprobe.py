@@ -3,7 +3,7 @@
 * :class:`CudaProbe`: the caching allocator's *reserved* memory (what the
   process holds on the card, cached blocks included; allocated memory
   understates it). The per-process CUDA context is not in it: the budget
-  sets an allowance aside for it per pool (:func:`default_budget_mb`).
+  sets an allowance aside for it per pool (:func:`default_budget`).
 * :class:`CpuProbe`: the process's real memory high-water mark, reset per
   measurement (Linux: write ``5`` to ``/proc/self/clear_refs``, read
   ``VmHWM`` from ``/proc/self/status``; free heap pages are handed back
@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..contract.names import FAMILIES
+
 if TYPE_CHECKING:
     import torch
 
@@ -43,6 +45,11 @@ log = logging.getLogger(__name__)
 MB = 2**20
 ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
 EXPANDABLE = "expandable_segments:True"
+
+
+def mb_of(nbytes: int) -> int:
+    """Bytes as whole MB, rounded up."""
+    return max(0, -(-nbytes // MB))
 
 
 class Probe:
@@ -89,11 +96,11 @@ class Measurement:
 
     @property
     def mb(self) -> int:
-        return -(-self.bytes // MB)
+        return mb_of(self.bytes)
 
     @property
     def resident_mb(self) -> int:
-        return -(-self.resident // MB)
+        return mb_of(self.resident)
 
     def restart(self) -> None:
         """Forget everything before now (a model load, an attempt that ran out of memory)."""
@@ -206,6 +213,13 @@ def probe_for(device: torch.device | str) -> Probe:
     return CpuProbe()
 
 
+@contextmanager
+def measure_peak(device: torch.device | str | None = None) -> Iterator[Measurement]:
+    """Working memory of the block, measured by the probe of ``device``'s kind (default: CPU)."""
+    with probe_for(device if device is not None else "cpu").measure() as measurement:
+        yield measurement
+
+
 def configure_cuda_allocator(environ: dict[str, str] | None = None) -> str:
     """``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless the operator set it; returns it.
 
@@ -231,7 +245,7 @@ class Budget:
         return max(1, self.total_mb - self.pools * self.context_mb - self.margin_mb)
 
 
-def default_budget(device: torch.device | str, *, pools: int = 3, context_mb: int = 768,
+def default_budget(device: torch.device | str, *, pools: int = len(FAMILIES), context_mb: int = 768,
                    margin_mb: int = 1024) -> Budget:
     """The card's memory minus one CUDA context per pool and a safety margin; on CPU the machine's
     RAM minus the margin (no contexts)."""
@@ -240,9 +254,9 @@ def default_budget(device: torch.device | str, *, pools: int = 3, context_mb: in
     dev = torch.device(device)
     if dev.type == "cuda":
         total = torch.cuda.get_device_properties(dev.index or 0).total_memory
-        return Budget(-(-total // MB), pools, context_mb, margin_mb)
+        return Budget(mb_of(total), pools, context_mb, margin_mb)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Budget(-(-total // MB), pools, 0, margin_mb)
+    return Budget(mb_of(total), pools, 0, margin_mb)
 
 
 def _max_rss() -> int:

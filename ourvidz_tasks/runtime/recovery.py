@@ -12,7 +12,8 @@ exceed the longest job). So each worker proves it is alive instead:
   ``lease_seconds``), refreshed every ``lease_seconds / 3`` by a daemon thread;
   ``ourvidz:incarnation:{node}`` names the node's newest incarnation;
 - an owner record ``ourvidz:owner:{delivery_tag}`` (the incarnation) written
-  when the worker receives a message (``task_received``), ETA-held retries included;
+  when the worker receives a message (``task_received``, :meth:`Recovery.received`), ETA-held
+  retries included, and kept only for a grace period once its task ended (:meth:`Recovery.ended`);
 - at start, a worker requeues at once every message an earlier incarnation of
   its node name held (node names are unique per live process, as Celery requires);
 - every worker scans ``unacked`` on the same period: a message whose owner's
@@ -36,6 +37,9 @@ from typing import Any, cast
 
 import redis
 from kombu.transport.redis import Mutex, MutexHeld
+
+from ..contract import keys
+from ..contract.text import as_text
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class Recovery:
         self.scan_enabled = scan
         #: earlier incarnations' messages still to hand back (kombu's mutex was busy, or no broker yet)
         self._reclaim_pending = True
+        #: task id -> delivery tag of the messages this process holds now
+        self.held: dict[Any, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="recovery", daemon=True)
 
@@ -88,16 +94,32 @@ class Recovery:
     def beat(self) -> None:
         with self.broker.pipeline() as pipe:
             pipe.set(self._alive(self.identity), str(time.time()), px=int(self.lease * 1000))
-            pipe.set(f"ourvidz:incarnation:{self.node}", self.incarnation, ex=max(1, int(self.owner_ttl)))
+            pipe.set(keys.incarnation(self.node), self.incarnation, ex=max(1, int(self.owner_ttl)))
             pipe.execute()
 
     def own(self, delivery_tag: str) -> None:
         """Record that this incarnation holds ``delivery_tag`` (called on receipt)."""
-        self.broker.set(f"ourvidz:owner:{delivery_tag}", self.identity, ex=self.owner_ttl)
+        self.broker.set(keys.owner(delivery_tag), self.identity, ex=self.owner_ttl)
 
     def release(self, delivery_tag: str) -> None:
         """The task of ``delivery_tag`` ended: keep the record only for the grace period."""
-        self.broker.expire(f"ourvidz:owner:{delivery_tag}", max(1, int(self.lease * 2)))
+        self.broker.expire(keys.owner(delivery_tag), max(1, int(self.lease * 2)))
+
+    def received(self, task_id: Any, delivery_tag: str) -> None:
+        """A message arrived (``task_received``): own it, so that a crash hands it back quickly."""
+        self.own(delivery_tag)
+        self.held[task_id] = delivery_tag
+
+    def ended(self, task_id: Any) -> None:
+        """Its task ended (``task_postrun``): the message is acked next. If that ack is lost (a broker
+        outage), the owner record expires after the grace and the scanner hands the message back."""
+        tag = self.held.pop(task_id, None)
+        if not tag:
+            return
+        try:
+            self.release(tag)
+        except redis.RedisError as exc:
+            log.warning("recovery: could not release %s: %s", tag, type(exc).__name__)
 
     def _loop(self) -> None:
         period = self.lease / 3
@@ -113,11 +135,11 @@ class Recovery:
 
     @staticmethod
     def _alive(identity: str) -> str:
-        return f"ourvidz:alive:{identity}"
+        return keys.alive(identity)
 
     def _owner(self, tag: str) -> str | None:
-        raw = self.broker.get(f"ourvidz:owner:{tag}")
-        return raw.decode() if isinstance(raw, bytes) else raw
+        raw = self.broker.get(keys.owner(tag))
+        return as_text(raw) if raw is not None else None
 
     def reclaim(self) -> int:
         """Requeue at once every message an earlier incarnation of this node name held.
@@ -126,7 +148,7 @@ class Recovery:
         """
         restored, pending = 0, False
         for raw_tag in self.broker.zrange(UNACKED_INDEX, 0, -1):
-            tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
+            tag = as_text(raw_tag)
             owner = self._owner(tag)
             if owner is None or owner == self.identity or node_of(owner) != self.node:
                 continue
@@ -153,7 +175,7 @@ class Recovery:
         restored = 0
         entries = cast("list[tuple[bytes, float]]", self.broker.zrange(UNACKED_INDEX, 0, -1, withscores=True))
         for raw_tag, delivered in entries:
-            tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
+            tag = as_text(raw_tag)
             owner = self._owner(tag)
             if owner is None and delivered > cutoff:
                 continue
@@ -196,7 +218,7 @@ class Recovery:
             done = True
 
         self.broker.transaction(transaction, UNACKED)
-        self.broker.delete(f"ourvidz:owner:{tag}")
+        self.broker.delete(keys.owner(tag))
         return done
 
 
@@ -211,6 +233,6 @@ def count_delivery(store: redis.Redis, job_id: str, retries: int, ttl: int) -> i
 
 def queue_count_delivery(pipe: Any, job_id: str, retries: int, ttl: int) -> None:
     """:func:`count_delivery` as two commands on the caller's pipeline (results: the count, True)."""
-    key = f"ourvidz:deliveries:{job_id}:{retries}"
+    key = keys.deliveries(job_id, retries)
     pipe.incr(key)
     pipe.expire(key, ttl)

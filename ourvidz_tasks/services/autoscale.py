@@ -12,7 +12,7 @@ Per family (= its Celery queue), read from Redis at scrape time, with no write o
 - ``ourvidz_service_seconds{family}``: the median ``processing_time`` of the last
   :data:`SERVICE_WINDOW` jobs of the family that ended (their terminal records, kept by
   :mod:`.delivery`), i.e. measured on this fleet's cards.
-- ``ourvidz_pools{family}``: pools of the family with a live heartbeat (:mod:`.recovery`).
+- ``ourvidz_pools{family}``: pools of the family with a live heartbeat (``runtime.recovery``).
 - ``ourvidz_drain_seconds{family}``: waiting x service time / max(1, pools): how long the
   queue takes to empty at the measured rate if nothing more arrives.
 """
@@ -29,17 +29,14 @@ import redis
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from .delivery import ENDED
+from ..contract import keys
+from ..contract.names import FAMILIES
+from ..contract.text import as_text
 
 #: ended jobs the service time is measured over
 SERVICE_WINDOW = 200
 #: a queue's head-of-line note lives this long after the last scrape that saw it
 HEAD_TTL = 24 * 3600
-FAMILIES = ("sdxl", "chat", "wan")
-
-
-def _head_key(queue: str) -> str:
-    return f"ourvidz:autoscale:head:{queue}"
 
 
 def _message_id(raw: bytes) -> str:
@@ -60,7 +57,7 @@ def head_waits(broker: redis.Redis, lists: Mapping[str, list[str]], now: float |
         for names in lists.values():
             for name in names:
                 pipe.lindex(name, -1)
-            pipe.hmget(_head_key(next(iter(names))), "id", "since")
+            pipe.hmget(keys.autoscale_head(next(iter(names))), "id", "since")
         replies = pipe.execute()
     waits: dict[str, float] = {}
     updates = broker.pipeline(transaction=False)
@@ -69,13 +66,13 @@ def head_waits(broker: redis.Redis, lists: Mapping[str, list[str]], now: float |
         tails, (seen_id, seen_since) = replies[i:i + len(names)], replies[i + len(names)]
         i += len(names) + 1
         head = next((raw for raw in tails if raw is not None), None)
-        key = _head_key(next(iter(names)))
+        key = keys.autoscale_head(next(iter(names)))
         if head is None:
             waits[queue] = 0.0
             updates.delete(key)
             continue
         head_id = _message_id(head)
-        if seen_id is not None and seen_id.decode() == head_id and seen_since is not None:
+        if seen_id is not None and as_text(seen_id) == head_id and seen_since is not None:
             waits[queue] = max(0.0, now - float(seen_since))
         else:
             waits[queue] = 0.0
@@ -87,12 +84,12 @@ def head_waits(broker: redis.Redis, lists: Mapping[str, list[str]], now: float |
 
 def service_times(store: redis.Redis, window: int = SERVICE_WINDOW) -> dict[str, float]:
     """Median ``processing_time`` per family over the last ``window`` ended jobs."""
-    ids = list(dict.fromkeys(store.lrange(ENDED, -window, -1)))
+    ids = list(dict.fromkeys(store.lrange(keys.JOBS_ENDED, -window, -1)))
     if not ids:
         return {}
     with store.pipeline(transaction=False) as pipe:
         for raw in ids:
-            pipe.get(f"ourvidz:job:{raw.decode() if isinstance(raw, bytes) else raw}:final")
+            pipe.get(keys.job_final(as_text(raw)))
         bodies = pipe.execute()
     seconds: dict[str, list[float]] = {}
     for body in bodies:
@@ -107,10 +104,10 @@ def service_times(store: redis.Redis, window: int = SERVICE_WINDOW) -> dict[str,
 
 
 def live_pools(broker: redis.Redis) -> Counter[str]:
-    """Pools per family with a live heartbeat (``ourvidz:alive:{node}/{incarnation}``)."""
+    """Pools per family with a live heartbeat (:func:`~ourvidz_tasks.contract.keys.alive`)."""
     pools: Counter[str] = Counter()
-    for key in broker.scan_iter(match="ourvidz:alive:*", count=1000):
-        node = (key.decode() if isinstance(key, bytes) else key).removeprefix("ourvidz:alive:")
+    for key in broker.scan_iter(match=keys.ALIVE_PREFIX + "*", count=1000):
+        node = as_text(key).removeprefix(keys.ALIVE_PREFIX)
         pools[node.split("@", 1)[0].split(".", 1)[0]] += 1
     return pools
 

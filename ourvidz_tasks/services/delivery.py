@@ -9,80 +9,44 @@ idempotent across retries and redelivery: a second run of the same job id
 re-sends the recorded body instead of computing again.
 
 Only :class:`CallbackTransport` knows how a body travels; swapping the inline
-HTTP transport for an outbox changes nothing for the callers.
+HTTP transport for an outbox changes nothing for the callers. The body and its
+signature are the contract's (:mod:`ourvidz_tasks.contract.callbacks`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
-import random
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 import redis
 
-from ..contract.errors import DeliveryError, DeliveryRefused
+from ..contract import keys
+from ..contract.callbacks import SIGNATURE_HEADER, callback_body, dumps, sign
+from ..contract.errors import DeliveryError, DeliveryRefused, ThumbnailError
 from ..contract.settings import Settings
 from . import events
-from .media import Output, encode_output, encode_thumbnail
+from .backoff import Backoff
+
+if TYPE_CHECKING:  # media needs PIL and numpy; the outbox consumer installs neither
+    from .media import Output
 
 log = logging.getLogger(__name__)
 
 BUCKET = "workspace-temp"
-#: the most recently ended job ids, oldest first (read by the callback backlog metric)
-ENDED = "ourvidz:jobs:ended"
-#: how many ids ENDED keeps: every key we write is bounded in size or time
+#: how many ids ``keys.JOBS_ENDED`` keeps: every key we write is bounded in size or time
 ENDED_LIMIT = 2000
-#: the outbox's hash of job id -> bodies waiting (``outbox_store.JOBS``)
-OUTBOX_JOBS = "ourvidz:outbox:jobs"
+#: the longest pause between two HTTP tries
+HTTP_BACKOFF_CAP = 30.0
 CONTENT_TYPES = {".png": "image/png", ".mp4": "video/mp4", ".webp": "image/webp"}
-Status = Literal["processing", "completed", "failed"]
-T = TypeVar("T")
-
-
-def sign(secret: bytes, body: bytes) -> str:
-    """The ``X-Callback-Signature`` value for the exact body bytes."""
-    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
-
-
-def dumps(body: dict[str, Any]) -> bytes:
-    """The one JSON encoding of callback bodies (compact, UTF-8)."""
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def callback_body(
-    job_id: str,
-    worker_id: str,
-    status: Status,
-    *,
-    attempt: int,
-    assets: Sequence[dict[str, Any]] = (),
-    metadata: dict[str, Any] | None = None,
-    error: dict[str, Any] | None = None,
-    callback_id: str | None = None,
-) -> dict[str, Any]:
-    """A callback body: ``assets`` always a list, ``metadata`` always an object."""
-    body: dict[str, Any] = {
-        "job_id": job_id,
-        "worker_id": worker_id,
-        "status": status,
-        "assets": list(assets),
-        "metadata": {**(metadata or {}), "callback_id": callback_id or uuid.uuid4().hex, "attempt": attempt},
-    }
-    if error is not None:
-        body["error"] = error
-    return body
 
 
 class HttpRetry:
@@ -92,10 +56,10 @@ class HttpRetry:
         self.tries, self.backoff = tries, backoff
 
     def __call__(self, what: str, request: Callable[[], httpx.Response]) -> httpx.Response:
-        last = ""
+        last, pauses = "", Backoff(self.backoff, HTTP_BACKOFF_CAP)
         for attempt in range(self.tries):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1) * random.uniform(0.8, 1.2))
+                time.sleep(pauses.next())
             try:
                 response = request()
             except httpx.TransportError as exc:
@@ -139,7 +103,7 @@ class HttpCallbacks:
     def send(self, job_id: str, body: bytes, queued: bool = False) -> bool:
         headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
         if self.secret:
-            headers["X-Callback-Signature"] = sign(self.secret, body)
+            headers[SIGNATURE_HEADER] = sign(self.secret, body)
         self.retry(f"callback for job {job_id}",
                    lambda: self.client.post(self.url, content=body, headers=headers, timeout=self.timeout))
         return True
@@ -280,6 +244,8 @@ class Delivery:
         return self.settings.spool_dir / job_id
 
     def _main(self, spool: Path, user_id: str, output: Output, index: int, level: int) -> None:
+        from .media import encode_output  # PIL and numpy: only a pool publishes outputs
+
         asset = encode_output(output, index, level)
         (spool / asset.name).write_bytes(asset.data)
         meta = {"kind": asset.kind, "name": asset.name, "content_type": asset.content_type, "metadata": asset.metadata}
@@ -287,6 +253,8 @@ class Delivery:
         self._upload_spooled(spool, user_id, asset.name, asset.content_type)
 
     def _thumb(self, spool: Path, user_id: str, output: Output, index: int) -> str | None:
+        from .media import encode_thumbnail
+
         name = f"{index}.thumb.webp"
         (spool / name).write_bytes(encode_thumbnail(output))
         return self._upload_spooled(spool, user_id, name, "image/webp")
@@ -312,10 +280,10 @@ class Delivery:
             thumb_url = thumb.result()
         except Exception as exc:
             thumb_url = None
-            metadata["thumbnail_error"] = {"code": "THUMBNAIL_GENERATION_ERROR", "message": type(exc).__name__}
+            metadata["thumbnail_error"] = {"code": ThumbnailError.code, "message": type(exc).__name__}
             log.warning("job %s: thumbnail %d failed: %s", spool.name, index, type(exc).__name__)
         if thumb_url is None and "thumbnail_error" not in metadata:
-            metadata["thumbnail_error"] = {"code": "THUMBNAIL_GENERATION_ERROR", "message": "missing"}
+            metadata["thumbnail_error"] = {"code": ThumbnailError.code, "message": "missing"}
         return {"type": meta["kind"], "url": f"{BUCKET}/{user_id}/{spool.name}/{meta['name']}",
                 "thumbnail_url": thumb_url, "metadata": metadata}
 
@@ -340,45 +308,24 @@ class Delivery:
         except Exception as exc:  # progress is best effort
             log.warning("job %s: processing callback not delivered: %s", job_id, exc)
 
-    def _key(self, job_id: str, what: str) -> str:
-        return f"ourvidz:job:{job_id}:{what}"
-
-    def final_key(self, job_id: str) -> str:
-        """Where the job's terminal body is recorded."""
-        return self._key(job_id, "final")
-
     def terminal_of(self, job_id: str) -> dict[str, Any] | None:
         """The recorded terminal body of ``job_id``, if the job already ended."""
-        raw = self.redis.get(self.final_key(job_id))
+        raw = self.redis.get(keys.job_final(job_id))
         return json.loads(raw) if raw else None
 
     def delivered(self, job_id: str) -> bool:
-        return bool(self.redis.exists(self._key(job_id, "delivered")))
+        return bool(self.redis.exists(keys.job_delivered(job_id)))
 
     def mark_delivered(self, job_id: str, patience: float = 120.0) -> None:
-        """Record that the terminal callback arrived; retried through a Redis outage (up to ``patience`` s).
-
-        The edge has the callback already: a mark lost to a broker restart would make the
-        redelivered message send it a second time.
-        """
-        pause, deadline = 0.2, time.monotonic() + patience
-        while True:
-            try:
-                self.redis.set(self._key(job_id, "delivered"), "1", ex=self.settings.terminal_ttl)
-                return
-            except redis.RedisError as exc:
-                if time.monotonic() > deadline:
-                    log.error("job %s: delivered, but not recorded as delivered: %s", job_id, type(exc).__name__)
-                    return
-                time.sleep(pause)
-                pause = min(2 * pause, 5.0)
+        """:func:`mark_delivered` with this worker's store and ``terminal_ttl``."""
+        mark_delivered(self.redis, job_id, self.settings.terminal_ttl, patience)
 
     def replay(self, job_id: str) -> bool:
         """Send the job's recorded terminal callback again (same ``callback_id``); False if none."""
         body = self.terminal_of(job_id)
         if body is None:
             return False
-        self.redis.delete(self._key(job_id, "delivered"))
+        self.redis.delete(keys.job_delivered(job_id))
         self.resend(job_id, body)
         return True
 
@@ -392,15 +339,15 @@ class Delivery:
         """
         job_id = body["job_id"]
         ttl = self.settings.terminal_ttl
-        final = self._key(job_id, "final")
+        final, ended = keys.job_final(job_id), keys.JOBS_ENDED
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(final, dumps(body), nx=True, ex=ttl)
             pipe.get(final)
-            pipe.rpush(ENDED, job_id)
-            pipe.ltrim(ENDED, -ENDED_LIMIT, -1)
-            pipe.expire(ENDED, ttl)
-            pipe.exists(self._key(job_id, "delivered"))
-            pipe.hexists(OUTBOX_JOBS, job_id)
+            pipe.rpush(ended, job_id)
+            pipe.ltrim(ended, -ENDED_LIMIT, -1)
+            pipe.expire(ended, ttl)
+            pipe.exists(keys.job_delivered(job_id))
+            pipe.hexists(keys.OUTBOX_JOBS, job_id)
             first, recorded, _, _, _, delivered, queued = pipe.execute()
         if not first and recorded:
             body = json.loads(recorded)
@@ -412,7 +359,7 @@ class Delivery:
         """Send a recorded terminal body unless it was delivered; True when delivered or handed over."""
         if self.delivered(job_id):
             return True
-        return self._deliver(job_id, body, bool(self.redis.hexists(OUTBOX_JOBS, job_id)))
+        return self._deliver(job_id, body, bool(self.redis.hexists(keys.OUTBOX_JOBS, job_id)))
 
     def _deliver(self, job_id: str, body: dict[str, Any], queued: bool) -> bool:
         future: Future[bool] = self._sender.submit(self.transport.send, job_id, dumps(body), queued)
@@ -430,3 +377,21 @@ class Delivery:
         self._sender.shutdown(wait=True)
         self._uploads.shutdown(wait=True)
         self.client.close()
+
+
+def mark_delivered(store: redis.Redis, job_id: str, ttl: int, patience: float = 120.0) -> None:
+    """Record that the job's terminal callback arrived; retried through a Redis outage (up to ``patience`` s).
+
+    The edge has the callback already: a mark lost to a broker restart would make the
+    redelivered message send it a second time.
+    """
+    pauses, deadline = Backoff(0.2, 5.0), time.monotonic() + patience
+    while True:
+        try:
+            store.set(keys.job_delivered(job_id), "1", ex=ttl)
+            return
+        except redis.RedisError as exc:
+            if time.monotonic() > deadline:
+                log.error("job %s: delivered, but not recorded as delivered: %s", job_id, type(exc).__name__)
+                return
+            time.sleep(pauses.next())

@@ -3,7 +3,7 @@
 A plain Celery worker on Redis dies on one list item that is not JSON
 (kombu's ``loads`` raises inside the consumer loop), and quietly drops or logs
 the body of an item that is JSON but no Celery envelope. Here every such item
-goes to the dead-letter list ``ourvidz:dead`` with its reason:
+goes to the dead-letter list (``keys.DEAD_LETTERS``) with its reason:
 
 - :class:`RedisTransport` (kombu's Redis transport, one method changed)
   catches items that are not JSON or not an envelope right where they are
@@ -26,14 +26,15 @@ import redis
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed
 from kombu.transport import redis as kombu_redis
-from kombu.utils.encoding import bytes_to_str
 
+from ..contract import keys
 from ..contract.settings import load_settings
+from ..contract.text import as_text
 from .redis_client import connect
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTERS = "ourvidz:dead"
+DEAD_LETTERS = keys.DEAD_LETTERS  # the name callers have used; spelled in contract.keys
 DEAD_TTL = 30 * 24 * 3600
 MAX_RAW = 64 * 1024
 
@@ -49,7 +50,7 @@ class DeadLetters:
 
     def push(self, reason: str, *, raw: bytes | str | None = None, queue: str | None = None,
              task_id: str | None = None, job_id: str | None = None) -> None:
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        text = as_text(raw) if raw is not None else None
         entry = {
             "reason": reason, "queue": queue, "task_id": task_id, "job_id": job_id,
             "raw": text[:MAX_RAW] if text is not None else None, "at": time.time(),
@@ -90,7 +91,7 @@ def _foreign(channel: kombu_redis.Channel, item: bytes, queue: str) -> None:
     """Handle a popped list item that is not a Celery envelope."""
     dead = hooks.dead or DeadLetters(channel.client)
     try:
-        payload = json.loads(bytes_to_str(item))
+        payload = json.loads(as_text(item))
     except ValueError as exc:
         dead.push(f"not JSON: {exc}", raw=item, queue=queue)
         return
@@ -122,7 +123,7 @@ class Channel(kombu_redis.Channel):
             if not dest__item:
                 raise kombu_redis.Empty()
             dest, item = dest__item
-            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            dest = as_text(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
             payload = _decode(item)
             if payload is None:
@@ -180,7 +181,7 @@ class Channel(kombu_redis.Channel):
 
 def _decode(item: bytes) -> dict[str, Any] | None:
     try:
-        payload = json.loads(bytes_to_str(item))
+        payload = json.loads(as_text(item))
     except ValueError:
         return None
     return payload if _is_envelope(payload) else None

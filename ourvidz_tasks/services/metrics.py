@@ -34,25 +34,24 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from ..contract import keys
 from ..contract.devices import device_index
 from ..contract.jobs import FAMILY_OF_TYPE
+from ..contract.names import OUTBOX, QUEUES, ROLES
 from ..contract.settings import Settings
+from ..contract.text import as_text
 from . import events
 from .autoscale import autoscale_metrics
-from .delivery import ENDED, ENDED_LIMIT
-from .guard import DEAD_LETTERS
+from .delivery import ENDED_LIMIT
 from .redis_client import connect
 
 log = logging.getLogger(__name__)
 
-#: the Celery queues (celeryconfig.QUEUES): one per worker role, which is also its port offset
-QUEUES = ROLES = ("sdxl", "chat", "wan", "outbox")
 LEGACY_LISTS = ("sdxl_queue", "wan_queue")
 #: kombu's Redis transport keeps unacked messages in this hash
 UNACKED = "unacked"
-#: how many of the most recently ended jobs (delivery.ENDED) the backlog looks at: all it keeps
+#: how many of the most recently ended jobs (keys.JOBS_ENDED) the backlog looks at: all it keeps
 BACKLOG_WINDOW = ENDED_LIMIT
-LEDGER_META = "ourvidz:ledger:*:meta"
 #: kombu's Redis transport: list ``queue`` plus one list per priority step
 PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
@@ -132,14 +131,14 @@ def ledger_rows(store: redis.Redis) -> list[LedgerRow]:
 
     TODO(memory.py): read through a public function of the ledger module once
     it has one. Until then this follows its key layout: per device the hash
-    ``ourvidz:ledger:{host}:{device}:meta`` (field ``budget``) and the hash
+    ``{keys.ledger(host, device)}:meta`` (field ``budget``) and the hash
     ``...:held`` (``pool/model`` -> MB). Anything unreadable counts as 0; no
     ledger at all (before the first reservation) is no row.
     """
     rows = []
-    for key in sorted(store.scan_iter(match=LEDGER_META, count=1000)):
-        prefix = (key.decode() if isinstance(key, bytes) else str(key)).removesuffix(":meta")
-        host, _, device = prefix.removeprefix("ourvidz:ledger:").partition(":")  # device: cpu, cuda:0
+    for key in sorted(store.scan_iter(match=keys.LEDGER_META_PATTERN, count=1000)):
+        prefix = as_text(key).removesuffix(":meta")
+        host, _, device = prefix.removeprefix(keys.LEDGER_PREFIX).partition(":")  # device: cpu, cuda:0
         try:
             budget = _number(store.hget(key, "budget"))
             reserved = sum(_number(v) for v in store.hvals(f"{prefix}:held"))
@@ -159,19 +158,19 @@ def _number(raw: object) -> float:
 def callback_backlog(store: redis.Redis, window: int = BACKLOG_WINDOW) -> int:
     """Ended jobs (of the last ``window``) whose terminal callback is recorded but not delivered.
 
-    Reads the keys of :mod:`~ourvidz_tasks.services.delivery`: ``ourvidz:job:{id}:final``
-    without ``ourvidz:job:{id}:delivered`` (the outbox sets that once it delivered).
+    Reads the keys :mod:`~ourvidz_tasks.services.delivery` writes: ``keys.job_final(id)``
+    without ``keys.job_delivered(id)`` (set once the terminal callback was delivered).
     Unlike the depth of the ``outbox`` queue, this counts terminal callbacks only,
     and also those an inline sender gave up on.
     """
-    ids = list(dict.fromkeys(store.lrange(ENDED, -window, -1)))
+    ids = list(dict.fromkeys(store.lrange(keys.JOBS_ENDED, -window, -1)))
     if not ids:
         return 0
     with store.pipeline(transaction=False) as pipe:
         for raw in ids:
-            job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-            pipe.exists(f"ourvidz:job:{job_id}:final")
-            pipe.exists(f"ourvidz:job:{job_id}:delivered")
+            job_id = as_text(raw)
+            pipe.exists(keys.job_final(job_id))
+            pipe.exists(keys.job_delivered(job_id))
         found = pipe.execute()
     return sum(1 for final, delivered in zip(found[::2], found[1::2], strict=True) if final and not delivered)
 
@@ -233,7 +232,7 @@ class ClusterCollector(Collector):
             for name, length in zip(LEGACY_LISTS, pipe.execute(), strict=True):
                 legacy.add_metric([name], length)
         yield legacy
-        yield _gauge("ourvidz_dead_letters", "Entries in the dead-letter list", self.store.llen(DEAD_LETTERS))
+        yield _gauge("ourvidz_dead_letters", "Entries in the dead-letter list", self.store.llen(keys.DEAD_LETTERS))
         yield _gauge("ourvidz_callback_backlog", "Ended jobs whose terminal callback is not delivered yet",
                      callback_backlog(self.store))
         yield from outbox_metrics(self.store, self.settings)
@@ -273,8 +272,8 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 # -- serving ----------------------------------------------------------------------
 def port_for(base: int, role: str, device: str | None) -> int:
-    """The metrics port of a process: ``base`` + role offset (:data:`ROLES`) + 4 per device index above 0."""
-    gpu = device_index(device) if role != "outbox" else 0
+    """The metrics port of a process: ``base`` + role offset (``names.ROLES``) + 4 per device index above 0."""
+    gpu = device_index(device) if role != OUTBOX else 0
     return base + ROLES.index(role) + len(ROLES) * gpu
 
 

@@ -35,16 +35,19 @@ from typing import Any
 import httpx
 import redis
 
+from ..contract import keys
 from ..contract.errors import DeliveryError, DeliveryRefused
 from ..contract.settings import Settings
+from ..contract.text import as_text
 from . import events
-from .delivery import OUTBOX_JOBS, HttpCallbacks, OutboxCallbacks
+from .backoff import Backoff
+from .delivery import HttpCallbacks, OutboxCallbacks, mark_delivered
 from .guard import DeadLetters
 
 log = logging.getLogger(__name__)
 
-LIST, JOBS, LOCK = "ourvidz:outbox", OUTBOX_JOBS, "ourvidz:outbox:lock"
-CONSUMER, LAST = "ourvidz:outbox:consumer", "ourvidz:outbox:last"
+LIST, JOBS, LOCK = keys.OUTBOX, keys.OUTBOX_JOBS, keys.OUTBOX_LOCK
+CONSUMER, LAST = keys.OUTBOX_CONSUMER, keys.OUTBOX_LAST
 #: seconds between two looks at the outbox while it is empty or another drainer holds it
 INTERVAL = 0.5
 #: the longest pause between two tries while the edge is down
@@ -53,14 +56,13 @@ MAX_PAUSE = 10.0
 STUCK_SECONDS = 60.0
 
 # pop the delivered head (only if it is still the entry that was sent), count it off its
-# job, mark a terminal body delivered, note the try and keep the drainer's lock
+# job, note the try and keep the drainer's lock
 _POP = """
 if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[1] then return 0 end
 redis.call('LPOP', KEYS[1])
 if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[2]) end
-if ARGV[3] ~= '' then redis.call('SET', ARGV[3], '1', 'EX', ARGV[4]) end
-redis.call('SET', KEYS[3], ARGV[5], 'EX', ARGV[4])
-if redis.call('GET', KEYS[4]) == ARGV[6] then redis.call('PEXPIRE', KEYS[4], ARGV[7]) end
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+if redis.call('GET', KEYS[4]) == ARGV[5] then redis.call('PEXPIRE', KEYS[4], ARGV[6]) end
 return 1
 """
 _UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -94,16 +96,18 @@ def consumer_health(state: OutboxState, expected: bool) -> str:
 class Outbox:
     """The Redis side of the outbox (see the module docstring)."""
 
-    def __init__(self, store: redis.Redis, *, ttl: int, lock_seconds: float) -> None:
+    def __init__(self, store: redis.Redis, *, ttl: int, lock_seconds: float, delivered_ttl: int | None = None) -> None:
         self.redis = store
         self.ttl = ttl
+        self.delivered_ttl = delivered_ttl or ttl  # the job's delivered mark (``terminal_ttl``)
         self.lock_ms = int(lock_seconds * 1000)
         self._pop = store.register_script(_POP)
         self._unlock = store.register_script(_UNLOCK)
 
     @classmethod
     def for_settings(cls, store: redis.Redis, settings: Settings) -> Outbox:
-        return cls(store, ttl=settings.idempotency_ttl, lock_seconds=settings.http_timeout + 30)
+        return cls(store, ttl=settings.idempotency_ttl, lock_seconds=settings.http_timeout + 30,
+                   delivered_ttl=settings.terminal_ttl)
 
     # -- producers --------------------------------------------------------------
     def push(self, job_id: str, body: bytes) -> None:
@@ -142,27 +146,27 @@ class Outbox:
             status = json.loads(body).get("status")
         except (ValueError, KeyError, TypeError, AttributeError):
             DeadLetters(self.redis).push("outbox entry is not a callback", raw=raw, queue=LIST)
-            self._pop_head(raw, "?", None, {"at": time.time(), "ok": False, "error": "malformed entry"}, token)
+            self._pop_head(raw, "?", {"at": time.time(), "ok": False, "error": "malformed entry"}, token)
             return True
         try:
             send(job_id, body.encode())
         except DeliveryRefused as exc:
             DeadLetters(self.redis).push(f"callback refused by the edge: {exc}", raw=body, queue=LIST, job_id=job_id)
             events.callback_failed.send(sender="outbox", job_id=job_id, status=status)
-            self._pop_head(raw, job_id, None, {"at": time.time(), "ok": False, "error": str(exc)}, token)
+            self._pop_head(raw, job_id, {"at": time.time(), "ok": False, "error": str(exc)}, token)
             return True
         except DeliveryError as exc:
             self.redis.set(LAST, json.dumps({"at": time.time(), "ok": False, "error": str(exc)}), ex=self.ttl)
             log.warning("outbox: job %s %s callback waits for the edge (%s)", job_id, status, exc)
             return False
-        delivered = f"ourvidz:job:{job_id}:delivered" if status in ("completed", "failed") else None
-        self._pop_head(raw, job_id, delivered, {"at": time.time(), "ok": True, "error": None}, token)
+        if status in ("completed", "failed"):  # before the pop: a crash in between re-sends, never loses
+            mark_delivered(self.redis, job_id, self.delivered_ttl)
+        self._pop_head(raw, job_id, {"at": time.time(), "ok": True, "error": None}, token)
         log.info("outbox: job %s %s callback delivered", job_id, status)
         return True
 
-    def _pop_head(self, raw: bytes | str, job_id: str, delivered: str | None, last: dict[str, Any], token: str) -> None:
-        self._pop(keys=[LIST, JOBS, LAST, LOCK],
-                  args=[raw, job_id, delivered or "", self.ttl, json.dumps(last), token, self.lock_ms])
+    def _pop_head(self, raw: bytes | str, job_id: str, last: dict[str, Any], token: str) -> None:
+        self._pop(keys=[LIST, JOBS, LAST, LOCK], args=[raw, job_id, json.dumps(last), self.ttl, token, self.lock_ms])
 
     # -- consumer heartbeat and state ----------------------------------------------
     def beat(self, node: str, ttl: float) -> None:
@@ -189,7 +193,7 @@ class Outbox:
                 oldest = round(max(0.0, time.time() - float(json.loads(head)["at"])), 3)
             except (ValueError, KeyError, TypeError):
                 oldest = None
-        return OutboxState(int(depth), oldest, consumer.decode() if consumer else None,
+        return OutboxState(int(depth), oldest, as_text(consumer) if consumer else None,
                            json.loads(last) if last else None)
 
 
@@ -210,7 +214,7 @@ class Drainer:
         self.on_empty = on_empty  # the pool's sender may deliver directly again
         self.interval, self.max_pause = interval, max_pause
         self.token = f"{node}:{uuid.uuid4().hex}"
-        self.pause = interval
+        self.pauses = Backoff(2 * interval, max_pause)  # while the edge refuses to take the head
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="outbox", daemon=True)
@@ -227,7 +231,7 @@ class Drainer:
 
     def wake(self) -> None:
         """Look now (a body was just handed over), unless backing off from a failing edge."""
-        if self.pause <= self.interval:
+        if not self.pauses.backing_off:
             self._wake.set()
 
     def _beat(self) -> None:
@@ -263,9 +267,8 @@ class Drainer:
         if result == "empty":
             self._empty()
         if result == "blocked":
-            self.pause = min(self.max_pause, self.pause * 2)
-            return self.pause
-        self.pause = self.interval
+            return max(self.interval, self.pauses.next())
+        self.pauses.reset()
         return self.interval
 
     def _empty(self) -> None:

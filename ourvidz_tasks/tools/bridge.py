@@ -10,10 +10,7 @@ the newest ran first; this is FIFO):
 2. claim its id: ``SET ourvidz:bridge:job:{id} publishing NX EX ttl`` on
    ``OURVIDZ_REDIS_URL`` (a record already there: a duplicate, dropped);
 3. publish: routed by ``type``, never by the list (WAN image types arrive on
-   ``sdxl_queue`` too); ``*_enhanced`` WAN types not yet enhanced become the
-   chain ``ourvidz.chat.enhance → ourvidz.wan.generate``. Task ids derive from
-   the job id (:func:`task_ids`), so the result backend can tell later whether
-   a publish happened;
+   ``sdxl_queue`` too); see :mod:`.routing`;
 4. record ``published``; 5. ``LREM`` the job from the processing list.
 
 On start (and after a lost connection) what is left in a processing list goes
@@ -30,6 +27,11 @@ be routed are published, and their worker sends the ``INVALID_JOB`` callback.
 One bridge runs at a time (a lock key on the legacy Redis); every key it
 writes expires. SIGTERM/SIGINT: the job in hand is finished, then it exits 0.
 Logs name job ids, never prompts.
+
+Plug-ins (``OURVIDZ_BRIDGE_PLUGINS``, ``module:callable``) are called once
+with the :class:`Bridge` at start; they may append :data:`StepHook` callables
+to :attr:`Bridge.step_hooks`, called after each of the steps ``move``,
+``claim`` and ``publish`` (a tracer; the tests' crash between steps).
 """
 
 from __future__ import annotations
@@ -43,118 +45,37 @@ import signal
 import sys
 import threading
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from collections.abc import Callable, Sequence
+from typing import cast
 
 import redis
 
+from ..contract import keys
 from ..contract.errors import ConfigError
-from ..contract.jobs import FAMILY_OF_TYPE, usable_id
+from ..contract.jobs import usable_id
 from ..contract.settings import load_settings
+from ..contract.text import as_text
+from ..services.backoff import Backoff
 from ..services.guard import DeadLetters
+from ..services.plugins import import_callable
 from ..services.redis_client import connect
+from .routing import CeleryPublisher, Publisher, Route, Unroutable, route
 
 log = logging.getLogger("ourvidz_tasks.tools.bridge")
 
 LISTS = ("sdxl_queue", "wan_queue")
-PROCESSING = "ourvidz:bridge:processing:{list}"
-RECORD = "ourvidz:bridge:job:{job_id}"
-LOCK = "ourvidz:bridge:lock"
 #: a processing list outlives any outage of the bridge; refreshed on every move
 PROCESSING_TTL = 30 * 24 * 3600
 PUBLISHING, PUBLISHED = "publishing", "published"
-#: namespace of the task ids derived from job ids
-TASK_NAMESPACE = uuid.UUID("5b0b4c1e-0d8f-4c52-9f5e-6f1f1d7a2b10")
-ENHANCE = "ourvidz.chat.enhance"
-#: test hook: ``move``, ``claim`` or ``publish``: os._exit(70) right after that step
-CRASH_ENV = "OURVIDZ_BRIDGE_CRASH_AT"
-CRASH_POINTS = ("move", "claim", "publish")
+#: the steps after which :attr:`Bridge.step_hooks` are called, in order
+STEPS = ("move", "claim", "publish")
+#: called with the step just done (one of :data:`STEPS`); may raise or end the process
+StepHook = Callable[[str], None]
 
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 _REFRESH = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
 )
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where a raw job goes: the generate task, after enhancement or not."""
-
-    job_id: str
-    job_type: str
-    family: str
-    enhance: bool
-
-    @property
-    def task(self) -> str:
-        return f"ourvidz.{self.family}.generate"
-
-    def task_ids(self) -> list[str]:
-        """The ids of the tasks published for this job, in chain order."""
-        return task_ids(self.job_id, self.enhance)
-
-
-def task_ids(job_id: str, enhance: bool) -> list[str]:
-    """Task ids derived from the job id: ``[enhance id,] generate id``."""
-    steps = ["enhance", "generate"] if enhance else ["generate"]
-    return [str(uuid.uuid5(TASK_NAMESPACE, f"{job_id}/{step}")) for step in steps]
-
-
-class Unroutable(ValueError):
-    """A raw item that cannot become a task; the message is the dead letter's reason."""
-
-
-def route(payload: object) -> Route:
-    """The route of a raw job, by its ``type`` (never by the list it came from)."""
-    if not isinstance(payload, dict):
-        raise Unroutable(f"a job must be a JSON object, got {type(payload).__name__}")
-    job_id = usable_id(payload)
-    if job_id is None:
-        raise Unroutable("no usable job id (`id` must be 1-128 characters of [A-Za-z0-9_-])")
-    job_type = payload.get("type") or payload.get("job_type")
-    family = FAMILY_OF_TYPE.get(job_type) if isinstance(job_type, str) else None
-    if family is None:
-        shown = repr(job_type)[:60] if job_type is not None else "none"
-        raise Unroutable(f"unknown job type {shown}")
-    metadata = payload.get("metadata")
-    enhanced = isinstance(metadata, dict) and (
-        metadata.get("enhanced_prompt") is not None or metadata.get("enhancement_error") is not None
-    )
-    enhance = family == "wan" and str(job_type).endswith("_enhanced") and not enhanced
-    return Route(job_id, str(job_type), family, enhance)
-
-
-class Publisher(Protocol):
-    """Publishes a routed job; tells whether a task id already reached a worker."""
-
-    def publish(self, job: dict[str, Any], route: Route) -> None: ...
-
-    def known(self, task_ids: Sequence[str]) -> bool: ...
-
-
-class CeleryPublisher:
-    """Publishes through a Celery app (by task name), job id only in ``argsrepr``."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    def publish(self, job: dict[str, Any], route: Route) -> None:
-        from celery import chain
-
-        ids = route.task_ids()
-        if route.enhance:
-            signature = chain(
-                self.app.signature(ENHANCE, args=[job]).set(task_id=ids[0]),
-                self.app.signature(route.task).set(task_id=ids[1]),
-            )
-        else:
-            signature = self.app.signature(route.task, args=[job]).set(task_id=ids[0])
-        signature.apply_async(argsrepr=f"({route.job_id!r},)", kwargsrepr="{}")
-
-    def known(self, task_ids: Sequence[str]) -> bool:
-        """True when the result backend has any state for one of the tasks (started or later)."""
-        return any(self.app.AsyncResult(task_id).state != "PENDING" for task_id in task_ids)
 
 
 class Bridge:
@@ -169,13 +90,14 @@ class Bridge:
         lists: Sequence[str] = LISTS,
         record_ttl: int = 7 * 24 * 3600,
         block: float = 1.0,
-        crash_at: str | None = None,
+        step_hooks: Sequence[StepHook] = (),
     ) -> None:
         self.legacy, self.store, self.publisher = legacy, store, publisher
         self.lists = tuple(lists)
         self.record_ttl = record_ttl
         self.block = block
-        self.crash_at = crash_at
+        #: see :data:`StepHook`; plug-ins append to it
+        self.step_hooks: list[StepHook] = list(step_hooks)
         self.dead = DeadLetters(store)
         self.stop = threading.Event()
         self.moved = 0
@@ -188,7 +110,7 @@ class Bridge:
         otherwise it is a leftover of a crash or of a failed publish. An
         exception (broker or Redis down) leaves the item in the processing list.
         """
-        processing = PROCESSING.format(list=source)
+        processing = keys.bridge_processing(source)
         try:
             payload = json.loads(item)
             where = route(payload)
@@ -197,9 +119,10 @@ class Bridge:
             self.dead.push(reason, raw=item, queue=source, job_id=usable_id(_maybe_json(item)))
             self._remove(processing, item)
             return
-        record = RECORD.format(job_id=where.job_id)
+        record = keys.bridge_record(where.job_id)
         claimed = self.store.set(record, PUBLISHING, nx=True, ex=self.record_ttl)
-        state = None if claimed else _text(self.store.get(record))
+        found = None if claimed else self.store.get(record)
+        state = None if found is None else as_text(found)
         if state is not None:
             if state == PUBLISHED or fresh:
                 why = "already published" if state == PUBLISHED else "being published"
@@ -210,10 +133,10 @@ class Bridge:
                 self._published(where, record, processing, item, source, "found at the workers")
                 return
             self.store.set(record, PUBLISHING, ex=self.record_ttl)
-        self._crash("claim")
+        self._stepped("claim")
         self.publisher.publish(payload, where)
-        self._crash("publish")
-        self._published(where, record, processing, item, source, f"published as {_chain_name(where)}")
+        self._stepped("publish")
+        self._published(where, record, processing, item, source, f"published as {where.chain_name()}")
 
     def _published(self, where: Route, record: str, processing: str, item: bytes, source: str, how: str) -> None:
         self.store.set(record, PUBLISHED, ex=self.record_ttl)
@@ -223,16 +146,14 @@ class Bridge:
     def _remove(self, processing: str, item: bytes) -> None:
         self.legacy.lrem(processing, 1, item)  # type: ignore[arg-type]  # redis-py types values as str
 
-    def _crash(self, point: str) -> None:
-        if self.crash_at == point:
-            log.warning("test hook %s=%s: exiting now", CRASH_ENV, point)
-            logging.shutdown()
-            os._exit(70)
+    def _stepped(self, step: str) -> None:
+        for hook in self.step_hooks:
+            hook(step)
 
     # -- the lists ----------------------------------------------------------------
     def recover(self, source: str) -> int:
         """Re-handle what is left in ``source``'s processing list; the number handled."""
-        processing = PROCESSING.format(list=source)
+        processing = keys.bridge_processing(source)
         handled = 0
         for item in cast("list[bytes]", self.legacy.lrange(processing, 0, -1)):
             self.handle(item, source, fresh=False)
@@ -243,7 +164,7 @@ class Bridge:
 
     def move(self, source: str, *, block: bool = True) -> bytes | None:
         """Move the oldest job of ``source`` into its processing list (None when empty)."""
-        processing = PROCESSING.format(list=source)
+        processing = keys.bridge_processing(source)
         if block:
             # a float timeout needs Redis >= 6 (BLMOVE itself needs 6.2)
             item = self.legacy.blmove(source, processing, self.block, "LEFT", "RIGHT")  # type: ignore[arg-type]
@@ -251,7 +172,7 @@ class Bridge:
             item = self.legacy.lmove(source, processing, "LEFT", "RIGHT")
         if item is not None:
             self.legacy.expire(processing, PROCESSING_TTL)
-            self._crash("move")
+            self._stepped("move")
         return cast("bytes | None", item)
 
     def step(self, source: str, *, block: bool = True) -> bool:
@@ -274,19 +195,19 @@ class Bridge:
 
     def serve(self, source: str) -> None:
         """One list's loop until :attr:`stop`: errors are logged and retried, never fatal."""
-        delay, dirty = 0.0, True
+        pauses, dirty = Backoff(0.5, 30.0), True
         while not self.stop.is_set():
             try:
                 if dirty:
-                    self.legacy.expire(PROCESSING.format(list=source), PROCESSING_TTL)
+                    self.legacy.expire(keys.bridge_processing(source), PROCESSING_TTL)
                     self.recover(source)
                     dirty = False
                 self.step(source)
-                delay = 0.0
+                pauses.reset()
             except Exception as exc:
                 # the job in hand (if any) stays in the processing list: handled again next round
                 dirty = True
-                delay = min(30.0, max(0.5, delay * 2))
+                delay = pauses.next()
                 log.warning("%s: %s (%s); retrying in %.1fs", source, type(exc).__name__, _short(exc), delay)
                 self.stop.wait(delay)
 
@@ -294,7 +215,7 @@ class Bridge:
 class Lock:
     """One bridge at a time: a key on the legacy Redis, refreshed while held."""
 
-    def __init__(self, client: redis.Redis, ttl: float, key: str = LOCK) -> None:
+    def __init__(self, client: redis.Redis, ttl: float, key: str = keys.BRIDGE_LOCK) -> None:
         self.client, self.key = client, key
         self.ttl_ms = max(1000, int(ttl * 1000))
         self.token = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -349,6 +270,27 @@ def run(bridge: Bridge, lock: Lock) -> int:
     return status
 
 
+def drain(bridge: Bridge, lock: Lock) -> int:
+    """``--drain``: move what waits now under the lock, then exit (0, or 1 when a move failed)."""
+    if not lock.acquire(bridge.stop):
+        return 0
+    try:
+        moved = bridge.drain()
+    except Exception as exc:
+        log.error("drain stopped: %s (%s); what was in hand stays in the processing list", type(exc).__name__, _short(exc))
+        return 1
+    finally:
+        lock.release()
+    log.info("drained: %d job(s) moved", moved)
+    return 0
+
+
+def load_plugins(paths: Sequence[str], bridge: Bridge) -> None:
+    """Call each ``module:callable`` of ``OURVIDZ_BRIDGE_PLUGINS`` with the bridge (a bad path: ConfigError)."""
+    for path in paths:
+        import_callable(path, "OURVIDZ_BRIDGE_PLUGINS")(bridge)
+
+
 def _maybe_json(item: bytes) -> object:
     try:
         return json.loads(item)
@@ -356,16 +298,8 @@ def _maybe_json(item: bytes) -> object:
         return None
 
 
-def _text(value: Any) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _short(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:200] if str(exc) else ""
-
-
-def _chain_name(where: Route) -> str:
-    return f"{ENHANCE} -> {where.task}" if where.enhance else where.task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,25 +310,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain", action="store_true", help="move what waits now, then exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/bridge] %(message)s")
-    crash_at = os.environ.get(CRASH_ENV) or None
     lists = [name.strip() for name in args.lists.split(",") if name.strip()]
     try:
         settings = load_settings()
-        if crash_at is not None and crash_at not in CRASH_POINTS:
-            raise ConfigError(f"{CRASH_ENV} must be one of {', '.join(CRASH_POINTS)}; got {crash_at!r}")
         if not lists or args.block <= 0 or args.lock_ttl <= 0:
             raise ConfigError("--lists must name a list; --block and --lock-ttl must be positive")
+        from ..celery import app
+
+        legacy = connect(settings.legacy_redis, settings, socket_timeout=args.block + 30, socket_connect_timeout=10)
+        store = connect(settings.redis, settings, socket_timeout=30, socket_connect_timeout=10)
+        bridge = Bridge(legacy, store, CeleryPublisher(app), lists=lists, record_ttl=settings.idempotency_ttl,
+                        block=args.block)
+        load_plugins(settings.bridge_plugins, bridge)
     except ConfigError as exc:
         print(f"bin/bridge: {exc}", file=sys.stderr)
         return 2
-    from ..celery import app
-
-    legacy = connect(settings.legacy_redis, settings, socket_timeout=args.block + 30, socket_connect_timeout=10)
-    store = connect(settings.redis, settings, socket_timeout=30, socket_connect_timeout=10)
-    bridge = Bridge(
-        legacy, store, CeleryPublisher(app), lists=lists, record_ttl=settings.idempotency_ttl,
-        block=args.block, crash_at=crash_at,
-    )
     lock = Lock(legacy, args.lock_ttl)
 
     def _stop(signum: int, _frame: object) -> None:
@@ -403,19 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    if args.drain:
-        if not lock.acquire(bridge.stop):
-            return 0
-        try:
-            moved = bridge.drain()
-        except Exception as exc:
-            log.error("drain stopped: %s (%s); what was in hand stays in the processing list", type(exc).__name__, _short(exc))
-            return 1
-        finally:
-            lock.release()
-        log.info("drained: %d job(s) moved", moved)
-        return 0
-    return run(bridge, lock)
+    return drain(bridge, lock) if args.drain else run(bridge, lock)
 
 
 if __name__ == "__main__":

@@ -7,23 +7,19 @@ section 5): ``OURVIDZ_BROKER_URL`` reaches the queues and the result backend.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import socket
 import sys
 import threading
-import time
-import uuid
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, TextIO
 
 import redis
 
 from ..contract.errors import ConfigError, JobError
 from ..contract.settings import Settings, load_settings
 from ..services.redis_client import connect
-from .flower import PROGRESS, progress_text
+from .memory_report import ledger_tables, load_counters, memory_status, table
+from .submit import ProgressLine, build_job, error_text, follow, publish
 
 PROG = "ourvidz"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
@@ -60,121 +56,6 @@ passed first (the job goes on)."""
 
 
 # -- submit ------------------------------------------------------------------------
-def build_job(source: str | None, *, job_type: str | None, prompt: str | None, user_id: str | None,
-              job_id: str | None, sets: Sequence[str]) -> dict[str, Any]:
-    """The job from a file (or stdin) and flags; flags win; an id is made up if none is given."""
-    job: dict[str, Any] = {}
-    if source:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text()
-        loaded = json.loads(text)
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: a job is a JSON object, got {type(loaded).__name__}")
-        job.update(loaded)
-    for key, value in (("type", job_type), ("prompt", prompt), ("user_id", user_id), ("id", job_id)):
-        if value is not None:
-            job[key] = value
-    for item in sets:
-        path, sep, raw = item.partition("=")
-        if not sep or not path:
-            raise ConfigError(f"--set wants KEY=VALUE (e.g. config.seed=7), got {item!r}")
-        _assign(job, path.split("."), _value(raw))
-    if not job.get("id") and not job.get("job_id"):
-        job["id"] = str(uuid.uuid4())
-    return job
-
-
-def _value(raw: str) -> Any:
-    """JSON when it parses (7, true, null, [1,2]), else the text itself."""
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-
-
-def _assign(target: dict[str, Any], path: list[str], value: Any) -> None:
-    for part in path[:-1]:
-        child = target.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not an object")
-        target = child
-    target[path[-1]] = value
-
-
-def publish(job: dict[str, Any], settings: Settings, *, enhance: bool) -> Any:
-    """Validate with the workers' rules, then publish; returns the AsyncResult to follow."""
-    from celery import chain
-
-    from ..celery import app
-    from ..contract.jobs import parse_job
-
-    parsed = parse_job(job, settings)
-    family = parsed.family
-    job_id = parsed.the_id
-    options = {"argsrepr": f"({job_id!r},)", "kwargsrepr": "{}"}
-    generate = app.signature(f"ourvidz.{family}.generate", **options)
-    if enhance:
-        return chain(app.signature("ourvidz.chat.enhance", args=(job,), **options), generate).apply_async()
-    return generate.clone(args=(job,)).apply_async()
-
-
-class ProgressLine:
-    """One status line: redrawn in place on a terminal, one line per change otherwise."""
-
-    def __init__(self, stream: TextIO, label: str) -> None:
-        self.stream, self.label = stream, label
-        self.tty = stream.isatty()
-        self.last = ""
-
-    def show(self, text: str) -> None:
-        if text == self.last:
-            return
-        self.last = text
-        line = f"{self.label}  {text}"
-        self.stream.write(f"\r\033[K{line}" if self.tty else f"{line}\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and self.last:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def follow(result: Any, line: ProgressLine, timeout: float, interval: float) -> tuple[str, Any]:
-    """Poll the result backend until the task is ready; returns ``(state, result or error)``."""
-    backend = result.backend
-    deadline = time.monotonic() + timeout
-    while True:
-        meta = backend.get_task_meta(result.id)
-        state, info = meta.get("status"), meta.get("result")
-        if state in ("SUCCESS", "FAILURE"):
-            status = info.get("status") if isinstance(info, dict) else None
-            line.show(f"{status or state.lower()}")
-            return state, info
-        if state == PROGRESS and isinstance(info, dict):
-            line.show(progress_text(info))
-        elif state == "STARTED":
-            host = info.get("hostname") if isinstance(info, dict) else None
-            line.show(f"started on {host}" if host else "started")
-        elif state == "RETRY":
-            line.show(f"retrying ({_error(info)})")
-        elif result.parent is not None and not result.parent.ready():
-            line.show("enhancing the prompt")
-        else:
-            line.show("queued")
-        if time.monotonic() >= deadline:
-            return "TIMEOUT", None
-        time.sleep(interval)
-
-
-def _error(info: Any) -> str:
-    """An exception as the result backend keeps it (``exc_type``, ``exc_message``), as one line."""
-    if isinstance(info, dict) and "exc_type" in info:
-        message = info.get("exc_message")
-        text = " ".join(map(str, message)) if isinstance(message, list | tuple) else str(message or "")
-        return f"{info['exc_type']}: {text}".rstrip(": ")
-    return str(info)
-
-
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     job = build_job(args.job, job_type=args.type, prompt=args.prompt, user_id=args.user_id,
                     job_id=args.id, sets=args.set)
@@ -200,99 +81,13 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
               file=sys.stderr)
         return EXIT_TIMEOUT
     if state == "FAILURE":
-        print(f"{PROG} submit: the task failed: {_error(info)}", file=sys.stderr)
+        print(f"{PROG} submit: the task failed: {error_text(info)}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return EXIT_OK if isinstance(info, dict) and info.get("status") == "completed" else EXIT_FAILED
 
 
 # -- memory --------------------------------------------------------------------------
-def memory_status(timeout: float) -> list[tuple[str, dict[str, Any]]] | None:
-    """``(node, reply)`` of the workers' ``memory_status`` command, or None where no such command exists."""
-    import importlib
-
-    from celery.worker.control import Panel
-
-    from ..celery import app
-
-    with contextlib.suppress(ImportError):
-        importlib.import_module("ourvidz_tasks.runtime.control")  # registers the ledger's commands, once it exists
-    if "memory_status" not in Panel.data:
-        return None
-    replies = app.control.broadcast("memory_status", reply=True, timeout=timeout) or []
-    return sorted((node, status) for reply in replies for node, status in reply.items() if isinstance(status, dict))
-
-
-def ledger_tables(replies: Sequence[tuple[str, dict[str, Any]]]
-                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
-    """Rows per device and per pool from ``memory_status`` replies (pools of one GPU answer alike),
-    and a note per worker that has no ledger (the outbox consumer)."""
-    devices: dict[tuple[str, str], dict[str, Any]] = {}
-    pools: dict[tuple[str, str, str], dict[str, Any]] = {}
-    notes = []
-    for node, st in replies:
-        if "error" in st:
-            notes.append(f"{node}: {st['error']}")
-            continue
-        where = (str(st.get("host", "?")), str(st.get("device", "?")))
-        devices[where] = {
-            "host": where[0], "device": where[1], "budget_mb": st.get("budget_mb"),
-            "reserved_mb": st.get("reserved_mb"), "free_mb": st.get("free_mb"), "pressure": st.get("pressure"),
-            "waiters": st.get("pending_waiters"), "switches_1h": st.get("switches_last_hour"),
-        }
-        for name, pool in (st.get("pools") or {}).items():
-            models = pool.get("models") or {}
-            pools[(*where, name)] = {
-                "host": where[0], "device": where[1], "pool": name,
-                "models": ", ".join(f"{m} {mb} MB" for m, mb in models.items()) or "-",
-                "reserved_mb": pool.get("reserved_mb"), "busy": pool.get("busy"),
-                "queued": pool.get("queue_depth"), "idle_s": pool.get("idle_seconds"),
-            }
-    return list(devices.values()), list(pools.values()), notes
-
-
-def load_counters(store: redis.Redis, timeout: float) -> list[dict[str, Any]]:
-    """Workers that answer a ping, and the model load counts they keep in ``ourvidz:loads:{node}``."""
-    from ..celery import app
-
-    online = {node for reply in app.control.ping(timeout=timeout) or [] for node in reply}
-    rows = []
-    seen = set()
-    for key in sorted(store.scan_iter(match="ourvidz:loads:*", count=1000)):
-        node = _text(key).removeprefix("ourvidz:loads:")
-        seen.add(node)
-        for model, loads in sorted(store.hgetall(key).items()):
-            rows.append({"worker": node, "online": node in online, "model": _text(model), "loads": int(loads)})
-    rows += [{"worker": node, "online": True, "model": "-", "loads": 0} for node in sorted(online - seen)]
-    return rows
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def table(rows: Sequence[dict[str, Any]], stream: TextIO) -> None:
-    """A plain text table of dicts (columns in first-seen order)."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [key for key in row if key not in columns]
-    cells = [[_cell(row.get(col)) for col in columns] for row in rows]
-    widths = [max([len(col), *(len(r[i]) for r in cells)]) for i, col in enumerate(columns)]
-    stream.write("  ".join(col.upper().ljust(w) for col, w in zip(columns, widths, strict=True)).rstrip() + "\n")
-    for r in cells:
-        stream.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
 def cmd_memory_plan(args: argparse.Namespace, settings: Settings) -> int:
     """``ourvidz memory plan --card-gb 48``: from committed data only (no torch, no Redis)."""
     from ..models.memplan import format_plan, plan

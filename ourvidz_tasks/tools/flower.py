@@ -9,7 +9,8 @@ What the dashboard shows of a task: its name, the job id (``argsrepr``; the
 prompt never reaches Flower), the state, and while it runs a ``PROGRESS``
 state whose result is the progress meta (``job_id, percent, step, total,
 stage``, sent by the workers as a ``task-progress`` event), drawn as a bar in
-the tasks table. Results of finished tasks stay hidden (:mod:`.redact`).
+the tasks table (:mod:`~ourvidz_tasks.services.progress`). Results of finished tasks stay
+hidden (:mod:`~ourvidz_tasks.services.redact`).
 """
 
 from __future__ import annotations
@@ -27,33 +28,13 @@ from tornado.options import Error as TornadoOptionError
 
 from ..contract.errors import ConfigError
 from ..contract.settings import load_settings
+from ..services.progress import PROGRESS, progress_text
 from ..services.redact import HIDDEN
 
-PROGRESS = "PROGRESS"
 #: the tasks table: the job id is in ``args``; ``result`` holds the progress bar (uuid links to the task)
 COLUMNS = "name,args,state,result,worker,received,runtime,uuid"
 #: what the table shows instead of :data:`~ourvidz_tasks.services.redact.HIDDEN`
 HIDDEN_SHORT = "hidden (see the callback)"
-BAR_WIDTH = 10
-
-
-def progress_text(meta: dict[str, Any]) -> str:
-    """``[██████░░░░] 60% · step 9/15 · generating`` for a PROGRESS meta."""
-    try:
-        percent = max(0, min(100, int(meta.get("percent") or 0)))
-    except (TypeError, ValueError):
-        percent = 0
-    # any progress shows a block, only 100% a full bar
-    if 0 < percent < 100:
-        filled = min(max(round(BAR_WIDTH * percent / 100), 1), BAR_WIDTH - 1)
-    else:
-        filled = BAR_WIDTH if percent == 100 else 0
-    parts = [f"[{'█' * filled}{'░' * (BAR_WIDTH - filled)}] {percent}%"]
-    if meta.get("total"):
-        parts.append(f"step {meta.get('step')}/{meta.get('total')}")
-    if meta.get("stage"):
-        parts.append(str(meta["stage"]))
-    return " · ".join(parts)
 
 
 def format_task(task: Any) -> Any:
@@ -161,6 +142,7 @@ def run(options: Any) -> None:
 
     command.extract_settings()
     command.setup_logging()
+    app.conf.include = []  # Flower knows the tasks from their events; their modules are the pools' (torch)
     dashboard = Flower(capp=app, options=options, **web_settings)
     atexit.register(dashboard.stop)
     signal.signal(signal.SIGTERM, command.sigterm_handler)

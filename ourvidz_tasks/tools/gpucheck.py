@@ -21,8 +21,9 @@ a NaN / black-output check and host syncs per step
 (``bench/results/gpu-<card>.json``) as soon as it ends, so a run cut off
 still reports. Without CUDA the same sections run on the tiny models, with
 the memory cap emulated through the attempt-hook seam, and it exits 0.
-The sections themselves are in :mod:`ourvidz_tasks.tools.gpubench`; this module
-runs them and writes the report.
+The sections themselves are in :mod:`ourvidz_tasks.tools.gpusections` (their tools in
+:mod:`ourvidz_tasks.tools.gpubench`); this module runs them and writes the report. Importing
+the package loads nothing else, so none of the broker stack is needed.
 """
 
 from __future__ import annotations
@@ -31,10 +32,8 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 import traceback
-import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,15 +41,6 @@ if TYPE_CHECKING:
     import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _light_package() -> None:
-    """Run as a script (bin/gpu-check), import the package's modules without its ``__init__``
-    (which builds the Celery app): only torch, diffusers and transformers are needed."""
-    if "ourvidz_tasks" not in sys.modules:
-        package = types.ModuleType("ourvidz_tasks")
-        package.__path__ = [str(ROOT / "ourvidz_tasks")]
-        sys.modules["ourvidz_tasks"] = package
 
 
 class Report:
@@ -96,16 +86,8 @@ def run(out: Path | None = None, *, device_name: str | None = None,
     import torch
     import transformers
 
-    from ourvidz_tasks.tools.gpubench import (
-        REAL,
-        TINY,
-        SdxlBench,
-        free,
-        oom_section,
-        qwen_section,
-        sdxl_section,
-        wan_section,
-    )
+    from .gpubench import REAL, TINY, free
+    from .gpusections import SdxlBench, oom_section, qwen_section, sdxl_section, wan_section
 
     device = torch.device(device_name or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     plan = REAL if device.type == "cuda" else TINY
@@ -167,7 +149,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path[0] = str(ROOT)  # not ourvidz_tasks/: its modules are imported through the package
-    _light_package()
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the workers run
     raise SystemExit(main())

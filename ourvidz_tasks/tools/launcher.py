@@ -1,6 +1,8 @@
 """``bin/worker sdxl|chat|wan|outbox``: one worker on its role's queue (solo; chat: threads).
 
-``outbox`` is the light callback consumer (no model); the others are GPU pools.
+``outbox`` is the light callback consumer (no model, no torch: it runs in the plain
+``pip install .``); the others are GPU pools (``pip install '.[worker]'``). Each role's
+worker imports only its own task module (Celery's ``include``).
 
 The configuration is checked before Celery starts; anything wrong exits with
 status 2 and one line naming the variable.
@@ -9,15 +11,17 @@ status 2 and one line naming the variable.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
+from ..contract.devices import node_name
 from ..contract.errors import ConfigError
+from ..contract.names import ROLES
 from ..contract.settings import Settings, load_settings
-from ..runtime.worker import FAMILIES, node_name
+from ..services.policy import load_policy
 
-ROLES = (*FAMILIES, "outbox")
-USAGE = "usage: bin/worker sdxl|chat|wan|outbox [extra celery worker options]"
+USAGE = f"usage: bin/worker {'|'.join(ROLES)} [extra celery worker options]"
 MODEL_VARS = {
     "sdxl": ("sdxl_model",),
     "wan": ("wan_model",),
@@ -25,33 +29,38 @@ MODEL_VARS = {
 }
 
 
-def check(family: str, settings: Settings) -> None:
-    """Raise ConfigError (one line) when this pool cannot work with ``settings``."""
+def check(role: str, settings: Settings) -> None:
+    """Raise ConfigError (one line) when this role cannot work with ``settings``."""
     settings.require_delivery()
-    remote = family == "chat" and settings.chat_server_url
-    if family in MODEL_VARS and settings.model_source == "local" and not remote:
-        for name in MODEL_VARS[family]:
+    remote = role == "chat" and settings.chat_server_url
+    if role in MODEL_VARS and settings.model_source == "local" and not remote:
+        for name in MODEL_VARS[role]:
             path: Path | None = getattr(settings, name)
             env = f"OURVIDZ_{name.upper()}"
             if path is None:
                 raise ConfigError(f"{env} is required when OURVIDZ_MODEL_SOURCE=local")
             if not path.exists():
                 raise ConfigError(f"{env}: {path} does not exist")
-        single_file = family == "sdxl" and settings.sdxl_model and settings.sdxl_model.suffix == ".safetensors"
+        single_file = role == "sdxl" and settings.sdxl_model and settings.sdxl_model.suffix == ".safetensors"
         if single_file and (settings.sdxl_config is None or not settings.sdxl_config.is_dir()):
             raise ConfigError("OURVIDZ_SDXL_CONFIG must name a local diffusers config folder for a .safetensors checkpoint")
-    from ..services.policy import load_policy
-
     load_policy(settings.prompt_policy)
 
 
-def worker_argv(family: str, settings: Settings, extra: list[str]) -> list[str]:
+def task_modules(role: str) -> list[str]:
+    """What the role's worker imports (Celery's ``include``): its own task module only, so the outbox
+    consumer never loads a model family's code (nor torch)."""
+    return [f"ourvidz_tasks.{role}"]
+
+
+def worker_argv(role: str, settings: Settings, extra: list[str]) -> list[str]:
     # chat: task threads feeding the one in-process engine (no fork, one model), twice the batch
     # so that requests wait inside the pool, where enhancements pass chats
-    pool = ["--pool", "threads", "--concurrency", str(2 * settings.chat_concurrency)] if family == "chat" \
+    pool = ["--pool", "threads", "--concurrency", str(2 * settings.chat_concurrency)] if role == "chat" \
         else ["--pool", "solo", "--concurrency", "1"]
+    host = node_name(role, settings.hostname or socket.gethostname(), settings.device)
     return [
-        "worker", "--queues", family, "--hostname", node_name(family, settings), *pool, "--task-events",
+        "worker", "--queues", role, "--hostname", host, *pool, "--task-events",
         "--without-gossip", "--without-mingle", "--loglevel", "INFO", *extra,
     ]
 
@@ -61,19 +70,21 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] not in ROLES:
         print(USAGE, file=sys.stderr)
         raise SystemExit(2)
-    family, extra = args[0], args[1:]
+    role, extra = args[0], args[1:]
     # these libraries' warnings can quote prompts; set before they are imported
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         settings = load_settings()
-        check(family, settings)
+        check(role, settings)
     except ConfigError as exc:
-        print(f"bin/worker {family}: {exc}", file=sys.stderr)
+        print(f"bin/worker {role}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    # only now: the app's configuration module reads the settings when it is imported
     from ..celery import app
 
-    app.worker_main(worker_argv(family, settings, extra))
+    app.conf.include = task_modules(role)
+    app.worker_main(worker_argv(role, settings, extra))
 
 
 if __name__ == "__main__":

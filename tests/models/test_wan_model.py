@@ -17,7 +17,8 @@ import torch
 
 from ourvidz_tasks.contract.errors import ConfigError, ModelLoadError
 from ourvidz_tasks.contract.settings import Settings, load_settings
-from ourvidz_tasks.models import fit_image, wan
+from ourvidz_tasks.models import wan
+from ourvidz_tasks.models.diffusion import fit_image
 from ourvidz_tasks.models.wan import ReferenceMode, WanModel, build_tiny, load_wan, run_wan, valid_frame_count
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub

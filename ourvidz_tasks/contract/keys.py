@@ -1,0 +1,121 @@
+"""Every Redis key of the project (the ``ourvidz:`` namespace), spelled once.
+
+Each key is a constant or a function of its variable parts. A ``*_PREFIX``
+constant is the fixed part of a family of keys, for ``SCAN MATCH prefix*``
+and for reading the variable part back (``key.removeprefix(PREFIX)``).
+Unless a docstring names the broker (``OURVIDZ_BROKER_URL``), a key lives in
+the store ``OURVIDZ_REDIS_URL``; the two are one Redis in most deployments.
+"""
+
+from __future__ import annotations
+
+NAMESPACE = "ourvidz:"
+
+# -- jobs and their callbacks ------------------------------------------------------------------
+JOB_PREFIX = "ourvidz:job:"
+
+
+def job_final(job_id: str) -> str:
+    """The job's recorded terminal callback body; written first-wins by ``services.delivery``, TTL ``terminal_ttl``."""
+    return f"{JOB_PREFIX}{job_id}:final"
+
+
+def job_delivered(job_id: str) -> str:
+    """``1`` once the terminal callback reached the edge; ``delivery.mark_delivered``, TTL ``terminal_ttl``."""
+    return f"{JOB_PREFIX}{job_id}:delivered"
+
+
+#: list of the most recently ended job ids, oldest first; ``services.delivery`` (capped, TTL ``terminal_ttl``)
+JOBS_ENDED = "ourvidz:jobs:ended"
+
+CANCEL_PREFIX = "ourvidz:cancel:"
+
+
+def cancel(job_id: str) -> str:
+    """Set by ``ourvidz cancel`` (``runtime.lifecycle.cancel``), read at each step by the worker; TTL 24 h."""
+    return f"{CANCEL_PREFIX}{job_id}"
+
+
+def deliveries(job_id: str, retries: int) -> str:
+    """Broker: how often one attempt of a job was delivered (poison detection); ``runtime.recovery``, TTL given."""
+    return f"ourvidz:deliveries:{job_id}:{retries}"
+
+
+# -- the callback outbox (services.outbox_store) -----------------------------------------------
+#: list of entries ``{"job_id", "body", "at"}`` waiting for the edge, oldest first; no TTL (drained)
+OUTBOX = "ourvidz:outbox"
+#: hash job id -> entries of that job in :data:`OUTBOX`; ``outbox_store``, no TTL (counted off)
+OUTBOX_JOBS = "ourvidz:outbox:jobs"
+#: the one drainer at a time (token); ``outbox_store``, TTL the lock time
+OUTBOX_LOCK = "ourvidz:outbox:lock"
+#: heartbeat of a ``bin/worker outbox`` consumer (its node); ``outbox_store``, short TTL
+OUTBOX_CONSUMER = "ourvidz:outbox:consumer"
+#: ``{"at", "ok", "error"}`` of the last delivery try; ``outbox_store``, TTL ``idempotency_ttl``
+OUTBOX_LAST = "ourvidz:outbox:last"
+
+# -- dead letters (services.guard) ---------------------------------------------------------------
+#: list of messages that are not runnable tasks, with their reason; ``services.guard``, TTL 30 days
+DEAD_LETTERS = "ourvidz:dead"
+
+# -- workers -----------------------------------------------------------------------------------
+LOADS_PREFIX = "ourvidz:loads:"
+
+
+def loads(node: str) -> str:
+    """Hash model -> times loaded by worker ``node``; ``runtime.runtime``, TTL 7 days (read by ``ourvidz memory``)."""
+    return f"{LOADS_PREFIX}{node}"
+
+
+ALIVE_PREFIX = "ourvidz:alive:"
+
+
+def alive(identity: str) -> str:
+    """Broker: heartbeat of one worker incarnation (``{node}/{incarnation}``); ``runtime.recovery``, TTL the lease."""
+    return f"{ALIVE_PREFIX}{identity}"
+
+
+def incarnation(node: str) -> str:
+    """Broker: the newest incarnation of worker ``node``; ``runtime.recovery``, TTL the owner TTL."""
+    return f"ourvidz:incarnation:{node}"
+
+
+OWNER_PREFIX = "ourvidz:owner:"
+
+
+def owner(delivery_tag: str) -> str:
+    """Broker: the incarnation holding a message (by delivery tag); ``runtime.recovery``, TTL owner TTL, then grace."""
+    return f"{OWNER_PREFIX}{delivery_tag}"
+
+
+# -- memory ledger (runtime.ledger) --------------------------------------------------------------
+LEDGER_PREFIX = "ourvidz:ledger:"
+#: SCAN pattern of every device's ledger ``meta`` hash (read by ``services.metrics``)
+LEDGER_META_PATTERN = "ourvidz:ledger:*:meta"
+
+
+def ledger(host: str, device: str) -> str:
+    """Prefix of one device's ledger keys (``{prefix}:{part}``, e.g. ``:meta``, ``:held``); ``runtime.ledger``."""
+    return f"{LEDGER_PREFIX}{host}:{device}"
+
+
+# -- autoscaling (services.autoscale) --------------------------------------------------------------
+
+
+def autoscale_head(queue: str) -> str:
+    """Broker: hash ``{id, since}`` of the message first in line of ``queue``; ``services.autoscale``, TTL 24 h."""
+    return f"ourvidz:autoscale:head:{queue}"
+
+
+# -- the legacy-list bridge (tools.bridge) ---------------------------------------------------------
+#: the one running bridge (token); ``tools.bridge``, TTL the lock time
+BRIDGE_LOCK = "ourvidz:bridge:lock"
+
+
+def bridge_processing(source: str) -> str:
+    """The bridge's in-flight copy of legacy list ``source`` (BLMOVE target); ``tools.bridge``, TTL 30 days."""
+    return f"ourvidz:bridge:processing:{source}"
+
+
+def bridge_record(job_id: str) -> str:
+    """``publishing``/``published``: the bridge's claim on a job id; ``tools.bridge``, TTL 7 days."""
+    return f"ourvidz:bridge:job:{job_id}"

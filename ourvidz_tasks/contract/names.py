@@ -1,0 +1,30 @@
+"""The names the pools, the publishers and the operator tools share: families, roles, queues, tasks."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Family = Literal["sdxl", "chat", "wan"]
+#: the model families, one worker pool (and one Celery queue) each
+FAMILIES: tuple[Family, ...] = ("sdxl", "chat", "wan")
+#: the role and queue of the optional callback outbox consumer (``bin/worker outbox``)
+OUTBOX = "outbox"
+#: what ``bin/worker`` can run: a family pool or the outbox consumer
+ROLES: tuple[str, ...] = (*FAMILIES, OUTBOX)
+#: the Celery queues: one per role, named like it
+QUEUES = ROLES
+
+SDXL_GENERATE = "ourvidz.sdxl.generate"
+CHAT_CHAT = "ourvidz.chat.chat"
+CHAT_ENHANCE = "ourvidz.chat.enhance"
+WAN_GENERATE = "ourvidz.wan.generate"
+OUTBOX_DELIVER = "ourvidz.outbox.deliver"
+#: the generation task of each family that takes image/video jobs
+GENERATE: dict[str, str] = {"sdxl": SDXL_GENERATE, "wan": WAN_GENERATE}
+#: every task the workers register
+TASKS = (SDXL_GENERATE, CHAT_CHAT, CHAT_ENHANCE, WAN_GENERATE, OUTBOX_DELIVER)
+
+
+def route_pattern(queue: str) -> str:
+    """The Celery ``task_routes`` glob of the tasks of ``queue`` (``ourvidz.{queue}.*``)."""
+    return f"ourvidz.{queue}.*"

@@ -1,0 +1,4 @@
+-- field -> 1
+redis.call('HDEL', K.requests, ARGV[6])
+touch()
+return 1
