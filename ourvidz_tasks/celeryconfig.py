@@ -72,7 +72,6 @@ if _settings.amqp_queue_type == "quorum" and not _settings.broker_is_redis:
     task_default_exchange_type = "topic"
     task_default_queue_type = "quorum"
     broker_transport_options["confirm_publish"] = True  # a publish is done when the quorum has it
-    imports = ("ourvidz_tasks.services.quorum",)  # declares every queue before Celery binds them for delays
 task_create_missing_queues = False
 
 # where our own Redis bookkeeping lives (ledger, idempotency, dead letters)

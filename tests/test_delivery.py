@@ -23,6 +23,7 @@ from devtools.sink import Sink
 from ourvidz_tasks.contract.callbacks import callback_body, dumps, sign
 from ourvidz_tasks.contract.errors import DeliveryError
 from ourvidz_tasks.contract.settings import Settings
+from ourvidz_tasks.runtime.lifecycle import backoff
 from ourvidz_tasks.services.backoff import Backoff, full_jitter
 from ourvidz_tasks.services.delivery import Delivery, HttpCallbacks
 from ourvidz_tasks.services.guard import DeadLetters
@@ -280,6 +281,15 @@ def test_every_retry_pause_is_full_jitter() -> None:
     assert [loop.next() <= c for c in (1, 2, 4, 8, 8)] == [True] * 5 and loop.backing_off
     loop.reset()
     assert not loop.backing_off and loop.next() <= 1.0
+
+
+def test_a_task_retry_countdown_is_whole_seconds_and_never_zero() -> None:
+    """Celery's native delayed delivery (RabbitMQ quorum queues) refuses a countdown under 1 s."""
+    random.seed(11)
+    for retries, ceiling in ((0, 2), (1, 4), (3, 16), (20, 600)):
+        countdowns = [backoff(retries) for _ in range(400)]
+        assert all(isinstance(c, int) and 1 <= c <= ceiling for c in countdowns)
+        assert min(countdowns) <= max(1, ceiling // 4) and max(countdowns) >= ceiling * 3 // 4
 
 
 _LIGHT = """

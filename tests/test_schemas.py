@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from devtools import schemas as generator
-from ourvidz_tasks.contract import jobs, schemas
+from ourvidz_tasks.contract import jobs, names, schemas
 from ourvidz_tasks.contract.callbacks import callback_body
 from ourvidz_tasks.contract.errors import ERROR_CODES
 from ourvidz_tasks.contract.schemas import CallbackBody, ChatRequest, ChatResult, Job
@@ -37,9 +37,9 @@ CONTRACT_JOB = {
 
 def test_spelled_out_enums_are_the_constants() -> None:
     assert get_args(schemas.JobType) == (*jobs.SDXL_TYPES, *jobs.WAN_TYPES)
-    assert get_args(schemas.ChatModel) == jobs.CHAT_MODELS
+    assert get_args(schemas.ChatRequest.model_fields["model"].annotation) == names.CHAT_MODELS
     assert get_args(schemas.ErrorCode) == tuple(ERROR_CODES)
-    assert get_args(schemas.ChatMessage.model_fields["role"].annotation) == jobs.CHAT_ROLES
+    assert get_args(schemas.ChatMessage.model_fields["role"].annotation) == names.CHAT_ROLES
     modes = schemas.JobConfig.model_fields["reference_mode"].annotation
     assert get_args(get_args(modes)[0]) == jobs.REFERENCE_MODES
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import InvalidJob
+from .names import CHAT_MODELS, CHAT_ROLES
 from .settings import Settings
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
@@ -35,8 +36,6 @@ TIME_LIMITS = {
 }
 FAMILY_OF_TYPE = {**{t: "sdxl" for t in SDXL_TYPES}, **{t: "wan" for t in WAN_TYPES}}
 REFERENCE_MODES = ("none", "single", "start", "end", "both")
-CHAT_MODELS = ("qwen_instruct", "qwen_base")
-CHAT_ROLES = ("system", "user", "assistant")
 
 Number = float | int
 

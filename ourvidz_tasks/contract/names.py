@@ -14,6 +14,12 @@ ROLES: tuple[str, ...] = (*FAMILIES, OUTBOX)
 #: the Celery queues: one per role, named like it
 QUEUES = ROLES
 
+ChatModel = Literal["qwen_instruct", "qwen_base"]
+#: the chat models a request may name (CONTRACT section 3)
+CHAT_MODELS: tuple[ChatModel, ...] = ("qwen_instruct", "qwen_base")
+#: the roles of a chat message
+CHAT_ROLES = ("system", "user", "assistant")
+
 SDXL_GENERATE = "ourvidz.sdxl.generate"
 CHAT_CHAT = "ourvidz.chat.chat"
 CHAT_ENHANCE = "ourvidz.chat.enhance"

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import jobs
+from .names import ChatModel
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 
@@ -28,7 +29,6 @@ JobType = Literal[
     "image_fast", "image_high", "video_fast", "video_high",
     "image7b_fast_enhanced", "image7b_high_enhanced", "video7b_fast_enhanced", "video7b_high_enhanced",
 ]
-ChatModel = Literal["qwen_instruct", "qwen_base"]
 ErrorCode = Literal[
     "INVALID_JOB", "INVALID_PROMPT", "OOM_ERROR", "MODEL_LOAD_ERROR", "WORKER_UNAVAILABLE", "TIMEOUT_ERROR",
     "REFERENCE_FRAME_ERROR", "I2I_PIPELINE_ERROR", "THUMBNAIL_GENERATION_ERROR", "CANCELLED",

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..contract.errors import InvalidJob
-from ..contract.jobs import CHAT_MODELS, CHAT_ROLES
-from ..contract.schemas import ChatModel
+from ..contract.names import CHAT_MODELS, CHAT_ROLES, ChatModel
 
 #: the chat models a pool serves in-process
 QwenName = ChatModel

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,9 +142,14 @@ def cancel(store: redis.Redis, job_id: str) -> None:
     store.set(keys.cancel(job_id), "1", ex=CANCEL_TTL)
 
 
-def backoff(retries: int, base: float = 2.0, cap: float = 600.0) -> float:
-    """The countdown of Celery retry ``retries``: :func:`~ourvidz_tasks.services.backoff.full_jitter`."""
-    return full_jitter(retries, base, cap)
+def backoff(retries: int, base: float = 2.0, cap: float = 600.0) -> int:
+    """The countdown of Celery retry ``retries``: :func:`~ourvidz_tasks.services.backoff.full_jitter`,
+    rounded up to whole seconds (at least 1).
+
+    Celery's native delayed delivery (RabbitMQ quorum queues) sends ``int(countdown)``
+    seconds and refuses 0, so a countdown under a second made the retry itself fail.
+    """
+    return max(1, math.ceil(full_jitter(retries, base, cap)))
 
 
 def is_device_fault(exc: BaseException) -> bool:

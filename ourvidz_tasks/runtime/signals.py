@@ -8,7 +8,9 @@ is never imported here: each handler gets it from its signal's sender.
 One handler per signal; the steps of a handler run in this order:
 
 ``worker_init``
-    1. the idle timer (:class:`~.control.ServeRequests`) on the worker's consumer.
+    1. RabbitMQ quorum mode: every queue declared (:func:`~ourvidz_tasks.services.quorum.declare_every_queue`),
+       before Celery binds them all for native delayed delivery;
+    2. the idle timer (:class:`~.control.ServeRequests`) on the worker's consumer.
 ``celeryd_after_setup`` (logging configured, nothing consumed yet; consuming starts when it returns)
     1. the log filter that keeps prompts, keys and signed URLs out of the logs;
     2. a pool: its runtime built and warmed up (:func:`~.pool.start_pool`; exits when it cannot);
@@ -32,9 +34,6 @@ One handler per signal; the steps of a handler run in this order:
 ``worker_shutdown``
     1. a pool's models unloaded and clients closed (:func:`~.runtime.stop_pool`);
     2. the outbox consumer withdrawn (:func:`~.outbox_consumer.stop_outbox`): the pools drain again.
-
-``ourvidz_tasks.services.quorum`` declares every queue at ``worker_init`` in RabbitMQ quorum mode
-(``celeryconfig`` imports it then); it touches the broker only, no state of ours.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ from typing import Any
 
 from celery import signals
 
+from ..services.quorum import declare_every_queue, uses_quorum_queues
 from ..services.redact import install_log_filter
 from .between_jobs import job_entered, job_left, upkept
 from .control import install as install_idle_timer
@@ -61,6 +61,8 @@ def _recovery_of(app: Any) -> Any:
 
 @signals.worker_init.connect
 def _worker_init(sender: Any, **_: Any) -> None:
+    if uses_quorum_queues(sender.app):
+        declare_every_queue(sender.app)
     install_idle_timer(sender.app)
 
 

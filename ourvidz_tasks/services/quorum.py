@@ -5,8 +5,8 @@ queues) binds *every* queue of the app to its delivery exchange when a worker
 starts, but a pool declares only the queue it consumes: on a fresh vhost the
 first ``sdxl`` pool failed to bind ``chat``, ``wan`` and ``outbox`` and logged
 "Native delayed delivery will not be available". So each pool declares all of
-them (same arguments, idempotent) first. ``celeryconfig`` imports this module
-only in quorum mode.
+them (same arguments, idempotent) first, at ``worker_init``
+(:mod:`ourvidz_tasks.runtime.signals`).
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import signals
-
 log = logging.getLogger(__name__)
 
 
-@signals.worker_init.connect
-def declare_every_queue(sender: Any, **_: Any) -> None:
-    app = sender.app
+def uses_quorum_queues(app: Any) -> bool:
+    return app.conf.task_default_queue_type == "quorum"
+
+
+def declare_every_queue(app: Any) -> None:
+    """Declare every queue of ``app`` (idempotent); a broker that does not answer yet is only logged."""
     try:
         with app.connection_for_write() as connection:
             connection.ensure_connection(max_retries=3)
