@@ -43,6 +43,7 @@ from ..contract.text import as_text
 from . import events
 from .autoscale import autoscale_metrics
 from .delivery import ENDED_LIMIT
+from .outbox_store import Outbox, consumer_health
 from .redis_client import connect
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,6 @@ class ClusterCollector(Collector):
 
 def outbox_metrics(store: redis.Redis, settings: Settings) -> Iterator[Metric]:
     """The callback outbox: bodies waiting, the oldest one's age, and its consumer's health."""
-    from .outbox_store import Outbox, consumer_health
-
     state = Outbox.for_settings(store, settings).state()
     yield _gauge("ourvidz_outbox_depth", "Callbacks waiting in the outbox (failed deliveries and those behind them)",
                  state.depth)
