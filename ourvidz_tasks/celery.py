@@ -12,5 +12,7 @@ from celery import Celery
 app = Celery(
     "ourvidz_tasks",
     include=["ourvidz_tasks.sdxl", "ourvidz_tasks.chat", "ourvidz_tasks.wan", "ourvidz_tasks.outbox"],
+    # messages of our tasks name the job id, never a prompt, whoever sends them
+    amqp="ourvidz_tasks.services.redact:QuietAMQP",
 )
 app.config_from_object("ourvidz_tasks.celeryconfig")

@@ -24,7 +24,7 @@ from .runtime import signals  # noqa: F401  (a worker registers its signal handl
 from .runtime.lifecycle import Generated, Progress
 from .runtime.remedies import DiffusionRemedies, run_with_remedies, wan_ladder
 from .runtime.runtime import Runtime, runtime
-from .runtime.tasks import JobTask, by_name
+from .runtime.tasks import JobTask
 from .services.media import ImageOutput, Output, VideoOutput
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def generate(self: JobTask, job: dict[str, Any]) -> dict[str, Any] | None:
     if _needs_enhancement(self, job):
         log.info("job %s: %s, enhancing first", job.get("id"), job.get("type"))
         # by name: a wan pool imports no chat code (the enhancement runs on a chat pool)
-        raise self.replace(by_name(app, names.CHAT_ENHANCE, job) | generate.s())
+        raise self.replace(app.signature(names.CHAT_ENHANCE, args=(job,)) | generate.s())
     return self.execute(job, "wan", work)
 
 

@@ -240,7 +240,9 @@ def test_every_key_written_expires(store: redis.Redis, lists: tuple[str, str]) -
 
 @pytest.fixture
 def memory_app() -> Iterator[Celery]:
-    app = Celery("bridge-test", broker="memory://", backend="cache+memory://", set_as_current=False)
+    # the real app's routes and message maker (job-id-only argsrepr) on an in-memory broker
+    app = Celery("bridge-test", broker="memory://", backend="cache+memory://", set_as_current=False,
+                 amqp=real_app.amqp_cls)
     app.conf.update(
         task_routes=real_app.conf.task_routes, task_queues=real_app.conf.task_queues,
         task_default_queue=real_app.conf.task_default_queue, task_create_missing_queues=False,

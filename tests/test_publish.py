@@ -62,3 +62,22 @@ def test_publishing_loads_no_worker_code() -> None:
               " if m in sys.modules]\nprint(loaded)\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_every_message_of_our_tasks_names_the_job_id_never_the_prompt(isolated_broker: str) -> None:
+    """Whoever sends it (a reference, a chain step sent on by a pool, plain send_task): Flower, the
+    task events and the logs show ``argsrepr``, which is the job id only."""
+    store = redis.Redis.from_url(isolated_broker)
+    job = tiny_job(prompt="a secret harbour prompt")
+    with app.connection_for_write(isolated_broker) as connection:
+        sdxl_generate.apply_async([job], connection=connection)
+        app.send_task(names.WAN_GENERATE, args=[{**job, "type": "video_fast"}], connection=connection)
+        chain(enhance.s(job), sdxl_generate.s()).apply_async(connection=connection)
+        chat.apply_async([{"messages": [{"role": "user", "content": "a secret chat"}]}], connection=connection)
+    messages = [m for queue in ("sdxl", "wan", "chat") for m in queued(store, queue)]
+    assert len(messages) == 4
+    for message in messages:
+        headers = message["headers"]
+        assert "secret" not in headers["argsrepr"] and headers["kwargsrepr"] == "{}"
+        assert headers["argsrepr"] in (f"({job['id']!r},)", "('?',)")
+    assert sum(m["headers"]["argsrepr"] == f"({job['id']!r},)" for m in messages) == 3

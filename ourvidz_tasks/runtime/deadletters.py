@@ -22,7 +22,7 @@ def republish_raw(app: Celery, job: dict[str, Any]) -> bool:
     family = FAMILY_OF_TYPE.get(str(job.get("type") or job.get("job_type")))
     if job_id is None or family is None:
         return False
-    app.send_task(names.GENERATE[family], args=[job], argsrepr=f"({job_id!r},)", kwargsrepr="{}")
+    app.send_task(names.GENERATE[family], args=[job])
     return True
 
 

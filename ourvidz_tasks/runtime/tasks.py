@@ -12,11 +12,10 @@ import os
 import time
 from typing import Any
 
-from celery import Celery, Signature, Task
+from celery import Task
 from celery.exceptions import Reject
 
 from ..contract import names
-from ..contract.jobs import usable_id
 from ..services.progress import PROGRESS
 from .between_jobs import mark_busy
 from .lifecycle import RetryJob, Work, run_job
@@ -29,31 +28,15 @@ log = logging.getLogger(__name__)
 NOT_READY_PAUSE = 1.0
 
 
-def quiet_reprs(payload: Any) -> dict[str, str]:
-    """The ``argsrepr``/``kwargsrepr`` of a task message whose first argument is ``payload``: the job id only."""
-    return {"argsrepr": f"({usable_id(payload) or '?'!r},)", "kwargsrepr": "{}"}
-
-
-def by_name(app: Celery, name: str, payload: Any) -> Signature:
-    """The signature of task ``name`` on ``payload``, for a task this process need not have
-    (another pool's): its message, like :meth:`BaseTask.apply_async`'s, names the job id only."""
-    return app.signature(name, args=(payload,), **quiet_reprs(payload))
-
-
 class BaseTask(Task):  # type: ignore[misc]
-    """Base of every task here: acks late, no type checks, job-id-only argsrepr."""
+    """Base of every task here: acks late, no type checks (messages name the job id only:
+    :class:`~ourvidz_tasks.services.redact.QuietAMQP`)."""
 
     acks_late = True
     reject_on_worker_lost = True
     typing = False
     max_retries = 3
     Request = "ourvidz_tasks.services.redact:QuietRequest"
-
-    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        """Publish with ``argsrepr`` naming only the job id: Flower and logs show it, never prompts."""
-        for option, value in quiet_reprs(args[0] if args else None).items():
-            options.setdefault(option, value)
-        return super().apply_async(args, kwargs, **options)
 
     #: a job task records its start itself, right after its ``processing`` callback is on its way
     marks_own_start = False

@@ -82,7 +82,7 @@ class Publisher(Protocol):
 
 
 class CeleryPublisher:
-    """Publishes through a Celery app (by task name), job id only in ``argsrepr``."""
+    """Publishes through a Celery app (by task name; the message names the job id only)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -98,7 +98,7 @@ class CeleryPublisher:
             )
         else:
             signature = self.app.signature(route.task, args=[job]).set(task_id=ids[0])
-        signature.apply_async(argsrepr=f"({route.job_id!r},)", kwargsrepr="{}")
+        signature.apply_async()
 
     def known(self, task_ids: Sequence[str]) -> bool:
         """True when the result backend has any state for one of the tasks (started or later)."""

@@ -71,11 +71,9 @@ def publish(job: dict[str, Any], settings: Settings, *, enhance: bool) -> Any:
 
     parsed = parse_job(job, settings)
     family = parsed.family
-    job_id = parsed.the_id
-    options = {"argsrepr": f"({job_id!r},)", "kwargsrepr": "{}"}
-    generate = app.signature(names.GENERATE[str(family)], **options)
+    generate = app.signature(names.GENERATE[str(family)])
     if enhance:
-        return chain(app.signature(names.CHAT_ENHANCE, args=(job,), **options), generate).apply_async()
+        return chain(app.signature(names.CHAT_ENHANCE, args=(job,)), generate).apply_async()
     return generate.clone(args=(job,)).apply_async()
 
 
