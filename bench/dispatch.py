@@ -37,7 +37,7 @@ from figures import figure
 from harness import ROOT, summary, write
 
 from devtools.sink import Sink
-from tests.conftest import BROKER, KEY, SECRET, worker_env
+from tests.support.env import BROKER, KEY, SECRET, worker_env
 from tests.wire import envelope, publish
 
 JOBS = int(os.environ.get("OURVIDZ_BENCH_JOBS", "1000"))

@@ -1,6 +1,6 @@
 """A small cluster for benchmarks: a private Redis database, the sink, real workers.
 
-Reuses the test fixtures' building blocks (``tests/conftest.py``), so a bench
+Reuses the test fixtures' building blocks (``tests/support/``), so a bench
 runs exactly what the tests run, outside pytest.
 """
 
@@ -21,7 +21,10 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from devtools.sink import Sink  # noqa: E402
-from tests.conftest import BROKER, KEY, SECRET, WorkerProcess, worker_env  # noqa: E402  (sets the env first)
+from ourvidz_tasks.contract import keys  # noqa: E402
+from ourvidz_tasks.contract.text import as_text  # noqa: E402
+from tests.support.cluster import WorkerProcess  # noqa: E402
+from tests.support.env import BROKER, KEY, SECRET, worker_env  # noqa: E402  (sets the env first)
 from tests.wire import publish  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
@@ -64,8 +67,8 @@ class Cluster:
         raise TimeoutError(job["id"])
 
     def loads(self, family: str) -> dict[str, int]:
-        raw = self.store.hgetall(f"ourvidz:loads:{self.workers[family].node}")
-        return {k.decode(): int(v) for k, v in raw.items()}
+        raw = self.store.hgetall(keys.loads(self.workers[family].node))
+        return {as_text(k): int(v) for k, v in raw.items()}
 
 
 def median_seconds(call: Callable[[], object], repeats: int) -> float:

@@ -91,10 +91,11 @@ def _answer(response: httpx.Response, elapsed: float) -> ChatOutput:
 
 def _message(response: httpx.Response) -> str:
     try:
-        error = response.json().get("error") or response.json()
-        return str(error.get("message") if isinstance(error, dict) else error)
+        data = response.json()
     except ValueError:
         return response.text[:300]
+    error = (data.get("error") or data) if isinstance(data, dict) else data
+    return str(error.get("message") if isinstance(error, dict) else error)
 
 
 def _refused(message: str) -> InvalidJob:

@@ -40,8 +40,7 @@ from ..contract.jobs import TIME_LIMITS, Job, parse_job, usable_id
 from ..models import release_memory
 from ..services import events
 from ..services.backoff import full_jitter
-from .faults import EXIT_DEVICE_FAULT as EXIT_DEVICE_FAULT
-from .faults import detach, device_fault, exit_on_device_fault, is_oom
+from .faults import detach, exit_on_device_fault, is_oom
 from .memprobe import Measurement
 from .recovery import count_delivery, queue_count_delivery
 from .runtime import Runtime
@@ -150,11 +149,6 @@ def backoff(retries: int, base: float = 2.0, cap: float = 600.0) -> int:
     seconds and refuses 0, so a countdown under a second made the retry itself fail.
     """
     return max(1, math.ceil(full_jitter(retries, base, cap)))
-
-
-def is_device_fault(exc: BaseException) -> bool:
-    """A CUDA error other than out-of-memory anywhere in ``exc``'s chain (see :mod:`.faults`)."""
-    return device_fault(exc) is not None
 
 
 def retries_for(error: JobError, default: int) -> int:

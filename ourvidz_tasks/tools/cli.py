@@ -105,9 +105,9 @@ def cmd_memory(args: argparse.Namespace, settings: Settings) -> int:
     store = connect(settings.redis, settings)
     replies = memory_status(args.timeout)
     loads = load_counters(store, args.timeout)
-    devices, pools, notes = ledger_tables(replies or [])
+    devices, pools, notes = ledger_tables(replies)
     if args.json:
-        print(json.dumps({"memory_status": dict(replies or []), "loads": loads}, indent=2, default=str))
+        print(json.dumps({"memory_status": dict(replies), "loads": loads}, indent=2, default=str))
         return EXIT_OK
     for title, rows in (("GPU memory (ledger)", devices), ("pools", pools), ("model loads per worker", loads)):
         if rows:
@@ -116,8 +116,6 @@ def cmd_memory(args: argparse.Namespace, settings: Settings) -> int:
             print()
     if not loads:
         print("no worker answered and none has loaded a model yet")
-    elif replies is None:
-        print("(no memory ledger in this version: load counts only)")
     for note in notes:
         print(f"(no ledger from {note})")
     return EXIT_OK

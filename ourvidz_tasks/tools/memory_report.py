@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -12,18 +11,10 @@ from ..contract import keys
 from ..contract.text import as_text
 
 
-def memory_status(timeout: float) -> list[tuple[str, dict[str, Any]]] | None:
-    """``(node, reply)`` of the workers' ``memory_status`` command, or None where no such command exists."""
-    import importlib
-
-    from celery.worker.control import Panel
-
+def memory_status(timeout: float) -> list[tuple[str, dict[str, Any]]]:
+    """``(node, reply)`` of the workers' ``memory_status`` command (a broadcast: nothing registers here)."""
     from ..celery import app
 
-    with contextlib.suppress(ImportError):
-        importlib.import_module("ourvidz_tasks.runtime.control")  # registers the ledger's commands, once it exists
-    if "memory_status" not in Panel.data:
-        return None
     replies = app.control.broadcast("memory_status", reply=True, timeout=timeout) or []
     return sorted((node, status) for reply in replies for node, status in reply.items() if isinstance(status, dict))
 
