@@ -23,7 +23,8 @@ from .process import ROOT
 if TYPE_CHECKING:
     from devtools.sink import Sink
 
-REDIS_HOST = "redis://127.0.0.1:6379"
+#: the Redis whose databases 1-15 test runs claim (another port lets runs side by side use their own)
+REDIS_HOST = os.environ.get("OURVIDZ_TEST_REDIS", "redis://127.0.0.1:6379")
 LOCK = "ourvidz:test-run-lock"
 KEY = "test-service-key-" + secrets.token_hex(4)
 SECRET = "test-callback-secret-" + secrets.token_hex(4)
