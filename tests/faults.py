@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,26 @@ def cuda_fault_once(prompt: str) -> None:
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     default_policy(prompt)
 
+
+GATE = "GATED-JOB"
+#: a folder: a job whose prompt carries :data:`GATE` writes ``entered-<pid>`` there, then waits for ``open``
+GATE_ENV = "OURVIDZ_TEST_GATE"
+
+
+def gate_on_marker(prompt: str) -> None:
+    """Hold a marked job in its worker until the test opens the gate: an event, not a sleep, to act on."""
+    gate = os.environ.get(GATE_ENV)
+    if GATE in prompt and gate:
+        Path(gate, f"entered-{os.getpid()}").touch()
+        while not Path(gate, "open").exists():
+            time.sleep(0.05)
+    default_policy(prompt)
+
+
+def gate_entered(gate: Path) -> list[int]:
+    """The pids of the workers that reached the gate, in the order they did."""
+    entered = sorted(gate.glob("entered-*"), key=lambda p: p.stat().st_mtime_ns)
+    return [int(p.name.split("-", 1)[1]) for p in entered]
 
 # -- attempt hooks (OURVIDZ_RUNTIME_PLUGINS=tests.faults:inject) --------------------------------------
 

@@ -13,6 +13,8 @@ OUTBOX = "outbox"
 ROLES: tuple[str, ...] = (*FAMILIES, OUTBOX)
 #: the Celery queues: one per role, named like it
 QUEUES = ROLES
+#: what one pod (``bin/worker all``) can supervise: the roles, Flower and the metrics exporter
+POD_PROGRAMS: tuple[str, ...] = (*ROLES, "flower", "metrics")
 
 ChatModel = Literal["qwen_instruct", "qwen_base"]
 #: the chat models a request may name (CONTRACT section 3)

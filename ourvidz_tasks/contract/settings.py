@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .devices import canonical_device
 from .errors import ConfigError
+from .names import POD_PROGRAMS
 
 _BROKER_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp")
 #: the most retries a generation task takes (``runtime.tasks.JobTask.max_retries``)
@@ -157,6 +158,21 @@ class Settings(BaseSettings):
     #: node name override (tests); default ``{family}@{hostname}``
     hostname: str | None = None
 
+    # -- one pod: ``bin/worker all`` (tools/supervise.py, docs/operators.md) -----
+    #: the programs the pod supervises: pools and optional ``outbox``, ``flower``, ``metrics``
+    pod: Annotated[tuple[str, ...], NoDecode] = ("sdxl", "chat", "wan")
+    #: where the pod writes its supervisord config and socket (default: a fresh temporary folder)
+    pod_dir: Path | None = None
+    #: seconds a program must stay up to count as started (sooner exits are start failures)
+    pod_start_seconds: float = Field(30.0, gt=0)
+    #: start failures of one program, with supervisord's backoff, before the pod gives up (exit 1)
+    pod_start_retries: int = Field(3, ge=0)
+    #: crashes of one running program within ``pod_crash_window`` seconds that make the pod exit 1
+    pod_crash_limit: int = Field(5, ge=1)
+    pod_crash_window: float = Field(300.0, gt=0)
+    #: seconds SIGTERM lets running jobs finish before the pools are killed (the pod's drain bound)
+    drain_seconds: float = Field(600.0, gt=0)
+
     # -- per-type defaults (a job's own values win) ----------------------------
     sdxl_fast_steps: int = Field(15, ge=1, le=150)
     sdxl_high_steps: int = Field(25, ge=1, le=150)
@@ -196,7 +212,7 @@ class Settings(BaseSettings):
     #: seconds one request to the server may take
     chat_server_timeout: float = Field(600.0, gt=0)
 
-    @field_validator("fetch_allow", "runtime_plugins", "bridge_plugins", mode="before")
+    @field_validator("fetch_allow", "runtime_plugins", "bridge_plugins", "pod", mode="before")
     @classmethod
     def _split_allow(cls, value: object) -> object:
         if isinstance(value, str):
@@ -213,6 +229,14 @@ class Settings(BaseSettings):
                 except ValueError:
                     raise ValueError(f"{entry!r} is neither a host nor a CIDR") from None
         return value
+
+    @field_validator("pod")
+    @classmethod
+    def _check_pod(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [name for name in value if name not in POD_PROGRAMS]
+        if unknown or not value:
+            raise ValueError(f"names programs of {', '.join(POD_PROGRAMS)}, got {', '.join(unknown) or 'none'}")
+        return tuple(dict.fromkeys(value))
 
     @field_validator("device")
     @classmethod

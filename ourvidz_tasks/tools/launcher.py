@@ -1,5 +1,7 @@
 """``bin/worker sdxl|chat|wan|outbox``: one worker on its role's queue (solo; chat: threads).
 
+``bin/worker all`` runs every program of ``OURVIDZ_POD`` in one container (tools/supervise.py).
+
 ``outbox`` is the light callback consumer (no model, no torch: it runs in the plain
 ``pip install .``); the others are GPU pools (``pip install '.[worker]'``). Each role's
 worker imports only its own task module (Celery's ``include``).
@@ -21,7 +23,7 @@ from ..contract.names import ROLES
 from ..contract.settings import Settings, load_settings
 from ..services.policy import load_policy
 
-USAGE = f"usage: bin/worker {'|'.join(ROLES)} [extra celery worker options]"
+USAGE = f"usage: bin/worker {'|'.join(ROLES)} [extra celery worker options] | bin/worker all"
 MODEL_VARS = {
     "sdxl": ("sdxl_model",),
     "wan": ("wan_model",),
@@ -67,6 +69,8 @@ def worker_argv(role: str, settings: Settings, extra: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    if args == ["all"]:
+        raise SystemExit(pod())
     if not args or args[0] not in ROLES:
         print(USAGE, file=sys.stderr)
         raise SystemExit(2)
@@ -85,6 +89,22 @@ def main(argv: list[str] | None = None) -> None:
 
     app.conf.include = task_modules(role)
     app.worker_main(worker_argv(role, settings, extra))
+
+
+def pod() -> int:
+    """``bin/worker all``: check every role of ``OURVIDZ_POD`` here (exit 2 naming the variable), then
+    supervise them all (tools/supervise.py)."""
+    from .supervise import run
+
+    try:
+        settings = load_settings()
+        for role in settings.pod:
+            if role in ROLES:
+                check(role, settings)
+    except ConfigError as exc:
+        print(f"bin/worker all: {exc}", file=sys.stderr)
+        return 2
+    return run(settings)
 
 
 if __name__ == "__main__":
