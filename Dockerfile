@@ -3,7 +3,8 @@
 #       callback outbox consumer (bin/worker outbox), Flower (bin/flower), the metrics exporter and
 #       the CLI (ourvidz), the legacy bridge (bin/bridge)
 #   --target worker, the default (ourvidz-tasks): `pip install '.[worker]'` (requirements/runtime.lock):
-#       the three GPU pools (bin/worker sdxl|chat|wan). torch, pinned on its own in
+#       the three GPU pools (bin/worker sdxl|chat|wan), or all of them supervised in one container
+#       (`bin/worker all`, the default command: one GPU pod, docs/operators.md). torch, pinned on its own in
 #       requirements/torch.txt, is the CUDA build:
 #   default: the package index's own torch wheel, built with CUDA 13.0: needs NVIDIA driver >= 580
 #   older driver (>= 570, CUDA 12.8): --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128
@@ -41,3 +42,5 @@ RUN pip install ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} -r requirements/torch
 COPY --from=source /app /app
 RUN pip install --no-deps /app && pip check
 USER ourvidz
+# one GPU pod: every pool of OURVIDZ_POD supervised (docs/operators.md); compose names one role per service
+CMD ["all"]

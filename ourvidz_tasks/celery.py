@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+from .services.tracing import setup as setup_tracing
+
 app = Celery(
     "ourvidz_tasks",
     include=["ourvidz_tasks.sdxl", "ourvidz_tasks.chat", "ourvidz_tasks.wan", "ourvidz_tasks.outbox"],
@@ -16,3 +18,5 @@ app = Celery(
     amqp="ourvidz_tasks.services.redact:QuietAMQP",
 )
 app.config_from_object("ourvidz_tasks.celeryconfig")
+# one trace per job when OTEL_EXPORTER_OTLP_ENDPOINT is set (services/tracing.py); nothing otherwise
+setup_tracing("ourvidz")

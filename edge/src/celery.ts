@@ -54,6 +54,9 @@ export interface Headers {
   kwargsrepr: "{}";
   origin: string;
   ignore_result: boolean;
+  /** W3C trace context: the job's spans join the caller's trace (docs/operators.md, Traces) */
+  traceparent?: string;
+  tracestate?: string;
 }
 
 /** What is LPUSHed onto the queue's list. */
@@ -82,7 +85,12 @@ export interface MessageOptions {
   origin?: string;
   /** ISO 8601 time after which a worker revokes the message instead of running it */
   expires?: Date | string;
+  /** W3C `traceparent` of the caller's span (`00-<32 hex>-<16 hex>-<2 hex>`), and its `tracestate` */
+  traceparent?: string;
+  tracestate?: string;
 }
+
+const TRACEPARENT = /^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$/;
 
 export interface Message {
   envelope: Envelope;
@@ -189,5 +197,10 @@ export function buildMessage(task: TaskName, args: unknown[], options: MessageOp
       delivery_tag: newId(),
     },
   };
+  if (options.traceparent !== undefined) {
+    if (!TRACEPARENT.test(options.traceparent)) throw new TypeError("traceparent must be a W3C traceparent");
+    envelope.headers.traceparent = options.traceparent;
+    if (options.tracestate) envelope.headers.tracestate = options.tracestate;
+  }
   return { envelope, queue, taskId };
 }

@@ -32,6 +32,9 @@ export interface PublishJobOptions {
   taskId?: string;
   /** time after which a worker drops the message unrun */
   expires?: Date | string;
+  /** W3C trace context of the caller: the job's spans (chain steps included) join that trace */
+  traceparent?: string;
+  tracestate?: string;
 }
 
 export interface WaitOptions {
@@ -90,14 +93,15 @@ export class Publisher {
     const generate = family === "sdxl" ? TASKS.sdxl : TASKS.wan;
     const enhanced = job.metadata?.enhanced_prompt != null || job.metadata?.enhancement_error != null;
     const enhance = options.enhance ?? (family === "wan" && job.type.endsWith("_enhanced") && !enhanced);
+    const trace = { traceparent: options.traceparent, tracestate: options.tracestate };
     if (!enhance) {
-      return this.#publish(generate, [job], { taskId: options.taskId, expires: options.expires }, job.id);
+      return this.#publish(generate, [job], { taskId: options.taskId, expires: options.expires, ...trace }, job.id);
     }
     const next = signature(generate);
     const first = await this.#publish(
       TASKS.enhance,
       [job],
-      { taskId: options.taskId, expires: options.expires, then: [next] },
+      { taskId: options.taskId, expires: options.expires, then: [next], ...trace },
       job.id,
     );
     return { ...first, taskIds: [first.taskId, next.options.task_id] };

@@ -81,6 +81,15 @@ test("explicit task ids, origin and expiry are carried", () => {
   assert.equal(envelope.headers.expires, "2030-01-02T03:04:05.000Z");
 });
 
+test("a W3C traceparent rides in the headers; a malformed one is refused", () => {
+  const traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+  const { envelope } = buildMessage(TASKS.sdxl, [job()], { traceparent, tracestate: "v=1" });
+  assert.equal(envelope.headers.traceparent, traceparent);
+  assert.equal(envelope.headers.tracestate, "v=1");
+  assert.equal(buildMessage(TASKS.sdxl, [job()]).envelope.headers.traceparent, undefined);
+  assert.throws(() => buildMessage(TASKS.sdxl, [job()], { traceparent: "00-nope" }), /traceparent/);
+});
+
 test("families by type", () => {
   assert.equal(familyOf("sdxl_image_high"), "sdxl");
   assert.equal(familyOf("image_fast"), "wan");

@@ -40,6 +40,7 @@ from ..contract.jobs import TIME_LIMITS, Job, parse_job, usable_id
 from ..models import release_memory
 from ..services import events
 from ..services.backoff import full_jitter
+from ..services.tracing import span
 from .faults import detach, exit_on_device_fault, is_oom
 from .memprobe import Measurement
 from .recovery import count_delivery, queue_count_delivery
@@ -217,7 +218,7 @@ def run_job(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work,
         else:
             limit = rt.settings.time_limits.get(job.the_type, TIME_LIMITS.get(job.the_type, rt.settings.max_job_seconds))
             # working memory of the model call only: a load or an OOM attempt inside restarts it
-            with rt.measure() as peak:
+            with span("model", **{"ourvidz.job_id": job_id, "ourvidz.family": family}), rt.measure() as peak:
                 generated = work(rt, job, Progress(ctx, rt, job_id, attempt, limit))
             _remember_peak(rt, generated.shape or job.the_type, peak)
             model_time = time.perf_counter() - started

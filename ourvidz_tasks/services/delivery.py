@@ -22,7 +22,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,6 +35,7 @@ from ..contract.errors import DeliveryError, DeliveryRefused, ThumbnailError
 from ..contract.settings import Settings
 from . import events
 from .backoff import Backoff
+from .tracing import ContextExecutor, span
 
 if TYPE_CHECKING:  # media needs PIL and numpy; the outbox consumer installs neither
     from .media import Output
@@ -170,7 +171,9 @@ class Storage:
         """Upload ``data`` to ``path`` (``bucket/...``) and return the path."""
         headers = {"Authorization": f"Bearer {self.key}", "Content-Type": content_type, "x-upsert": "true"}
         url = f"{self.base}/storage/v1/object/{path}"
-        self.retry(f"upload of {path}", lambda: self.client.post(url, content=data, headers=headers))
+        attributes: dict[str, str | int] = {"ourvidz.content_type": content_type, "ourvidz.bytes": len(data)}
+        with span("upload", **attributes):
+            self.retry(f"upload of {path}", lambda: self.client.post(url, content=data, headers=headers))
         return path
 
 
@@ -192,8 +195,9 @@ class Delivery:
         self.client = client or httpx.Client(timeout=settings.http_timeout, follow_redirects=False)
         self.storage = Storage(settings, self.client)
         self.transport = transport or HttpCallbacks(settings, self.client)
-        self._sender = ThreadPoolExecutor(1, thread_name_prefix="callbacks")
-        self._uploads = ThreadPoolExecutor(4, thread_name_prefix="uploads")
+        # in the submitter's trace context: uploads and callbacks are spans of the job's trace
+        self._sender = ContextExecutor(1, thread_name_prefix="callbacks")
+        self._uploads = ContextExecutor(4, thread_name_prefix="uploads")
         self._lock = threading.Lock()
 
     # -- storage ----------------------------------------------------------------
@@ -302,9 +306,13 @@ class Delivery:
             with contextlib.suppress(TimeoutError):
                 future.result(timeout=self.settings.callback_timeout + 1.0)
 
+    def _send(self, job_id: str, body: bytes, queued: bool = False) -> bool:
+        with span("callback", **{"ourvidz.job_id": job_id}):
+            return self.transport.send(job_id, body, queued)
+
     def _send_quietly(self, job_id: str, body: bytes) -> None:
         try:
-            self.transport.send(job_id, body)
+            self._send(job_id, body)
         except Exception as exc:  # progress is best effort
             log.warning("job %s: processing callback not delivered: %s", job_id, exc)
 
@@ -362,7 +370,7 @@ class Delivery:
         return self._deliver(job_id, body, bool(self.redis.hexists(keys.OUTBOX_JOBS, job_id)))
 
     def _deliver(self, job_id: str, body: dict[str, Any], queued: bool) -> bool:
-        future: Future[bool] = self._sender.submit(self.transport.send, job_id, dumps(body), queued)
+        future: Future[bool] = self._sender.submit(self._send, job_id, dumps(body), queued)
         try:
             delivered_now = future.result()
         except DeliveryError as exc:

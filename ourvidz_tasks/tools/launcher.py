@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     # these libraries' warnings can quote prompts; set before they are imported
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("OTEL_SERVICE_NAME", f"ourvidz-{role}")  # when tracing is on
     try:
         settings = load_settings()
         check(role, settings)
