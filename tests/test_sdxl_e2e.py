@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 from typing import Any
 
@@ -266,10 +268,18 @@ def test_a_queued_job_cancelled_before_it_starts_ends_cancelled(sdxl_worker: Wor
     busy = job(config={"resolution": "512x512", "num_inference_steps": 40})
     publish(store, "ourvidz.sdxl.generate", busy, "sdxl")
     wait_for(lambda: sink.callbacks(busy["id"]), 60, what="the busy job to start")
-    queued = job()
-    publish(store, "ourvidz.sdxl.generate", queued, "sdxl")
-    result = subprocess.run([str(ROOT / ".venv" / "bin" / "ourvidz"), "cancel", queued["id"]],
-                            capture_output=True, text=True, timeout=60)
+    assert sdxl_worker.proc is not None
+    # the pool is held mid-job while the second job is queued and cancelled: the busy job cannot end
+    # first however slow the CLI is (a few seconds, well inside the pool's lease)
+    os.kill(sdxl_worker.proc.pid, signal.SIGSTOP)
+    try:
+        queued = job()
+        publish(store, "ourvidz.sdxl.generate", queued, "sdxl")
+        result = subprocess.run([str(ROOT / ".venv" / "bin" / "ourvidz"), "cancel", queued["id"]],
+                                capture_output=True, text=True, timeout=60)
+        assert not sink.callbacks(queued["id"])  # still queued when cancelled
+    finally:
+        os.kill(sdxl_worker.proc.pid, signal.SIGCONT)
     assert result.returncode == 0 and "cancel requested" in result.stdout
     body = terminal(sink, queued["id"])
     assert body["status"] == "failed" and body["error"]["code"] == "CANCELLED"
