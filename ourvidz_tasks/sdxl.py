@@ -40,7 +40,8 @@ def generate(self: JobTask, job: dict[str, Any]) -> dict[str, Any]:
 def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
     params = sdxl_params(job, rt.settings)
     reference, fallback = _reference(rt, params)  # before the model: a job that must fail fails first
-    model = rt.model("sdxl")
+    shape = f"{params.width}x{params.height}x{params.num_images}"
+    model = rt.model("sdxl", shape)  # the reservation grown to this job's shape before any model call
     pipeline = "img2img" if reference is not None else "txt2img"
     pipe = partial(
         run_sdxl, model, prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
@@ -68,6 +69,8 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
     generated = _describe(params, images, pipeline, fallback)
     if stepped:
         generated.metadata["oom_step_down"] = stepped
+        ran_batch = stepped["remedy"] == "batch"
+        generated.shape = f"{params.width}x{params.height}x{stepped['batch']}" if ran_batch else None
     return generated
 
 

@@ -50,7 +50,7 @@ def _needs_enhancement(task: JobTask, payload: Any) -> bool:
 
 def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
     params = wan_params(job, rt.settings)
-    model = rt.model("wan")
+    model = rt.model("wan", f"{params.width}x{params.height}x{params.frames}")  # reserved for this shape first
     references, fallback = _references(rt, params, model.conditions_on_frames)
     mode = params.reference_mode if fallback is None else "none"
     conditioning: dict[str, Any] = {}
@@ -88,7 +88,8 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
         metadata["fallback"] = fallback
     if stepped:
         metadata["oom_step_down"] = stepped
-    return Generated([output], metadata, shape=f"{params.width}x{params.height}x{params.frames}")
+    # a stepped-down run (tiling, offload) says nothing of the shape's working memory
+    return Generated([output], metadata, shape=None if stepped else f"{params.width}x{params.height}x{params.frames}")
 
 
 def _references(

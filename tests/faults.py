@@ -77,6 +77,23 @@ def inject(rt: Any) -> None:
         rt.attempt_hooks.append(lambda attempt: _fire(Path(path), attempt))
 
 
+#: where :func:`record_holdings` appends what the ledger holds for the pool at each model call
+HOLD_LOG_ENV = "OURVIDZ_TEST_HOLD_LOG"
+
+
+def record_holdings(rt: Any) -> None:
+    """A runtime plug-in: before every model call, append the pool's MB in the ledger (as the other
+    pools see it, read from Redis) to ``$OURVIDZ_TEST_HOLD_LOG``, one JSON line per call."""
+    path = os.environ.get(HOLD_LOG_ENV)
+    if path and rt.ledger is not None:
+        def hook(attempt: Any) -> None:
+            held = sum(rt.ledger.holders(rt.family).values())
+            with open(path, "a") as log:
+                log.write(json.dumps({"batch": attempt.batch, "stage": attempt.stage, "held_mb": held}) + "\n")
+
+        rt.attempt_hooks.append(hook)
+
+
 def fail_loads(rt: Any) -> None:
     """A runtime plug-in: every model load of this worker hits a CUDA error (wrapped as a load error)."""
     for slot in rt.models.values():

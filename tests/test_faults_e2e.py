@@ -61,9 +61,11 @@ def run(store: redis.Redis, sink: Sink, job: dict[str, Any], task: str, queue: s
 
 def test_sdxl_steps_down_through_every_remedy(isolated_broker: str, tmp_path: Path, sink: Sink,
                                               start_worker: Callable[..., WorkerProcess]) -> None:
-    store, rules = redis.Redis.from_url(isolated_broker), tmp_path / "rules.json"
+    from ourvidz_tasks.runtime.ledger import Ledger
+
+    store, rules, host = redis.Redis.from_url(isolated_broker), tmp_path / "rules.json", f"oom-{new_id()[:6]}"
     set_rules(rules)
-    worker = start_worker("sdxl", OURVIDZ_HOSTNAME=f"oom-{new_id()[:6]}", **fault_env(isolated_broker, rules))
+    worker = start_worker("sdxl", OURVIDZ_HOSTNAME=host, **fault_env(isolated_broker, rules))
 
     def generate(job: dict[str, Any]) -> dict[str, Any]:
         return run(store, sink, job, "ourvidz.sdxl.generate", "sdxl")
@@ -74,6 +76,8 @@ def test_sdxl_steps_down_through_every_remedy(isolated_broker: str, tmp_path: Pa
     assert stepped["status"] == "completed", stepped
     assert stepped["metadata"]["oom_step_down"] == {"failed": ["batch:6", "batch:3"], "batch": 1, "remedy": "batch"}
     assert [x["metadata"]["seed"] for x in stepped["assets"]] == [9, 10, 11, 12, 13, 14]
+    # its peak is the shape that ran (one image at a time), never the batch of 6 that was asked
+    assert list(Ledger(store, host, "cpu", 10**6).sizes("sdxl")["work"]) == ["256x256x1"]
     set_rules(rules)
     plain = generate(sdxl_job(6))
     assert "oom_step_down" not in plain["metadata"]

@@ -235,7 +235,7 @@ def test_the_outbox_consumer_runs_from_the_light_install(light: LightVenv, db: t
 
 
 def test_memory_plan_runs_from_the_light_install(light: LightVenv) -> None:
-    done = light.run(light.bin("ourvidz"), "memory", "plan", "--card-gb", "80", "--json", env=dict(os.environ))
+    done = light.run(light.bin("ourvidz"), "memory", "plan", "--card", "h100-80gb", "--json", env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)
 

@@ -6,6 +6,7 @@ host name, so its keys are its own.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import random
 import re
@@ -21,6 +22,7 @@ import redis
 
 from ourvidz_tasks.contract.errors import WorkerUnavailable
 from ourvidz_tasks.runtime import lua
+from ourvidz_tasks.runtime.estimates import shape_ratio
 from ourvidz_tasks.runtime.leases import Heartbeat, Reservation
 from ourvidz_tasks.runtime.ledger import Ledger, pressure_of
 from ourvidz_tasks.runtime.memprobe import measure_peak
@@ -359,11 +361,20 @@ def test_estimate_is_weights_plus_recent_work_plus_slack(make: MakeLedger) -> No
     ledger.record_work("sdxl", "1024x1024x6", 250)
     assert ledger.estimate("sdxl", 500, "1024x1024x1") == 462  # per shape
     assert ledger.estimate("sdxl", 500, "1024x1024x6") == 605
-    assert ledger.estimate("sdxl", 500, "832x1216x3") == 605  # unmeasured shape: the largest recent
-    assert ledger.estimate("sdxl", 500) == 605
+    # an unmeasured shape: each measured one scaled by the shape model, the larger figure
+    scaled = max(120 * shape_ratio("sdxl", "832x1216x3", "1024x1024x1"),  # type: ignore[operator]
+                 250 * shape_ratio("sdxl", "832x1216x3", "1024x1024x6"))  # type: ignore[operator]
+    assert ledger.estimate("sdxl", 500, "832x1216x3") == math.ceil((300 + math.ceil(scaled)) * 1.1)
+    assert ledger.estimate("sdxl", 500, "1024x1024x12") > 605  # twice the largest measured batch: more
+    assert ledger.estimate("sdxl", 500) == 605  # a load: the largest recent
+    assert ledger.estimate("sdxl", 500, idle=True) == 330  # between jobs: the weights (+ slack)
     ledger.record_weights("sdxl", 280)  # weights are replaced, exactly as loaded
     assert ledger.estimate("sdxl", 500, "1024x1024x6") == 583
     assert ledger.estimate("wan", 700) == 700  # per model
+    # nothing measured: the first estimate's working memory scaled to the shape
+    first = ledger.estimate("wan", 700, "480x832x17", default_work_mb=200)
+    assert first == 500 + math.ceil(200 * shape_ratio("wan", "480x832x17", "480x832x81"))  # type: ignore[operator]
+    assert ledger.estimate("wan", 700, idle=True, default_work_mb=200) == 500
 
 
 def test_recent_work_goes_down(make: MakeLedger) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import redis
 
 from devtools.sink import Sink
 
+from .faults import HOLD_LOG_ENV
 from .support.cluster import WorkerProcess
 from .support.jobs import new_id, terminal
 from .wire import publish
@@ -20,6 +22,35 @@ from .wire import publish
 def sdxl_job(**config: Any) -> dict[str, Any]:
     return {"id": new_id(), "type": config.pop("type", "sdxl_image_fast"), "user_id": "user_123",
             "prompt": "a red kite", "config": {"resolution": "256x256", "num_inference_steps": 2, "seed": 9, **config}}
+
+
+@pytest.mark.slow
+def test_a_larger_job_runs_reserved_for_its_own_shape_and_gives_it_back_after(
+        isolated_broker: str, start_worker: Callable[..., WorkerProcess], sink: Sink, tmp_path: Path) -> None:
+    """Issue 25, defect 1: a pool warmed on batch-1 jobs held its batch-1 reservation while its first
+    batch-6 job ran (the shape's memory was reserved only after, if it fit). Now the ledger holds the
+    job's shape before the model call, and only the weights again once the job is over."""
+    from ourvidz_tasks.runtime.ledger import Ledger
+
+    broker = redis.Redis.from_url(isolated_broker)
+    host, log = f"shape-{new_id()[:6]}", tmp_path / "holdings.jsonl"
+    start_worker("sdxl", OURVIDZ_BROKER_URL=isolated_broker, OURVIDZ_HOSTNAME=host, OURVIDZ_MEMORY_SLACK="0",
+                 OURVIDZ_RUNTIME_PLUGINS="tests.faults:record_holdings", **{HOLD_LOG_ENV: str(log)})
+    for config in ({}, {}, {"num_images": 6}):
+        job = sdxl_job(resolution="512x512", **config)
+        publish(broker, "ourvidz.sdxl.generate", job, "sdxl")
+        assert terminal(sink, job["id"])["status"] == "completed"
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [c["batch"] for c in calls] == [1, 1, 6]
+    ledger = Ledger(broker, host, "cpu", 10**6)
+    sizes = ledger.sizes("sdxl")
+    weights = sizes["weights"] + sizes["resident"]
+    need = weights + sizes["work"]["512x512x6"]  # what the batch-6 call measured it needed
+    print(f"held during the batch-6 call {calls[2]['held_mb']} MB, it needed {need} MB; "
+          f"during the batch-1 calls {calls[1]['held_mb']} MB; weights {weights} MB; "
+          f"after {sum(ledger.holders('sdxl').values())} MB")
+    assert calls[2]["held_mb"] >= need > calls[1]["held_mb"]  # reserved before the call, for its shape
+    assert sum(ledger.holders("sdxl").values()) == weights  # the working memory went back after the job
 
 
 @pytest.mark.slow

@@ -98,37 +98,47 @@ def test_cuda_probe_counts_reserved_memory() -> None:
     del keep
 
 
-def test_a_job_records_work_per_shape_and_the_reservation_follows(store: redis.Redis) -> None:
-    """lifecycle._remember_peak: the first call after a load gives the resident part (not the process's
-    first call: that is the process's own), every call a work sample; the reservation shrinks again."""
+def test_a_job_holds_its_shape_before_the_call_and_gives_it_back_after(store: redis.Redis) -> None:
+    """ModelSlot.hold before a model call, lifecycle._remember_peak and ModelSlot.settle after it: the first
+    call after a load gives the resident part (not the process's first call: that is the process's own),
+    every call a work sample; between jobs only the weights and resident caches stay reserved."""
     import uuid
     from types import SimpleNamespace
 
     from ourvidz_tasks.runtime.ledger import Ledger
     from ourvidz_tasks.runtime.lifecycle import _remember_peak
     from ourvidz_tasks.runtime.memprobe import Measurement
+    from ourvidz_tasks.runtime.runtime import ModelSlot
 
     ledger = Ledger(store, f"t-{uuid.uuid4().hex[:8]}", "cpu", 1000, queue_depth=lambda p: 0, slack=0.0, window=2)
+    weights = SimpleNamespace(nbytes=lambda: 250 * MB, unload=lambda: 250 * MB)
+    slot = ModelSlot("wan", lambda: weights, lambda name, seconds: None, pool="wan", ledger=ledger,
+                     default_mb=300, default_work_mb=50, wait=1)
     try:
-        res = ledger.reserve("wan", "wan", 300, timeout=1)
-        ledger.record_weights("wan", 250)
-        slot = SimpleNamespace(reservation=res, estimate=lambda: ledger.estimate("wan", 300))
+        slot.get()
+        res = slot.reservation
+        assert res is not None and res.mb == 300  # measured weights, no work yet: the first estimate
         rt = SimpleNamespace(ledger=ledger, used={"wan"}, fresh={"wan"}, models={"wan": slot}, measured_calls=0,
                              family="wan", cap_memory=lambda: None)
 
-        def call(work_mb: int, resident_mb: int) -> None:
+        def job(work_mb: int, resident_mb: int) -> int:
+            held = slot.hold("64x64x9")
             m = Measurement(CpuProbe())
             m.bytes, m.resident, m.stopped = work_mb * MB, resident_mb * MB, True
             _remember_peak(rt, "64x64x9", m)
+            slot.settle()
+            return held
 
-        call(90, 40)  # the process's first call: its 40 MB leftovers are not the model's
-        assert ledger.sizes("wan")["resident"] == 0 and res.mb == 250 + 90
-        call(30, 5)  # not fresh any more: nothing resident recorded
-        assert ledger.sizes("wan")["resident"] == 0 and res.mb == 250 + 90
-        call(30, 0)  # the 90 MB sample aged out of the window of 2: the reservation shrinks
-        assert res.mb == 250 + 30
+        assert job(90, 40) == 300  # the process's first call: its 40 MB leftovers are not the model's
+        assert ledger.sizes("wan")["resident"] == 0 and res.mb == 250  # between jobs: the weights
+        assert job(30, 5) == 250 + 90  # held for the shape's recent figure before the call
+        assert ledger.sizes("wan")["resident"] == 0 and res.mb == 250  # not fresh any more: nothing resident
+        assert job(30, 0) == 250 + 90
+        assert slot.hold("64x64x9") == 250 + 30  # the 90 MB sample aged out of the window of 2
+        slot.settle()
         rt.fresh.add("wan")  # a reload: its first call's leftovers are the model's caches
-        call(32, 12)
-        assert ledger.sizes("wan")["resident"] == 12 and res.mb == 250 + 12 + 32
+        job(32, 12)
+        assert ledger.sizes("wan")["resident"] == 12 and res.mb == 250 + 12
+        assert slot.hold("64x64x9") == 250 + 12 + 32 and ledger.status()["reserved_mb"] == 250 + 12 + 32
     finally:
         ledger.clear()

@@ -88,7 +88,7 @@ def test_budget_leaves_contexts_and_margin() -> None:
 
 
 def test_plan_80_keeps_all_three_resident_48_does_not() -> None:
-    p80, p48 = memplan.plan(80), memplan.plan(48)
+    p80, p48 = memplan.plan(memplan.card_mib("h100-80gb")), memplan.plan(memplan.card_mib("l40s"))
     all3 = ["sdxl", "qwen_instruct", "wan"]
     assert next(s for s in p80["resident"] if s["models"] == all3)["fits_default"]
     assert not next(s for s in p48["resident"] if s["models"] == all3)["fits_default"]
@@ -100,20 +100,24 @@ def test_memory_plan_cli_runs_without_torch(tmp_path) -> None:
     blocker = tmp_path / "torch.py"
     blocker.write_text("raise ImportError('no torch here')\n")
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from ourvidz_tasks.tools.cli import main; "
-            "sys.exit(main(['memory', 'plan', '--card-gb', sys.argv[2]] + sys.argv[3:]))")
-    text = subprocess.run([sys.executable, "-c", code, str(tmp_path), "48"], capture_output=True, text=True,
-                          check=True, timeout=120).stdout
+            "sys.exit(main(['memory', 'plan'] + sys.argv[2:]))")
+    text = subprocess.run([sys.executable, "-c", code, str(tmp_path), "--card", "l40s"], capture_output=True,
+                          text=True, check=True, timeout=120).stdout
     assert "budget" in text and "sdxl + qwen_instruct + wan" in text and "1024x1024x6" in text
-    raw = subprocess.run([sys.executable, "-c", code, str(tmp_path), "80", "--json"], capture_output=True,
-                         text=True, check=True, timeout=120).stdout
+    assert "card 46068 MB" in text  # what an L40S reports, not 48 x 1024
+    raw = subprocess.run([sys.executable, "-c", code, str(tmp_path), "--card-mib", "81559", "--json"],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
     data = json.loads(raw)
-    assert data["card_mb"] == 80 * 1024 and data["budget_mb"] < data["card_mb"]
+    assert data["card_mb"] == 81559 and data["budget_mb"] < data["card_mb"]
+    nominal = subprocess.run([sys.executable, "-c", code, str(tmp_path), "--card-gb", "48", "--json"],
+                             capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(nominal.stdout)["card_mb"] == 49152 and "--card-mib" in nominal.stderr  # told it is nominal
 
 
 def test_memory_plan_needs_a_card_size(capsys: pytest.CaptureFixture[str]) -> None:
     from ourvidz_tasks.tools.cli import main
 
-    for argv in (["memory", "plan"], ["memory", "plan", "--card-gb", "0"]):
+    for argv in (["memory", "plan"], ["memory", "plan", "--card-gb", "0"], ["memory", "plan", "--card", "gtx"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
-        assert exit_.value.code == 2 and "--card-gb" in capsys.readouterr().err
+        assert exit_.value.code == 2 and "--card" in capsys.readouterr().err

@@ -125,16 +125,31 @@ def estimate_mb(family: str, shape: str | None = None) -> int:
     return estimate(model, shape).total_mb
 
 
+#: the memory the driver reports for each card (MiB, ``nvidia-smi``'s total): a "48 GB" card is not 49,152 MiB.
+#: The ledger's default budget starts from what the card reports at run time; the plan starts from these.
+CARDS_MIB: dict[str, int] = {
+    "l4": 23034, "a10g": 23028, "rtx-4090": 24564, "l40s": 46068, "l40": 46068, "a40": 46068,
+    "rtx-a6000": 49140, "a100-80gb": 81920, "h100-80gb": 81559, "h200": 143771,
+}
+
+
+def card_mib(name: str) -> int:
+    """The memory of a named card (:data:`CARDS_MIB`); ValueError naming the known ones."""
+    key = name.strip().lower()
+    if key not in CARDS_MIB:
+        raise ValueError(f"unknown card {name!r}: one of {', '.join(CARDS_MIB)} (or give --card-mib)")
+    return CARDS_MIB[key]
+
+
 def budget_mb(card_mb: int, pools: int = 3, *, context_mb: int = CUDA_CONTEXT_MB,
               margin_mb: int = SAFETY_MARGIN_MB) -> int:
     """The ledger's default budget: the card minus one CUDA context per pool and a safety margin."""
     return card_mb - pools * context_mb - margin_mb
 
 
-def plan(card_gb: float, *, models: tuple[str, ...] = ("sdxl", "qwen_instruct", "wan"),
+def plan(card_mb: int, *, models: tuple[str, ...] = ("sdxl", "qwen_instruct", "wan"),
          context_mb: int = CUDA_CONTEXT_MB, margin_mb: int = SAFETY_MARGIN_MB) -> dict[str, Any]:
-    """Which models can stay resident together on a card and what each job shape needs."""
-    card_mb = int(card_gb * 1024)
+    """Which models can stay resident together on a card of ``card_mb`` MiB and what each job shape needs."""
     pools = len({POOL_OF[m] for m in models})
     budget = budget_mb(card_mb, pools, context_mb=context_mb, margin_mb=margin_mb)
     shapes = {m: [estimate(m, s) for s in SHAPES[m]] for m in models}
@@ -188,19 +203,26 @@ def _dims(shape: str, model: str) -> tuple[int, int, int]:
     return int(match[1]), int(match[2]), int(match[3])
 
 
+#: full-resolution float32 maps of the SDXL VAE decoder's second-widest level alive at its peak
+VAE_MAPS = 3.5
+
+
 def _sdxl_work(width: int, height: int, count: int) -> int:
     """UNet step or VAE decode, whichever is larger (they run one after the other).
 
     UNet: classifier-free guidance doubles the batch; at the latent resolution
     the skip connections and the working tensors of one block come to about 12
     maps of the first level's width (fp16). VAE: the pipeline decodes the whole
-    batch at once in float32 (``force_upcast``); about 2.5 full-resolution maps
-    of the decoder's second-widest level are alive at its last upsampling.
+    batch at once in float32 (``force_upcast``); at its last upsampling the
+    input map, the upsampled one and the convolution's output are alive together
+    with the resnet's intermediate: about 3.5 full-resolution maps of the
+    decoder's second-widest level (2.5 was counted before: 1024² batch 6 came to
+    15.4 GB against about 20 GB; check it on a card, ``bin/gpu-check``).
     """
     unet, vae = config("sdxl_unet.json"), config("sdxl_vae.json")
     latent = (width // 8) * (height // 8)
     unet_bytes = 2 * count * latent * unet["block_out_channels"][0] * 2 * 12
-    vae_bytes = int(count * width * height * sorted(vae["block_out_channels"])[1] * 4 * 2.5)
+    vae_bytes = int(count * width * height * sorted(vae["block_out_channels"])[1] * 4 * VAE_MAPS)
     latents = 2 * count * latent * unet["in_channels"] * 4
     text = 2 * count * 77 * unet["cross_attention_dim"] * 2
     return max(unet_bytes, vae_bytes) + latents + text

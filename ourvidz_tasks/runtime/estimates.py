@@ -33,6 +33,20 @@ TINY_FIRST_MB, TINY_FIRST_WORK_MB = 64, 48
 SIZES_TTL = 30 * 24 * 3600
 
 
+def shape_ratio(model: str, shape: str, known: str) -> float | None:
+    """How many times the working memory of ``known`` the shape model gives ``shape`` (None: no model of them).
+
+    The shape model is the first-estimate formula of the real model (:func:`ourvidz_tasks.models.memplan.work_bytes`:
+    activations by pixels and batch, latents by frames, KV cache by tokens); a measured shape's
+    working memory times this ratio is the first figure of a shape never run on this device.
+    """
+    try:
+        want, have = memplan.work_bytes(model, shape), memplan.work_bytes(model, known)
+    except (ValueError, KeyError, IndexError):
+        return None
+    return want / have if have > 0 else None
+
+
 def first_estimate(model: str, *, tiny: bool = False, slack: float = memplan.SLACK) -> dict[str, int]:
     """``default_mb`` and ``default_work_mb`` of a model before anything is measured.
 
@@ -103,24 +117,43 @@ class MeasuredSizes:
                 log.warning("ledger sizes: unreadable %s, ignored", key)
         return out
 
-    def estimate(self, model: str, default_mb: int, shape: str | None = None, *, default_work_mb: int = 0) -> int:
+    def estimate(self, model: str, default_mb: int, shape: str | None = None, *, default_work_mb: int = 0,
+                 idle: bool = False) -> int:
         """What to reserve for ``model``: weights (+ resident caches) + working memory of ``shape`` + slack (MB).
 
-        Working memory: the shape's recent value; an unmeasured shape (or
-        none given) takes the largest recent value of the model's shapes.
-        Before anything is measured: ``default_mb`` (the first estimate,
-        ``default_work_mb`` of it working memory); measured weights with no
-        working memory yet never reserve less than that first estimate.
+        Working memory: the shape's recent value; an unmeasured shape scaled by the shape model
+        (:func:`shape_ratio`) from the measured shapes (the largest such figure), or from the first
+        estimate before anything is measured; with no shape (a load), the largest recent value of the
+        model's shapes. ``idle``: no working memory (what a loaded model holds between jobs).
+        Before anything is measured: ``default_mb`` (the first estimate, ``default_work_mb`` of it
+        working memory); measured weights with no working memory yet never reserve less than that.
         """
         known = self.sizes(model)
         weights, works = known["weights"], known["work"]
-        work = works.get(shape) if shape is not None and shape in works else max(works.values(), default=None)
-        if weights is None and work is None:
-            return default_mb
+        scaled = None if idle or shape is None or shape in works else self._scaled(model, shape, works, default_work_mb)
+        if idle:
+            work: int | None = 0
+        elif shape is not None and shape in works:
+            work = works[shape]
+        elif scaled is not None:
+            work = scaled
+        else:
+            work = max(works.values(), default=None)
+        if weights is None and not works:  # the first estimate, its working memory scaled to the shape
+            return default_mb - default_work_mb + (work if work is not None else default_work_mb)
         w = (weights + known["resident"]) if weights is not None else max(0, default_mb - default_work_mb)
         total = w + (work if work is not None else default_work_mb)
         total += math.ceil(total * self.slack)
-        return total if work is not None else max(default_mb, total)
+        return total if works or idle else max(default_mb, total)
+
+    def _scaled(self, model: str, shape: str, works: dict[str, int], default_work_mb: int) -> int | None:
+        """The working memory of an unmeasured ``shape``: each measured shape scaled by the shape model
+        (the largest figure), or the first estimate's scaled from the model's default shape."""
+        figures = [mb * ratio for known, mb in works.items() if (ratio := shape_ratio(model, shape, known))]
+        if not figures and not works and model in memplan.SHAPES:
+            ratio = shape_ratio(model, shape, memplan.SHAPES[model][0])
+            figures = [default_work_mb * ratio] if ratio else []
+        return math.ceil(max(figures)) if figures else None
 
     def _put(self, field: str, mb: int) -> None:
         with self.redis.pipeline() as pipe:

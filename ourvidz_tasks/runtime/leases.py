@@ -63,6 +63,11 @@ class Reservation:
                 return True
             return False
 
+    def grown(self, mb: int) -> None:
+        """The ledger granted this reservation ``mb`` (its token, in line): hold that from now."""
+        with self._lock:
+            self.mb = mb
+
     def release(self) -> int:
         """Give the MB back (idempotent); returns the MB released."""
         with self._lock:

@@ -188,16 +188,17 @@ class Ledger(MeasuredSizes):
     # -- reserving -------------------------------------------------------------
 
     def reserve(self, pool: str, model: str, mb: int, *, timeout: float,
-                on_wait: Callable[[Wait], None] | None = None) -> Reservation:
+                on_wait: Callable[[Wait], None] | None = None, token: str | None = None) -> Reservation:
         """Hold ``mb`` MB for ``model`` of ``pool``, waiting in line up to ``timeout`` seconds.
 
         Raises :class:`WorkerUnavailable` (retryable) when it does not fit in
         time; ``timeout=0`` tries once without queueing. ``on_wait`` is called
-        at every poll while waiting (it may raise to give up).
+        at every poll while waiting (it may raise to give up). ``token``: the
+        reservation it holds already, to grow (in line like any other, its own MB counted as held).
         """
         if mb < 0:
             raise ValueError(f"`mb` must be >= 0, got {mb}")
-        token, ticket = uuid.uuid4().hex, ""
+        token, ticket = token or uuid.uuid4().hex, ""
         started = time.monotonic()
         try:
             while True:

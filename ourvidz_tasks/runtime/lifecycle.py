@@ -60,8 +60,9 @@ class Generated:
 
     outputs: list[Output]
     metadata: dict[str, Any] = field(default_factory=dict)
-    #: the job's shape (e.g. ``1024x1024x6``): peak memory is remembered per shape
-    shape: str = ""
+    #: the shape that ran (e.g. ``1024x1024x6``; a batch stepped down to 3 ran ``1024x1024x3``): peak
+    #: memory is remembered per shape; None: it ran degraded (tiling, offload), no shape's figure
+    shape: str | None = ""
 
 
 class JobContext(Protocol):
@@ -220,7 +221,9 @@ def run_job(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work,
             # working memory of the model call only: a load or an OOM attempt inside restarts it
             with span("model", **{"ourvidz.job_id": job_id, "ourvidz.family": family}), rt.measure() as peak:
                 generated = work(rt, job, Progress(ctx, rt, job_id, attempt, limit))
-            _remember_peak(rt, generated.shape or job.the_type, peak)
+            if generated.shape is not None:  # None: a stepped-down run, no figure of any shape
+                _remember_peak(rt, generated.shape or job.the_type, peak)
+            rt.settle()  # the job's working memory back to the card and the ledger, before the uploads
             model_time = time.perf_counter() - started
             metadata.update(generated.metadata)
             assets = rt.delivery.publish(job.user_id or "", job_id, generated.outputs, generated.metadata)
@@ -247,6 +250,7 @@ def run_job(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work,
             detach(error)  # its traceback would keep the failed run's tensors alive
     if oom:
         release_memory(rt.device)  # outside the except: the failed run's frames are gone
+    rt.settle()
     if retry is not None:
         raise RetryJob(retry, backoff(ctx.retries))
     if body is None:
@@ -297,9 +301,7 @@ def _remember_peak(rt: Runtime, shape: str, peak: Measurement | None) -> None:
     what the process's very first call leaves (libraries' one-time workspaces,
     kept whether a model is loaded or not) is the process's own, like its CUDA
     context: the per-pool allowance of the budget covers it, not the model.
-    The reservation becomes weights + resident + the largest recent working
-    memory of the model's shapes + slack: it shrinks when recent calls needed
-    less, and grows only when that fits now.
+    The reservation is settled after (:meth:`~ourvidz_tasks.runtime.runtime.Runtime.settle`).
     """
     if rt.ledger is None or peak is None:
         return
@@ -313,10 +315,6 @@ def _remember_peak(rt: Runtime, shape: str, peak: Measurement | None) -> None:
             rt.ledger.record_resident(name, 0 if first_call else peak.resident_mb)
             rt.fresh.discard(name)
         rt.ledger.record_work(name, shape, peak.mb)
-        slot = rt.models[name]
-        if slot.reservation is not None:
-            slot.reservation.resize(slot.estimate())
-    rt.cap_memory()
 
 
 def poison_guard(task: Any, rt: Runtime, kind: str) -> str | None:

@@ -73,6 +73,9 @@ class Probe:
         """Bytes in live use now (memory freed but kept by an allocator not counted)."""
         return self.current()
 
+    def give_back(self) -> None:
+        """Hand what the allocator keeps cached back to the device (after a job: the other pools' now)."""
+
     @contextmanager
     def measure(self) -> Iterator[Measurement]:
         """A :class:`Measurement` of the block (``bytes`` set when it ends)."""
@@ -139,6 +142,10 @@ class CpuProbe(Probe):
             self._trim(0)  # freed heap pages back to the system first: RSS is then what is in use
         return self.current()
 
+    def give_back(self) -> None:
+        if self._trim is not None:
+            self._trim(0)
+
     def reset(self) -> int:
         if self._trim is not None:
             self._trim(0)
@@ -193,6 +200,10 @@ class CudaProbe(Probe):
 
     def held(self) -> int:
         return int(self.torch.cuda.memory_allocated(self.device))
+
+    def give_back(self) -> None:
+        self.torch.cuda.synchronize(self.device)
+        self.torch.cuda.empty_cache()  # a job's cached blocks go back to the card, for the other pools
 
     def total(self) -> int:
         return int(self.torch.cuda.get_device_properties(self.device).total_memory)

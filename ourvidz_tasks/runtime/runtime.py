@@ -157,11 +157,34 @@ class ModelSlot:
             self.reservation.resize(self.estimate())  # weights measured, not guessed
         return self.model
 
-    def estimate(self, shape: str | None = None) -> int:
-        """What the ledger should hold for this model (running ``shape``, else its largest recent shape)."""
+    def estimate(self, shape: str | None = None, *, idle: bool = False) -> int:
+        """What the ledger should hold for this model: running ``shape``, else its largest recent shape;
+        ``idle``: loaded, between jobs (weights and resident caches only)."""
         if self.ledger is None:
             return self.default_mb
-        return self.ledger.estimate(self.name, self.default_mb, shape, default_work_mb=self.default_work_mb)
+        return self.ledger.estimate(self.name, self.default_mb, shape, default_work_mb=self.default_work_mb,
+                                    idle=idle)
+
+    def hold(self, shape: str, wait: float | None = None) -> int:
+        """Before a model call: hold what ``shape`` needs (weights + its working memory + slack), waiting
+        in line and making room through the ledger as a load does; the MB held."""
+        res = self.reservation
+        if self.ledger is None or res is None:
+            return 0
+        need = self.estimate(shape)
+        if need > res.mb:
+            self.ledger.reserve(self.pool, self.name, need, timeout=self.wait if wait is None else wait,
+                                token=res.token)
+            res.grown(need)
+            log.info("%s: %d MB held for a %s job", self.name, need, shape)
+        return res.mb
+
+    def settle(self) -> None:
+        """After a job: hold only what the loaded model keeps (the caller gave the memory back first)."""
+        if self.reservation is not None and self.ledger is not None:
+            idle = self.estimate(idle=True)
+            if idle < self.reservation.mb:
+                self.reservation.resize(idle)
 
     def unload(self) -> int:
         if self.model is None:
@@ -243,14 +266,28 @@ class Runtime:
         if self.measurement is not None:
             self.measurement.restart()
 
-    def model(self, name: str) -> Any:
+    def model(self, name: str, shape: str | None = None) -> Any:
+        """The loaded model ``name``; with ``shape``, its reservation grown to that job shape's first
+        (the job's model call then runs reserved; :meth:`settle` gives it back after)."""
         self.used.add(name)
         slot = self.models[name]
         loaded = slot.model
-        if loaded is not None:
-            return loaded
-        with self.loading:  # the chat pool runs several task threads: one load at a time
-            return slot.get()
+        if loaded is None:
+            with self.loading:  # the chat pool runs several task threads: one load at a time
+                loaded = slot.get()
+        if shape is not None and slot.hold(shape) and self.settings.memory_cap:
+            self.cap_memory()
+        return loaded
+
+    def settle(self) -> None:
+        """A job's model calls are over: its working memory goes back to the card, then to the ledger."""
+        if not self.used:
+            return
+        if self.probe is not None:
+            self.probe.give_back()
+        for name in self.used:
+            self.models[name].settle()
+        self.cap_memory()
 
     def record_load(self, name: str, seconds: float) -> None:
         self.restart_measurement()

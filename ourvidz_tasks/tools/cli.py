@@ -34,7 +34,7 @@ examples:
   ourvidz submit job.json                        # publish, follow the progress bar, print the result
   ourvidz submit --type sdxl_image_fast --user-id u1 --prompt "a red fox" --set config.seed=7
   ourvidz memory                                 # per worker: models loaded and load counts
-  ourvidz memory plan --card-gb 48               # which real models stay resident together, per job shape
+  ourvidz memory plan --card l40s                # which real models stay resident together, per job shape
   ourvidz replay 5f0c...                         # re-send a job's recorded terminal callback
   ourvidz metrics --port 9100                    # Prometheus: queue depth, ledger, callback backlog"""
 
@@ -89,12 +89,23 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 # -- memory --------------------------------------------------------------------------
 def cmd_memory_plan(args: argparse.Namespace, settings: Settings) -> int:
-    """``ourvidz memory plan --card-gb 48``: from committed data only (no torch, no Redis)."""
-    from ..models.memplan import format_plan, plan
+    """``ourvidz memory plan --card l40s``: from committed data only (no torch, no Redis)."""
+    from ..models.memplan import CARDS_MIB, card_mib, format_plan, plan
 
-    if args.card_gb is None or args.card_gb <= 0:
-        raise ConfigError("memory plan: --card-gb must be a positive number of GB (e.g. 48 or 80)")
-    data = plan(args.card_gb, context_mb=settings.cuda_context_mb, margin_mb=settings.memory_margin_mb)
+    if args.card is not None:
+        try:
+            mib = card_mib(args.card)
+        except ValueError as exc:
+            raise ConfigError(f"memory plan: --card: {exc}") from None
+    elif args.card_mib is not None and args.card_mib > 0:
+        mib = args.card_mib
+    elif args.card_gb is not None and args.card_gb > 0:
+        mib = int(args.card_gb * 1024)
+        print(f"(--card-gb {args.card_gb:g} is {mib} MiB, more than such a card reports: "
+              f"--card {'|'.join(CARDS_MIB)} or --card-mib N plan from what it has)", file=sys.stderr)
+    else:
+        raise ConfigError("memory plan: give --card NAME (e.g. l40s, h100-80gb) or --card-mib N (what nvidia-smi reports)")
+    data = plan(mib, context_mb=settings.cuda_context_mb, margin_mb=settings.memory_margin_mb)
     print(json.dumps(data, indent=2) if args.json else format_plan(data))
     return EXIT_OK
 
@@ -218,7 +229,9 @@ def parser() -> argparse.ArgumentParser:
                                    "memory ledger per device (reserved / budget MB).", formatter_class=fmt)
     m.add_argument("action", nargs="?", choices=("status", "plan"), default="status",
                    help="status (default): what the workers hold; plan: what the real models need on a card")
-    m.add_argument("--card-gb", type=float, help="plan: the card's memory in GB (e.g. 48 or 80)")
+    m.add_argument("--card", help="plan: a named card (l40s, a100-80gb, h100-80gb, h200, rtx-4090, ...)")
+    m.add_argument("--card-mib", type=int, help="plan: the card's memory in MiB, as nvidia-smi reports it")
+    m.add_argument("--card-gb", type=float, help="plan: a nominal size in GB (x 1024 MiB: more than real cards have)")
     m.add_argument("--json", action="store_true", help="print JSON instead of tables")
     m.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for worker replies (default 2)")
     m.set_defaults(run=cmd_memory)
