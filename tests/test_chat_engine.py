@@ -161,6 +161,24 @@ def test_urgent_requests_pass_waiting_chats_but_a_chat_passed_over_goes_next(tin
         single.unload()
 
 
+# -- issue 25.6: what the engine preallocates, counted once and as transformers plans it ---------
+
+
+@pytest.mark.parametrize(("tokens", "running"), [(1024, 4), (4096, 8)])
+def test_the_engines_footprint_is_the_plans(tiny: Settings, tokens: int, running: int) -> None:
+    """``cache_bytes`` (in ``nbytes``, so in the reservation) is transformers' own plan for this model, which
+    slices its logits: one logits row per running request, not one per prefill token; memplan's figure agrees."""
+    from ourvidz_tasks.models import memplan
+
+    engine = ChatEngine(load_qwen(tiny, "qwen_instruct", CPU), max_running=running, cache_tokens=tokens)
+    try:
+        cfg = engine.qwen.model.config.to_dict()
+        assert engine.cache_bytes == memplan.chat_cache_bytes(cfg, tokens, running=running, dtype_bytes=4)
+        assert engine.nbytes() == engine.qwen.nbytes() + engine.cache_bytes
+    finally:
+        engine.unload()
+
+
 # -- errors reach every caller with their cause, and the engine recovers -----------
 
 

@@ -309,10 +309,12 @@ def _footprint(manager: ContinuousBatchingManager, cache: Any) -> int:
     from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
 
     try:
+        slices = getattr(manager.model, "_supports_logits_to_keep", None)  # as transformers sizes the cache
         handler = PagedAttentionMemoryHandler(
             config=manager.model.config.get_text_config(), cb_config=manager.continuous_batching_config,
             dtype=cache.dtype, bytes_per_sector=cache.bytes_per_sector, tokens_per_sector=cache.tokens_per_sector,
             bytes_per_block=1, attn_types=list(cache.cache_allocators),
+            model_supports_logits_to_keep=callable(slices) and bool(slices()),
         )
         return int(handler.compute_memory_footprint(cache.max_batch_tokens, cache.num_sectors))
     except Exception as exc:  # a transformers change: the cache itself is still known
