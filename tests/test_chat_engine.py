@@ -179,6 +179,31 @@ def test_the_engines_footprint_is_the_plans(tiny: Settings, tokens: int, running
         engine.unload()
 
 
+# -- issue 25.7: the cache is sized by the pool, not by the card's free memory -------------
+
+
+def test_transformers_checks_the_cache_against_the_pools_plan_not_the_card() -> None:
+    from ourvidz_tasks.models.chat_engine import PLAN_HEADROOM, memory_share
+
+    planned = 1180 * 2**20
+    for free in (10 * 2**20, planned, 80 * 2**30):  # a card the other pools fill, just enough, an empty card
+        assert free * memory_share(planned, free) == pytest.approx(planned * PLAN_HEADROOM)
+    assert memory_share(planned, 0) == 1.0  # transformers could not measure: its own default
+
+
+def test_the_engine_tells_transformers_its_plan(tiny: Settings) -> None:
+    from ourvidz_tasks.models.chat_engine import PLAN_HEADROOM, _device_free, planned_bytes
+
+    engine = ChatEngine(load_qwen(tiny, "qwen_instruct", CPU), max_running=4, cache_tokens=2048)
+    try:
+        planned = planned_bytes(engine.qwen.model.config.to_dict(), engine.pages, 4, 4)
+        assert planned == engine.cache_bytes  # the plan is transformers' own figure for these pages
+        share = engine._manager.continuous_batching_config.max_memory_percent
+        assert share * _device_free() == pytest.approx(planned * PLAN_HEADROOM, rel=0.05)  # RSS moves a little
+    finally:
+        engine.unload()
+
+
 # -- errors reach every caller with their cause, and the engine recovers -----------
 
 

@@ -86,6 +86,13 @@ def test_out_of_memory_outside_the_allocator_is_out_of_memory(implicit: bool) ->
     assert device_fault(both) is fault and not is_oom(both)
 
 
+def test_a_chat_engine_that_cannot_size_its_cache_is_out_of_memory() -> None:
+    """transformers raises MemoryError from its cache sizing; the engine wraps it: OOM_ERROR, not MODEL_LOAD_ERROR."""
+    sizing = MemoryError("Memory footprint 1237319680 is more than available memory 1073741824")
+    failure = load_failure("qwen_instruct", wrapped(sizing, ModelLoadError))
+    assert isinstance(failure, OutOfMemory) and failure.__cause__ is None
+
+
 def test_causes_survive_a_cycle() -> None:
     a, b = RuntimeError("a"), RuntimeError("b")
     a.__cause__, b.__context__ = b, a

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..contract.errors import InvalidJob, ModelLoadError
 from .chat_common import ChatOutput, QwenName, Sampling, check_sampling
+from .memplan import chat_cache_bytes
 from .qwen import QwenModel, load_qwen, pad_token_id, render_prompt, stop_token_ids
 
 if TYPE_CHECKING:
@@ -109,13 +110,17 @@ class ChatEngine:
         # which the RequestSampler then takes over; every row it returns is one-hot, so the draw is ours
         generation = GenerationConfig(do_sample=True, temperature=0.5, max_new_tokens=1,
                                       eos_token_id=self.stop_ids, pad_token_id=self._pad)
+        model: Any = self.qwen.model
+        # the cache's size is ours (num_blocks, counted in the pool's reservation); transformers' check of it
+        # against the whole card's free memory (the other pools' included) is made against that plan instead
+        planned = planned_bytes(model.config.get_text_config().to_dict(), pages, self.max_running,
+                                model.dtype.itemsize)
         config = ContinuousBatchingConfig(
             page_size=PAGE_SIZE, num_blocks=pages, max_batch_tokens=MAX_BATCH_TOKENS,
             max_requests_per_batch=self.max_running, allow_block_sharing=False, safety_margin=0.0,
             per_request_processors=True, use_cuda_graph=False, auto_switch_to_flash=False,
-            use_async_batching=False, max_memory_percent=1.0,
+            use_async_batching=False, max_memory_percent=memory_share(planned, _device_free()),
         )
-        model: Any = self.qwen.model
         manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
         processors = manager.logit_processor
         processors.logits_processor[:] = [self._sampler]
@@ -320,6 +325,34 @@ def _footprint(manager: ContinuousBatchingManager, cache: Any) -> int:
     except Exception as exc:  # a transformers change: the cache itself is still known
         log.warning("chat engine: footprint unknown (%s); counting the KV cache only", type(exc).__name__)
         return int(cache.cache_tensor.nbytes)
+
+
+def planned_bytes(config: dict[str, Any], pages: int, running: int, dtype_bytes: int) -> int:
+    """What the engine preallocates for ``pages`` cache pages: the figure the pool's reservation counts
+    (:func:`ourvidz_tasks.models.memplan.chat_cache_bytes`, transformers' own plan)."""
+    return chat_cache_bytes(config, pages * PAGE_SIZE, running=running, batch_tokens=MAX_BATCH_TOKENS,
+                            dtype_bytes=dtype_bytes)
+
+
+#: how much more than its plan transformers is told the engine may use (its figure and ours agree to the byte)
+PLAN_HEADROOM = 1.25
+
+
+def memory_share(planned: int, free: int) -> float:
+    """``max_memory_percent`` that makes transformers' available memory ``planned`` (with headroom), not
+    the card's free memory: the cache is sized by ``num_blocks``; memory that is really missing then
+    fails the allocation itself, an out-of-memory the pool retries."""
+    if free <= 0:
+        return 1.0
+    return planned * PLAN_HEADROOM / free
+
+
+def _device_free() -> int:
+    """The memory transformers measures as available (its ``get_device_and_memory_breakdown``)."""
+    from transformers.generation.continuous_batching.utils import get_device_and_memory_breakdown
+
+    _, total, reserved, allocated = get_device_and_memory_breakdown()
+    return int(total - max(allocated, reserved))
 
 
 def _copy(error: BaseException) -> BaseException:

@@ -16,7 +16,7 @@ from celery import Celery
 
 from ..contract import names
 from ..contract.settings import Settings, load_settings
-from ..models import resolve_device
+from ..models import resolve_device, use_device
 from ..models.chat_engine import load_chat_engine
 from ..models.chat_remote import RemoteChat
 from ..models.sdxl import load_sdxl
@@ -63,6 +63,7 @@ def build_runtime(app: Celery, family: str, worker_id: str, settings: Settings |
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // len(names.FAMILIES))
     torch.set_num_threads(threads)
     device = resolve_device(settings.device)
+    use_device(device)  # cuda:N current before anything measures or allocates
     store = connect(settings.redis, settings)
     dead = DeadLetters(store)
     client = httpx.Client(timeout=settings.http_timeout, follow_redirects=False)
