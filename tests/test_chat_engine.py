@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -227,6 +228,65 @@ def test_a_decode_failure_reaches_the_callers_with_its_cause_and_the_engine_rest
     finally:
         hook.remove()
         faulty.unload()
+
+
+def test_a_restart_frees_the_dead_engine_first_and_an_engine_that_cannot_come_back_ends_the_pool(
+        tiny: Settings) -> None:
+    """Issue 25.3. The seam: the engine's ``_start_manager`` (an instance attribute here) and ``on_dead``
+    (the pool's exit with the device-fault status). A decode failure makes the engine restart: the old KV
+    cache and the failed step's frames are gone before the fresh one is built, the lock is not held while
+    it starts (a request submitted meanwhile does not block), and when the start fails every waiting
+    request gets the error and the pool is told to exit, instead of keeping a dead engine."""
+    import threading
+
+    dead: list[BaseException] = []
+    broken = ChatEngine(load_qwen(tiny, "qwen_instruct", CPU), max_running=2, cache_tokens=1024, on_dead=dead.append)
+    old = broken._manager
+    assert old is not None
+    seen: dict[str, object] = {}
+
+    def fail_forward(module: torch.nn.Module, args: object) -> None:
+        raise RuntimeError("injected device failure")
+
+    def cannot_start(pages: int) -> object:
+        # what the engine holds of the dead one is cut (the decode thread's logged traceback aside, which
+        # pytest's log capture keeps; a pool's log handler does not)
+        seen["old cache freed"] = broken._manager is None and old.batch_processor is None and old.model is None
+        seen["frames freed"] = old.background_thread_status.fatal_error.__traceback__ is None
+        during: list[Future[object]] = []
+        submitter = threading.Thread(target=lambda: during.append(broken.submit(messages(1), greedy(5))))
+        submitter.start()
+        submitter.join(timeout=10)
+        seen["submit blocked"] = submitter.is_alive()
+        seen["during"] = during
+        raise MemoryError("injected: the fresh engine cannot start")
+
+    hook = broken.qwen.model.register_forward_pre_hook(fail_forward)
+    broken._start_manager = cannot_start  # type: ignore[method-assign]
+    try:
+        first = broken.submit(messages(0), greedy(5))
+        assert "injected device failure" in str(first.exception(timeout=60))
+        deadline = time.monotonic() + 60
+        while not dead and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(dead) == 1 and isinstance(dead[0], MemoryError)
+        assert seen["old cache freed"] is True and seen["frames freed"] is True and seen["submit blocked"] is False
+        during = seen["during"]
+        assert isinstance(during, list) and len(during) == 1
+        assert isinstance(during[0].exception(timeout=10), MemoryError)  # it waited for the restart, then failed
+        with pytest.raises(ModelLoadError):  # nothing runs on a dead engine; the pool exits
+            broken.submit(messages(2), greedy(5))
+    finally:
+        hook.remove()
+        broken.unload()
+
+
+def test_the_pools_dead_engine_callback_exits_with_the_device_fault_status() -> None:
+    from ourvidz_tasks.runtime.faults import EXIT_DEVICE_FAULT, exit_when_dead
+
+    statuses: list[int] = []
+    exit_when_dead("qwen_instruct", statuses.append)(MemoryError("injected"))
+    assert statuses == [EXIT_DEVICE_FAULT]
 
 
 # -- issue 14.4: sampling only as asked --------------------------------------------

@@ -29,7 +29,7 @@ from ..services.policy import load_policy
 from ..services.redis_client import connect
 from .deadletters import route_raw_jobs
 from .estimates import first_estimate
-from .faults import load_plugins
+from .faults import exit_when_dead, load_plugins
 from .ledger import Ledger
 from .memprobe import configure_cuda_allocator, probe_for
 from .recovery import Recovery
@@ -49,8 +49,8 @@ def loaders(family: str, settings: Settings, device: torch.device) -> dict[str, 
         return {"qwen_instruct": lambda: RemoteChat(settings, "qwen_instruct"),
                 "qwen_base": lambda: RemoteChat(settings, "qwen_base")}
     return {
-        "qwen_instruct": lambda: load_chat_engine(settings, "qwen_instruct", device),
-        "qwen_base": lambda: load_chat_engine(settings, "qwen_base", device),
+        "qwen_instruct": lambda: load_chat_engine(settings, "qwen_instruct", device, exit_when_dead("qwen_instruct")),
+        "qwen_base": lambda: load_chat_engine(settings, "qwen_base", device, exit_when_dead("qwen_base")),
     }
 
 

@@ -122,6 +122,18 @@ def exit_on_device_fault(exc: BaseException, what: str, exit: Callable[[int], ob
     exit(EXIT_DEVICE_FAULT)
 
 
+def exit_when_dead(what: str, exit: Callable[[int], object] = exit_process) -> Callable[[BaseException], None]:
+    """What a chat engine calls when its decode thread died and a fresh one could not start: the pool
+    exits with the device-fault status, so its supervisor starts it clean (waiting jobs are requeued)."""
+
+    def dead(exc: BaseException) -> None:
+        log.critical("%s: the chat engine could not start again (%s); the worker exits with status %d",
+                     what, type(exc).__name__, EXIT_DEVICE_FAULT)
+        exit(EXIT_DEVICE_FAULT)
+
+    return dead
+
+
 def detach(exc: BaseException) -> BaseException:
     """Drop ``exc``'s traceback and chain, which hold the frames (and tensors) of the failed run."""
     exc.__traceback__ = None
