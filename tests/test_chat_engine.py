@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -161,6 +162,49 @@ def test_urgent_requests_pass_waiting_chats_but_a_chat_passed_over_goes_next(tin
         single.unload()
 
 
+# -- issue 25.6: what the engine preallocates, counted once and as transformers plans it ---------
+
+
+@pytest.mark.parametrize(("tokens", "running"), [(1024, 4), (4096, 8)])
+def test_the_engines_footprint_is_the_plans(tiny: Settings, tokens: int, running: int) -> None:
+    """``cache_bytes`` (in ``nbytes``, so in the reservation) is transformers' own plan for this model, which
+    slices its logits: one logits row per running request, not one per prefill token; memplan's figure agrees."""
+    from ourvidz_tasks.models import memplan
+
+    engine = ChatEngine(load_qwen(tiny, "qwen_instruct", CPU), max_running=running, cache_tokens=tokens)
+    try:
+        cfg = engine.qwen.model.config.to_dict()
+        assert engine.cache_bytes == memplan.chat_cache_bytes(cfg, tokens, running=running, dtype_bytes=4)
+        assert engine.nbytes() == engine.qwen.nbytes() + engine.cache_bytes
+    finally:
+        engine.unload()
+
+
+# -- issue 25.7: the cache is sized by the pool, not by the card's free memory -------------
+
+
+def test_transformers_checks_the_cache_against_the_pools_plan_not_the_card() -> None:
+    from ourvidz_tasks.models.chat_engine import PLAN_HEADROOM, memory_share
+
+    planned = 1180 * 2**20
+    for free in (10 * 2**20, planned, 80 * 2**30):  # a card the other pools fill, just enough, an empty card
+        assert free * memory_share(planned, free) == pytest.approx(planned * PLAN_HEADROOM)
+    assert memory_share(planned, 0) == 1.0  # transformers could not measure: its own default
+
+
+def test_the_engine_tells_transformers_its_plan(tiny: Settings) -> None:
+    from ourvidz_tasks.models.chat_engine import PLAN_HEADROOM, _device_free, planned_bytes
+
+    engine = ChatEngine(load_qwen(tiny, "qwen_instruct", CPU), max_running=4, cache_tokens=2048)
+    try:
+        planned = planned_bytes(engine.qwen.model.config.to_dict(), engine.pages, 4, 4)
+        assert planned == engine.cache_bytes  # the plan is transformers' own figure for these pages
+        share = engine._manager.continuous_batching_config.max_memory_percent
+        assert share * _device_free() == pytest.approx(planned * PLAN_HEADROOM, rel=0.05)  # RSS moves a little
+    finally:
+        engine.unload()
+
+
 # -- errors reach every caller with their cause, and the engine recovers -----------
 
 
@@ -184,6 +228,65 @@ def test_a_decode_failure_reaches_the_callers_with_its_cause_and_the_engine_rest
     finally:
         hook.remove()
         faulty.unload()
+
+
+def test_a_restart_frees_the_dead_engine_first_and_an_engine_that_cannot_come_back_ends_the_pool(
+        tiny: Settings) -> None:
+    """Issue 25.3. The seam: the engine's ``_start_manager`` (an instance attribute here) and ``on_dead``
+    (the pool's exit with the device-fault status). A decode failure makes the engine restart: the old KV
+    cache and the failed step's frames are gone before the fresh one is built, the lock is not held while
+    it starts (a request submitted meanwhile does not block), and when the start fails every waiting
+    request gets the error and the pool is told to exit, instead of keeping a dead engine."""
+    import threading
+
+    dead: list[BaseException] = []
+    broken = ChatEngine(load_qwen(tiny, "qwen_instruct", CPU), max_running=2, cache_tokens=1024, on_dead=dead.append)
+    old = broken._manager
+    assert old is not None
+    seen: dict[str, object] = {}
+
+    def fail_forward(module: torch.nn.Module, args: object) -> None:
+        raise RuntimeError("injected device failure")
+
+    def cannot_start(pages: int) -> object:
+        # what the engine holds of the dead one is cut (the decode thread's logged traceback aside, which
+        # pytest's log capture keeps; a pool's log handler does not)
+        seen["old cache freed"] = broken._manager is None and old.batch_processor is None and old.model is None
+        seen["frames freed"] = old.background_thread_status.fatal_error.__traceback__ is None
+        during: list[Future[object]] = []
+        submitter = threading.Thread(target=lambda: during.append(broken.submit(messages(1), greedy(5))))
+        submitter.start()
+        submitter.join(timeout=10)
+        seen["submit blocked"] = submitter.is_alive()
+        seen["during"] = during
+        raise MemoryError("injected: the fresh engine cannot start")
+
+    hook = broken.qwen.model.register_forward_pre_hook(fail_forward)
+    broken._start_manager = cannot_start  # type: ignore[method-assign]
+    try:
+        first = broken.submit(messages(0), greedy(5))
+        assert "injected device failure" in str(first.exception(timeout=60))
+        deadline = time.monotonic() + 60
+        while not dead and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(dead) == 1 and isinstance(dead[0], MemoryError)
+        assert seen["old cache freed"] is True and seen["frames freed"] is True and seen["submit blocked"] is False
+        during = seen["during"]
+        assert isinstance(during, list) and len(during) == 1
+        assert isinstance(during[0].exception(timeout=10), MemoryError)  # it waited for the restart, then failed
+        with pytest.raises(ModelLoadError):  # nothing runs on a dead engine; the pool exits
+            broken.submit(messages(2), greedy(5))
+    finally:
+        hook.remove()
+        broken.unload()
+
+
+def test_the_pools_dead_engine_callback_exits_with_the_device_fault_status() -> None:
+    from ourvidz_tasks.runtime.faults import EXIT_DEVICE_FAULT, exit_when_dead
+
+    statuses: list[int] = []
+    exit_when_dead("qwen_instruct", statuses.append)(MemoryError("injected"))
+    assert statuses == [EXIT_DEVICE_FAULT]
 
 
 # -- issue 14.4: sampling only as asked --------------------------------------------

@@ -62,6 +62,37 @@ def test_out_of_memory_is_not_a_device_fault() -> None:
     assert isinstance(as_job_error(plain), ModelLoadError)
 
 
+#: messages torch 2.13 raises when memory runs out outside the caching allocator (c10/cuda/CUDAException.h,
+#: aten/src/ATen/cuda/CublasHandlePool.cpp, aten/src/ATen/cudnn/Handle.cpp)
+CUDA_OOM = ("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API call, "
+            "so the stacktrace below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+            "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n")
+CUBLAS_OOM = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+CUDNN_OOM = "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_out_of_memory_outside_the_allocator_is_out_of_memory(implicit: bool) -> None:
+    for inner in (torch.AcceleratorError(CUDA_OOM), RuntimeError(CUDA_OOM), torch.AcceleratorError(CUBLAS_OOM),
+                  RuntimeError(CUBLAS_OOM), RuntimeError(CUDNN_OOM), MemoryError("not enough memory for the cache")):
+        for exc in (inner, wrapped(inner, implicit=implicit), wrapped(inner, RuntimeError, implicit)):
+            assert device_fault(exc) is None, repr(inner)
+            assert is_oom(exc), repr(inner)
+            assert isinstance(as_job_error(exc), OutOfMemory)
+    # a real fault anywhere in the chain still wins over an out-of-memory beside it
+    fault = torch.AcceleratorError(CUDA_FAULT)
+    both = RuntimeError(CUDA_OOM)
+    both.__cause__ = fault
+    assert device_fault(both) is fault and not is_oom(both)
+
+
+def test_a_chat_engine_that_cannot_size_its_cache_is_out_of_memory() -> None:
+    """transformers raises MemoryError from its cache sizing; the engine wraps it: OOM_ERROR, not MODEL_LOAD_ERROR."""
+    sizing = MemoryError("Memory footprint 1237319680 is more than available memory 1073741824")
+    failure = load_failure("qwen_instruct", wrapped(sizing, ModelLoadError))
+    assert isinstance(failure, OutOfMemory) and failure.__cause__ is None
+
+
 def test_causes_survive_a_cycle() -> None:
     a, b = RuntimeError("a"), RuntimeError("b")
     a.__cause__, b.__context__ = b, a

@@ -60,6 +60,22 @@ def test_a_wrong_device_is_refused_naming_the_variable(given: str, monkeypatch: 
         load_settings()
 
 
+def test_a_pool_on_cuda_n_makes_it_the_current_device_and_cpu_touches_no_cuda() -> None:
+    """Issue 25.7: helpers that take no device (mem_get_info, transformers' cache sizing) measure the current one."""
+    import torch
+
+    from ourvidz_tasks.models import use_device
+
+    chosen: list[torch.device] = []
+    use_device(torch.device("cuda", 1), chosen.append)
+    assert chosen == [torch.device("cuda", 1)]
+    use_device(torch.device("cpu"), chosen.append)
+    use_device(torch.device("cpu"))  # the default reaches no CUDA call on CPU
+    assert chosen == [torch.device("cuda", 1)] and not torch.cuda.is_initialized()
+    build = (Path(__file__).parents[1] / "ourvidz_tasks/runtime/build.py").read_text()
+    assert build.index("use_device(device)") < build.index("connect(")  # at start, before anything allocates
+
+
 def test_cuda_index_in_a_container_that_sees_one_card() -> None:
     assert local_cuda_index(1, {}) == 1  # bare metal: the host's numbering
     assert local_cuda_index(1, {"NVIDIA_VISIBLE_DEVICES": "all"}) == 1

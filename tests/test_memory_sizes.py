@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 
 import pytest
+import redis
 
 from ourvidz_tasks.models import memplan, sizes
+from ourvidz_tasks.runtime.estimates import MeasuredSizes, first_estimate
 
 #: published parameter counts (model cards, papers) and how close the derived count must be
 PUBLISHED = {
@@ -81,6 +84,33 @@ def test_chat_shape_follows_the_engine() -> None:
 
     assert memplan.CHAT_PREFILL_TOKENS == chat_engine.MAX_BATCH_TOKENS
     assert memplan.SHAPES["qwen_instruct"][0] == f"tokens:{Settings.model_fields['chat_cache_tokens'].default}"
+
+
+def test_chat_constants_follow_the_engine_and_settings() -> None:
+    from ourvidz_tasks.contract.settings import Settings
+    from ourvidz_tasks.models import chat_engine
+
+    assert memplan.CHAT_PAGE_TOKENS == chat_engine.PAGE_SIZE
+    assert Settings.model_fields["chat_concurrency"].default == memplan.CHAT_CONCURRENCY
+
+
+def test_the_chat_kv_cache_is_reserved_once(store: redis.Redis) -> None:
+    """Issue 25.6: after a load the engine's preallocation is in the measured weights (``nbytes``), so the
+    working memory of the default shape no longer adds it again: the reservation stays the first estimate."""
+    first = first_estimate("qwen_instruct", slack=memplan.SLACK)
+    plan = memplan.estimate("qwen_instruct")
+    assert plan.held_mb > 1000 and first["default_work_mb"] == plan.work_mb - plan.held_mb < 200
+    # 16384 tokens of Qwen2.5-7B KV cache (28 layers x 4 KV heads x 128 x K,V x bf16 = 56 KiB a token) is 896 MiB;
+    # with the SDPA read-back, one step and the mask transformers plans about 1.18 GB; no 512 full logits rows
+    assert 1150 < plan.held_mb < 1200
+    sizes_key = f"ourvidz:test:sizes:{uuid.uuid4().hex[:8]}"
+    measured = MeasuredSizes(store, sizes_key, slack=memplan.SLACK)
+    try:
+        measured.record_weights("qwen_instruct", plan.weights_mb + plan.held_mb)  # what ChatEngine.nbytes() says
+        after_load = measured.estimate("qwen_instruct", first["default_mb"], default_work_mb=first["default_work_mb"])
+        assert abs(after_load - first["default_mb"]) <= 2, (after_load, first)
+    finally:
+        store.delete(sizes_key)
 
 
 def test_budget_leaves_contexts_and_margin() -> None:

@@ -52,6 +52,22 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def use_device(device: torch.device, set_device: Callable[[torch.device], None] | None = None) -> None:
+    """Make ``device`` this process's current CUDA device (nothing on CPU, CUDA untouched).
+
+    Helpers that take no device (``torch.cuda.mem_get_info()``, transformers' cache sizing, a
+    library's handle) use the current one: with ``OURVIDZ_DEVICE=cuda:1`` they would measure
+    card 0 and open a context there. ``set_device`` is the seam tests replace.
+    """
+    if device.type != "cuda":
+        return
+    if set_device is None:
+        import torch
+
+        set_device = torch.cuda.set_device
+    set_device(device)
+
+
 def compute_dtype(device: torch.device, prefer: str = "bfloat16") -> torch.dtype:
     """Half precision on CUDA (``prefer``), float32 on CPU."""
     import torch

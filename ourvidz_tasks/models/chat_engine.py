@@ -29,12 +29,15 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..contract.errors import InvalidJob, ModelLoadError
+from . import release_memory
 from .chat_common import ChatOutput, QwenName, Sampling, check_sampling
+from .memplan import chat_cache_bytes
 from .qwen import QwenModel, load_qwen, pad_token_id, render_prompt, stop_token_ids
 
 if TYPE_CHECKING:
@@ -70,7 +73,8 @@ class _Request:
 class ChatEngine:
     """One model, continuously batched; thread-safe :meth:`generate`."""
 
-    def __init__(self, model: QwenModel, *, max_running: int, cache_tokens: int) -> None:
+    def __init__(self, model: QwenModel, *, max_running: int, cache_tokens: int,
+                 on_dead: Callable[[BaseException], object] | None = None) -> None:
         if model.model is None:
             raise ModelLoadError(f"{model.name}: the model was unloaded")
         self.qwen = model
@@ -87,11 +91,15 @@ class ChatEngine:
         self._sampler = RequestSampler()
         self._closed = threading.Event()
         self._stopping = threading.Event()
-        self._manager = self._start_manager(math.ceil(cache_tokens / PAGE_SIZE))
-        cache = self._manager.batch_processor.cache  # type: ignore[union-attr]
+        #: called when the decode thread died and a fresh one could not start (the pool exits for its supervisor)
+        self._on_dead = on_dead
+        manager = self._start_manager(math.ceil(cache_tokens / PAGE_SIZE))
+        self._manager: ContinuousBatchingManager | None = manager
+        cache = manager.batch_processor.cache  # type: ignore[union-attr]
         self.pages: int = int(cache.num_blocks)
         #: what the engine preallocates or plans for: the KV cache and the per-step tensors
-        self.cache_bytes: int = _footprint(self._manager, cache)
+        self.cache_bytes: int = _footprint(manager, cache)
+        del cache
         positions = getattr(model.model.config, "max_position_embeddings", None) or self.pages * PAGE_SIZE
         #: the most tokens (prompt + max_tokens) one request may hold
         self.context_limit = min(self.pages * PAGE_SIZE, int(positions))
@@ -109,13 +117,17 @@ class ChatEngine:
         # which the RequestSampler then takes over; every row it returns is one-hot, so the draw is ours
         generation = GenerationConfig(do_sample=True, temperature=0.5, max_new_tokens=1,
                                       eos_token_id=self.stop_ids, pad_token_id=self._pad)
+        model: Any = self.qwen.model
+        # the cache's size is ours (num_blocks, counted in the pool's reservation); transformers' check of it
+        # against the whole card's free memory (the other pools' included) is made against that plan instead
+        planned = planned_bytes(model.config.get_text_config().to_dict(), pages, self.max_running,
+                                model.dtype.itemsize)
         config = ContinuousBatchingConfig(
             page_size=PAGE_SIZE, num_blocks=pages, max_batch_tokens=MAX_BATCH_TOKENS,
             max_requests_per_batch=self.max_running, allow_block_sharing=False, safety_margin=0.0,
             per_request_processors=True, use_cuda_graph=False, auto_switch_to_flash=False,
-            use_async_batching=False, max_memory_percent=1.0,
+            use_async_batching=False, max_memory_percent=memory_share(planned, _device_free()),
         )
-        model: Any = self.qwen.model
         manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
         processors = manager.logit_processor
         processors.logits_processor[:] = [self._sampler]
@@ -136,21 +148,28 @@ class ChatEngine:
         return weights + self.cache_bytes if weights else 0
 
     def unload(self) -> int:
-        """Stop the decode thread (failing whatever still runs), drop the cache and the model."""
+        """Stop the decode thread (failing whatever still runs), then drop every reference to the cache
+        and the model (the manager holds both) before the memory is handed back."""
         freed = self.nbytes()
         self._stopping.set()  # no restart, no new admissions
-        self._manager.stop(block=True, timeout=30)  # what runs finishes and is still delivered
+        manager = self._manager
+        if manager is not None:
+            manager.stop(block=True, timeout=30)  # what runs finishes and is still delivered
         self._closed.set()
         self._dispatcher.join(timeout=5)
-        self._manager.destroy()
         gone = ModelLoadError(f"{self.name}: the model was unloaded")
         self._fail_all(gone)
         with self._lock:
             waiting = list(self._waiting)
             self._waiting.clear()
+            self._manager = None
         for request in waiting:
             request.future.set_exception(_copy(gone))
-        self.qwen.unload()
+        if manager is not None:
+            _drop(manager)
+        del manager
+        self._sampler.rows.clear()
+        self.qwen.unload()  # the last reference to the weights: memory goes back here (release_memory)
         return freed
 
     # -- requests -----------------------------------------------------------------
@@ -193,8 +212,9 @@ class ChatEngine:
         Nothing is admitted while the decode thread is down: a request that comes between its
         failure and the restart waits for the fresh thread instead of failing with the old error.
         """
+        manager = self._manager  # None while a restart frees the old engine and starts a fresh one
         while (self._waiting and len(self._running) < self.max_running and not self._stopping.is_set()
-               and self._manager.is_running()):
+               and manager is not None and manager.is_running()):
             request = self._next()
             if request.pages > self._pages_free:
                 return  # it waits at the head, so a big request is never starved by small ones
@@ -206,7 +226,7 @@ class ChatEngine:
             self._running[request.key] = request
             self._sampler.add(request.slot, request.sampling, self.qwen.device)
             s = request.sampling
-            added = self._manager.add_request(request.prompt_ids, request_id=request.key, max_new_tokens=s.max_tokens,
+            added = manager.add_request(request.prompt_ids, request_id=request.key, max_new_tokens=s.max_tokens,
                                               eos_token_id=self.stop_ids, slot=request.slot)
             if added is None:
                 self._finish(request, error=self._engine_error())
@@ -225,30 +245,55 @@ class ChatEngine:
     def _dispatch(self) -> None:
         """Hand finished outputs to their callers; fail everything if the decode thread dies."""
         while not self._closed.is_set():
-            output = self._manager.get_result(timeout=0.1)
+            manager = self._manager
+            if manager is None:
+                return  # unloaded
+            output = manager.get_result(timeout=0.1)
             if output is not None:
                 if output.is_finished():
                     self._complete(output)
                 continue
-            if not self._manager.is_running() and not self._stopping.is_set():
+            if not manager.is_running() and not self._stopping.is_set():
                 error = self._engine_error()
                 log.error("chat engine %s stopped: %s", self.name, type(error).__name__)
                 self._fail_all(error)
+                del manager
                 self._restart()
 
     def _restart(self) -> None:
+        """Free the dead engine first (its cache, the failed step's tensors), then start one fresh engine,
+        outside the lock: requests that come meanwhile wait for it. If it cannot start, every waiting
+        request gets the error and ``on_dead`` is told (the pool exits so its supervisor starts it clean)."""
         with self._lock:
-            try:
-                self._manager.destroy()
-                self._manager = self._start_manager(self.pages)
-                self._admit()
-            except Exception as exc:  # nothing can run here: every caller gets the error
-                self._stopping.set()
-                self._closed.set()
-                waiting = list(self._waiting)
-                self._waiting.clear()
-                for request in waiting:
-                    request.future.set_exception(exc)
+            old, self._manager = self._manager, None
+        if old is not None:
+            _drop(old)
+        del old
+        release_memory(self.qwen.device)
+        try:
+            fresh = self._start_manager(self.pages)
+        except Exception as exc:  # nothing can run here
+            self._die(exc)
+            return
+        with self._lock:
+            if self._stopping.is_set():  # unloaded meanwhile
+                _drop(fresh)
+                return
+            self._manager = fresh
+            self._admit()
+
+    def _die(self, error: BaseException) -> None:
+        log.critical("chat engine %s: the decode thread died and could not start again (%s)", self.name,
+                     type(error).__name__)
+        self._stopping.set()
+        self._closed.set()
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for request in waiting:
+            request.future.set_exception(_copy(error))
+        if self._on_dead is not None:
+            self._on_dead(error)
 
     def _complete(self, output: GenerationOutput) -> None:
         with self._lock:
@@ -293,7 +338,8 @@ class ChatEngine:
 
     def _engine_error(self, message: str | None = None) -> BaseException:
         """The decode thread's own exception (a copy, its original as the cause), else a RuntimeError."""
-        fatal = self._manager.background_thread_status.fatal_error
+        manager = self._manager
+        fatal = manager.background_thread_status.fatal_error if manager is not None else None
         if isinstance(fatal, BaseException):
             return _copy(fatal)
         return RuntimeError(f"chat engine {self.name}: {message or 'the decode thread stopped'}")
@@ -309,15 +355,56 @@ def _footprint(manager: ContinuousBatchingManager, cache: Any) -> int:
     from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
 
     try:
+        slices = getattr(manager.model, "_supports_logits_to_keep", None)  # as transformers sizes the cache
         handler = PagedAttentionMemoryHandler(
             config=manager.model.config.get_text_config(), cb_config=manager.continuous_batching_config,
             dtype=cache.dtype, bytes_per_sector=cache.bytes_per_sector, tokens_per_sector=cache.tokens_per_sector,
             bytes_per_block=1, attn_types=list(cache.cache_allocators),
+            model_supports_logits_to_keep=callable(slices) and bool(slices()),
         )
         return int(handler.compute_memory_footprint(cache.max_batch_tokens, cache.num_sectors))
     except Exception as exc:  # a transformers change: the cache itself is still known
         log.warning("chat engine: footprint unknown (%s); counting the KV cache only", type(exc).__name__)
         return int(cache.cache_tensor.nbytes)
+
+
+def planned_bytes(config: dict[str, Any], pages: int, running: int, dtype_bytes: int) -> int:
+    """What the engine preallocates for ``pages`` cache pages: the figure the pool's reservation counts
+    (:func:`ourvidz_tasks.models.memplan.chat_cache_bytes`, transformers' own plan)."""
+    return chat_cache_bytes(config, pages * PAGE_SIZE, running=running, batch_tokens=MAX_BATCH_TOKENS,
+                            dtype_bytes=dtype_bytes)
+
+
+#: how much more than its plan transformers is told the engine may use (its figure and ours agree to the byte)
+PLAN_HEADROOM = 1.25
+
+
+def memory_share(planned: int, free: int) -> float:
+    """``max_memory_percent`` that makes transformers' available memory ``planned`` (with headroom), not
+    the card's free memory: the cache is sized by ``num_blocks``; memory that is really missing then
+    fails the allocation itself, an out-of-memory the pool retries."""
+    if free <= 0:
+        return 1.0
+    return planned * PLAN_HEADROOM / free
+
+
+def _device_free() -> int:
+    """The memory transformers measures as available (its ``get_device_and_memory_breakdown``)."""
+    from transformers.generation.continuous_batching.utils import get_device_and_memory_breakdown
+
+    _, total, reserved, allocated = get_device_and_memory_breakdown()
+    return int(total - max(allocated, reserved))
+
+
+def _drop(manager: ContinuousBatchingManager) -> None:
+    """Stop ``manager`` and cut what it holds: its batch processor (the KV cache), the model, the
+    failed step's frames (the decode thread's exception keeps its traceback, and the traceback the tensors)."""
+    manager.destroy()
+    fatal = manager.background_thread_status.fatal_error
+    if isinstance(fatal, BaseException):
+        fatal.__traceback__ = None
+    manager.batch_processor = None
+    manager.model = None  # type: ignore[assignment]
 
 
 def _copy(error: BaseException) -> BaseException:
@@ -330,11 +417,13 @@ def _copy(error: BaseException) -> BaseException:
     return clone
 
 
-def load_chat_engine(settings: Settings, name: QwenName, device: torch.device) -> ChatEngine:
+def load_chat_engine(settings: Settings, name: QwenName, device: torch.device,
+                     on_dead: Callable[[BaseException], object] | None = None) -> ChatEngine:
     """Load ``name`` and start its engine sized from the chat settings (the pool's loader)."""
     model = load_qwen(settings, name, device)
     try:
-        return ChatEngine(model, max_running=settings.chat_concurrency, cache_tokens=settings.chat_cache_tokens)
+        return ChatEngine(model, max_running=settings.chat_concurrency, cache_tokens=settings.chat_cache_tokens,
+                          on_dead=on_dead)
     except Exception:
         model.unload()
         raise

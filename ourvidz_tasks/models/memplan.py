@@ -9,9 +9,12 @@ what the ledger reserves before the first measurement; after that the
 measured value replaces it (:meth:`~ourvidz_tasks.runtime.ledger.Ledger.estimate`).
 
 Shapes are the keys jobs report (``Generated.shape``): ``WxHxN`` for SDXL
-(N images), ``WxHxF`` for WAN (F frames), ``tokens:N`` for chat: the KV
-cache the chat engine preallocates for N tokens (``OURVIDZ_CHAT_CACHE_TOKENS``,
-16384; on a real load it is counted with the weights) plus a prefill chunk.
+(N images), ``WxHxF`` for WAN (F frames), ``tokens:N`` for chat: what the
+chat engine preallocates for a KV cache of N tokens (``OURVIDZ_CHAT_CACHE_TOKENS``,
+16384: the cache and the per-step tensors transformers plans beside it,
+:func:`chat_cache_bytes`) plus a prefill chunk's MLP. At load the engine's
+preallocation is counted with the weights (its ``nbytes``), so only the rest
+(``Estimate.work_mb - Estimate.held_mb``) is working memory then.
 
 :func:`estimate_mb` is the one call other tools use (``bin/gpu-check``
 compares its measured peaks with it); :func:`plan` is ``ourvidz memory plan``.
@@ -40,6 +43,9 @@ SAFETY_MARGIN_MB = 1024
 SLACK = 0.05
 #: tokens the chat engine prefills in one step (``chat_engine.MAX_BATCH_TOKENS``, kept in step by a test)
 CHAT_PREFILL_TOKENS = 512
+#: tokens per KV-cache page (``chat_engine.PAGE_SIZE``) and requests decoding together (``OURVIDZ_CHAT_CONCURRENCY``)
+CHAT_PAGE_TOKENS = 64
+CHAT_CONCURRENCY = 8
 #: the pool serving each model
 POOL_OF: dict[str, Family] = {"sdxl": "sdxl", "qwen_instruct": "chat", "qwen_base": "chat", "wan": "wan"}
 #: the job shapes the plan prints per model (the first is its default, reserved at load)
@@ -60,6 +66,8 @@ class Estimate:
     weights_mb: int
     work_mb: int
     slack_mb: int
+    #: of ``work_mb``, what the model preallocates at load and counts with its weights (the chat KV cache)
+    held_mb: int = 0
 
     @property
     def total_mb(self) -> int:
@@ -103,11 +111,15 @@ def work_bytes(model: str, shape: str) -> int:
         width, height, frames = _dims(shape, "wan")
         return _wan_work(width, height, frames)
     if model in ("qwen_instruct", "qwen_base"):
-        match = re.fullmatch(r"tokens:(\d+)", shape)
-        if not match:
-            raise ValueError(f"chat shape must be tokens:N, got {shape!r}")
-        return _qwen_work(model, int(match[1]))
+        return _qwen_work(model, _tokens(shape))
     raise ValueError(f"unknown model {model!r}")
+
+
+def _tokens(shape: str) -> int:
+    match = re.fullmatch(r"tokens:(\d+)", shape)
+    if not match:
+        raise ValueError(f"chat shape must be tokens:N, got {shape!r}")
+    return int(match[1])
 
 
 def estimate(model: str, shape: str | None = None, *, slack: float = SLACK) -> Estimate:
@@ -115,7 +127,16 @@ def estimate(model: str, shape: str | None = None, *, slack: float = SLACK) -> E
     weights = math.ceil(weights_bytes(model) / MB)
     shape = shape or SHAPES[model][0]
     work = math.ceil(work_bytes(model, shape) / MB)
-    return Estimate(model, shape, weights, work, slack_mb(weights + work, slack))
+    held = math.ceil(held_bytes(model, shape) / MB)
+    return Estimate(model, shape, weights, work, slack_mb(weights + work, slack), held)
+
+
+def held_bytes(model: str, shape: str) -> int:
+    """Of :func:`work_bytes`, what the loaded model holds from its load on (in its ``nbytes``): the
+    chat engine's KV cache and the per-step tensors planned with it; nothing for the diffusers."""
+    if model in ("qwen_instruct", "qwen_base"):
+        return chat_cache_bytes(config(_qwen_config(model)), _tokens(shape))
+    return 0
 
 
 def estimate_mb(family: str, shape: str | None = None) -> int:
@@ -228,14 +249,39 @@ def _sdxl_work(width: int, height: int, count: int) -> int:
     return max(unet_bytes, vae_bytes) + latents + text
 
 
+def _qwen_config(model: str) -> str:
+    return "qwen2_5_7b_instruct.json" if model == "qwen_instruct" else "qwen2_5_7b.json"
+
+
 def _qwen_work(model: str, tokens: int) -> int:
-    """KV cache for ``tokens`` plus one prefill chunk's widest activations (the MLP of one layer)."""
-    cfg = config("qwen2_5_7b_instruct.json" if model == "qwen_instruct" else "qwen2_5_7b.json")
-    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * tokens
-    prefill = min(tokens, CHAT_PREFILL_TOKENS) * (3 * cfg["intermediate_size"] + 4 * cfg["hidden_size"]) * 2
-    logits = cfg["vocab_size"] * 4 * 8  # the last position's logits, float32, a few copies
-    return kv + prefill + logits
+    """What the engine preallocates for ``tokens`` (:func:`chat_cache_bytes`) plus one prefill
+    chunk's MLP activations (bf16), which transformers' plan leaves out."""
+    cfg = config(_qwen_config(model))
+    prefill = min(tokens, CHAT_PREFILL_TOKENS) * 3 * cfg["intermediate_size"] * 2
+    return chat_cache_bytes(cfg, tokens) + prefill
+
+
+def chat_cache_bytes(cfg: dict[str, Any], tokens: int, *, running: int = CHAT_CONCURRENCY,
+                     batch_tokens: int = CHAT_PREFILL_TOKENS, dtype_bytes: int = 2) -> int:
+    """What the chat engine preallocates for a KV cache of ``tokens`` (whole pages) on a decoder config.
+
+    transformers 5's own plan (``PagedAttentionMemoryHandler.compute_memory_footprint``, SDPA
+    attention, a model that slices its logits as Qwen2 does): the cache and its two trash pages,
+    the old keys and values read back per cached token, one step's activations and index tensors
+    per batch token, the attention mask, and one float32 logits row per running request.
+    """
+    layers, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or hidden // heads
+    cached = -(-tokens // CHAT_PAGE_TOKENS) * CHAT_PAGE_TOKENS
+    kv_token = layers * 2 * kv_heads * head_dim * dtype_bytes
+    peak_heads = 2 * heads + kv_heads  # SDPA repeats K and V to every query head, V kept beside
+    cache = (cached + 2 * CHAT_PAGE_TOKENS) * kv_token + cached * (peak_heads * head_dim * dtype_bytes + 8)
+    attention = dtype_bytes * (hidden + heads * head_dim + 2 * kv_heads * head_dim + peak_heads * head_dim)
+    step = batch_tokens * (attention + 7 * 4 + 4 + 8 + 8)
+    mask = batch_tokens * (cached + batch_tokens) * dtype_bytes
+    logits = running * (hidden * dtype_bytes + cfg["vocab_size"] * 4)
+    return cache + step + mask + logits
 
 
 def _wan_work(width: int, height: int, frames: int) -> int:

@@ -16,7 +16,7 @@ from celery import Celery
 
 from ..contract import names
 from ..contract.settings import Settings, load_settings
-from ..models import resolve_device
+from ..models import resolve_device, use_device
 from ..models.chat_engine import load_chat_engine
 from ..models.chat_remote import RemoteChat
 from ..models.sdxl import load_sdxl
@@ -29,7 +29,7 @@ from ..services.policy import load_policy
 from ..services.redis_client import connect
 from .deadletters import route_raw_jobs
 from .estimates import first_estimate
-from .faults import load_plugins
+from .faults import exit_when_dead, load_plugins
 from .ledger import Ledger
 from .memprobe import configure_cuda_allocator, probe_for
 from .recovery import Recovery
@@ -49,8 +49,8 @@ def loaders(family: str, settings: Settings, device: torch.device) -> dict[str, 
         return {"qwen_instruct": lambda: RemoteChat(settings, "qwen_instruct"),
                 "qwen_base": lambda: RemoteChat(settings, "qwen_base")}
     return {
-        "qwen_instruct": lambda: load_chat_engine(settings, "qwen_instruct", device),
-        "qwen_base": lambda: load_chat_engine(settings, "qwen_base", device),
+        "qwen_instruct": lambda: load_chat_engine(settings, "qwen_instruct", device, exit_when_dead("qwen_instruct")),
+        "qwen_base": lambda: load_chat_engine(settings, "qwen_base", device, exit_when_dead("qwen_base")),
     }
 
 
@@ -63,6 +63,7 @@ def build_runtime(app: Celery, family: str, worker_id: str, settings: Settings |
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // len(names.FAMILIES))
     torch.set_num_threads(threads)
     device = resolve_device(settings.device)
+    use_device(device)  # cuda:N current before anything measures or allocates
     store = connect(settings.redis, settings)
     dead = DeadLetters(store)
     client = httpx.Client(timeout=settings.http_timeout, follow_redirects=False)

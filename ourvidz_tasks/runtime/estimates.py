@@ -52,11 +52,13 @@ def first_estimate(model: str, *, tiny: bool = False, slack: float = memplan.SLA
 
     A real model: weights from its published config plus its default job
     shape's working memory plus slack (:func:`ourvidz_tasks.models.memplan.estimate`).
+    What the model preallocates at load (the chat KV cache) is in its measured
+    weights then, so it is not working memory: ``default_work_mb`` leaves it out.
     """
     if tiny or model not in memplan.sizes()["families"]:
         return {"default_mb": TINY_FIRST_MB, "default_work_mb": TINY_FIRST_WORK_MB}
     e = memplan.estimate(model, slack=slack)
-    return {"default_mb": e.total_mb, "default_work_mb": e.work_mb}
+    return {"default_mb": e.total_mb, "default_work_mb": e.work_mb - e.held_mb}
 
 
 class MeasuredSizes:

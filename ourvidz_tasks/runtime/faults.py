@@ -8,7 +8,10 @@ a family wraps torch's error in ``OutOfMemory``):
   family's remedies (:func:`step_down`) and only then fails, retryably.
   Memory is released *after* leaving the ``except`` clause: until then the
   traceback holds the frames, and so the tensors, of the run that failed,
-  and ``empty_cache`` would return nothing to the other pools.
+  and ``empty_cache`` would return nothing to the other pools. Out of
+  memory outside the caching allocator is out of memory too: an
+  ``AcceleratorError`` saying ``CUDA error: out of memory``, a library's
+  ``*_ALLOC_FAILED`` (cuBLAS, cuDNN), a ``MemoryError``.
 * **Device fault** (:func:`device_fault`): any other CUDA error (an illegal
   address, a device-side assert, ``torch.AcceleratorError``). The process's
   CUDA context can't be trusted, so :func:`exit_on_device_fault` ends the
@@ -48,7 +51,10 @@ EXIT_DEVICE_FAULT = 75
 #: what torch and its libraries put in the message of a device error other than OOM
 _FAULT_MARKERS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error", "device-side assert",
                   "an illegal memory access")
-_OOM_MARKERS = ("out of memory", "can't allocate memory")
+#: out of memory, also outside the caching allocator: a cudaMalloc of a library (``CUDA error: out of
+#: memory``, raised as ``torch.AcceleratorError``), cuBLAS/cuDNN/cuFFT/cuSOLVER/cuSPARSE handles and
+#: workspaces (``..._ALLOC_FAILED``), the CPU allocator (``can't allocate memory``)
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "_ALLOC_FAILED", "cudaErrorMemoryAllocation")
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:
@@ -67,9 +73,13 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
 def _is_oom_one(exc: BaseException) -> bool:
     import torch
 
-    if isinstance(exc, torch.OutOfMemoryError | OutOfMemory):
+    if isinstance(exc, torch.OutOfMemoryError | OutOfMemory | MemoryError):  # MemoryError: transformers' cache sizing
         return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MARKERS)
+    return isinstance(exc, RuntimeError) and _says_oom(str(exc))
+
+
+def _says_oom(text: str) -> bool:
+    return any(m in text for m in _OOM_MARKERS)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -80,11 +90,12 @@ def is_oom(exc: BaseException) -> bool:
 def device_fault(exc: BaseException) -> BaseException | None:
     """The CUDA error other than out-of-memory in ``exc``'s chain, or None."""
     for current in causes(exc):
+        text = str(current)
+        if _says_oom(text):  # an out-of-memory, whatever its type: the ladder, not an exit
+            continue
         if type(current).__name__ == "AcceleratorError":  # torch >= 2.8 raises it for CUDA errors
             return current
-        text = str(current)
-        if isinstance(current, RuntimeError) and any(m in text for m in _FAULT_MARKERS) \
-                and not any(m in text for m in _OOM_MARKERS):
+        if isinstance(current, RuntimeError) and any(m in text for m in _FAULT_MARKERS):
             return current
     return None
 
@@ -109,6 +120,18 @@ def exit_on_device_fault(exc: BaseException, what: str, exit: Callable[[int], ob
     log.critical("%s: device fault (%s); the worker exits with status %d, the job is requeued",
                  what, type(fault).__name__, EXIT_DEVICE_FAULT)
     exit(EXIT_DEVICE_FAULT)
+
+
+def exit_when_dead(what: str, exit: Callable[[int], object] = exit_process) -> Callable[[BaseException], None]:
+    """What a chat engine calls when its decode thread died and a fresh one could not start: the pool
+    exits with the device-fault status, so its supervisor starts it clean (waiting jobs are requeued)."""
+
+    def dead(exc: BaseException) -> None:
+        log.critical("%s: the chat engine could not start again (%s); the worker exits with status %d",
+                     what, type(exc).__name__, EXIT_DEVICE_FAULT)
+        exit(EXIT_DEVICE_FAULT)
+
+    return dead
 
 
 def detach(exc: BaseException) -> BaseException:

@@ -191,6 +191,7 @@ class ModelSlot:
             return 0
         freed = self.model.unload()
         self.model = None
+        release_memory()  # again, now that the slot's own reference is gone too
         self._release()
         events.model_unloaded.send(sender=self.name, model=self.name, freed_bytes=freed)
         log.info("%s unloaded, %.1f MB freed", self.name, freed / 2**20)
