@@ -13,7 +13,6 @@ import configparser
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from ourvidz_tasks.contract.names import FAMILIES, ROLES
 from ourvidz_tasks.services.metrics import port_for
 
 from .support.process import ROOT
+from .support.tools import tool
 
 #: the Dockerfile's two targets and the image compose tags each as
 IMAGES = {"worker": "ourvidz-tasks:latest", "light": "ourvidz-tasks-light:latest"}
@@ -39,15 +39,8 @@ GPU1 = {f"{name}-gpu1": name for name in POOLS}
 
 @pytest.fixture(scope="module")
 def compose() -> str:
-    """Debian's docker-compose, installed with apt-get when missing (skip where that is impossible)."""
-    found = shutil.which("docker-compose")
-    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run("apt-get update -qq && apt-get install -y -qq docker-compose", shell=True, check=False,
-                       capture_output=True, timeout=900)
-        found = shutil.which("docker-compose")
-    if found is None:
-        pytest.skip("docker-compose is not installed and could not be installed (apt-get install docker-compose)")
-    return found
+    """Debian's docker-compose (``bin/test`` installs it; a failure there, a skip in a bare pytest run)."""
+    return tool("docker-compose", "docker-compose")
 
 
 def run_config(compose: str, env_file: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -10,9 +10,13 @@ carried out by the idle timer, busy marks around a job.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,13 +27,15 @@ from celery.bin.control import _get_commands_of_type
 from celery.contrib.testing.worker import start_worker
 from celery.worker.control import Panel
 
+from devtools.sink import Sink
 from ourvidz_tasks.runtime import between_jobs, control, signals
 from ourvidz_tasks.runtime.leases import Reservation
 from ourvidz_tasks.runtime.ledger import Ledger
 from ourvidz_tasks.runtime.runtime import JobGate
 
-from .support.env import BROKER
-from .support.process import wait_for
+from .support.cluster import Pools
+from .support.env import BROKER, worker_env
+from .support.process import ROOT, wait_for
 
 
 class FakeSlot:
@@ -97,6 +103,22 @@ def test_commands_are_registered_for_the_cli() -> None:
     assert {"memory_status", "pressure_check"} <= set(_get_commands_of_type("inspect"))
     assert {"model_load", "model_unload", "force_unload", "predictive_load"} <= set(_get_commands_of_type("control"))
     assert Panel.meta["force_unload"].args == [("target", str), ("model", str)]
+    assert Panel.data["memory_status"] is control.memory_status  # the implementation, not the stand-in
+
+
+def test_the_app_alone_declares_the_commands_for_the_cli() -> None:
+    """A process that loads only the app (the operator's ``celery -A ourvidz_tasks``) knows the names."""
+    script = ("import sys, ourvidz_tasks.celery\n"
+              "from celery.bin.control import _get_commands_of_type as of\n"
+              "from celery.worker.control import Panel\n"
+              "assert 'ourvidz_tasks.runtime.control' not in sys.modules and 'torch' not in sys.modules\n"
+              "print(sorted(of('inspect')), sorted(of('control')), Panel.meta['predictive_load'].args)\n"
+              "print(Panel.data['memory_status'](type('S', (), {'hostname': 'outbox@x'})()))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    for name in ("memory_status", "pressure_check", "model_load", "model_unload", "force_unload", "predictive_load"):
+        assert f"'{name}'" in out
+    assert "[('target', <class 'str'>), ('model', <class 'str'>), ('mb', <class 'int'>)]" in out
+    assert "outbox@x runs no pool: memory_status is a pool's command" in out
 
 
 def test_memory_status(pools: dict[str, FakeRuntime]) -> None:
@@ -245,3 +267,38 @@ def test_predictive_load_makes_room_for_queued_work(store) -> None:
     depths["wan"] = 0
     assert predict(rt) == []  # nothing queued: nothing predicted
     held.release()
+
+
+# -- the operator's CLI against a real bin/worker ------------------------------------
+
+
+def celery_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``celery -A ourvidz_tasks ARGS`` as an operator runs it: a fresh process, the app alone."""
+    return subprocess.run([str(ROOT / ".venv" / "bin" / "celery"), "-A", "ourvidz_tasks", *args],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_the_celery_cli_against_a_real_worker(sink: Sink, tmp_path: Path) -> None:
+    """README: ``celery -A ourvidz_tasks inspect memory_status``; ``control model_unload`` unloads SDXL."""
+    started = Pools(sink, tmp_path / "logs")
+    try:
+        worker = started.start("sdxl")
+        env = worker_env(sink, "cli")
+
+        def status() -> dict[str, Any]:
+            done = celery_cli(env, "inspect", "memory_status", "-d", worker.node, "-t", "10", "-j")
+            assert done.returncode == 0, done.stdout + done.stderr
+            return json.loads(done.stdout.strip().splitlines()[-1])[worker.node]
+
+        st = status()
+        assert st["worker"] == {"node": worker.node, "pool": "sdxl", "models": {"sdxl": True}}
+        assert st["pools"]["sdxl"]["loaded"] is True and st["reserved_mb"] > 0
+
+        done = celery_cli(env, "control", "model_unload", "sdxl", "-d", worker.node, "-t", "10")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "unload of sdxl on sdxl requested" in done.stdout
+        wait_for(lambda: status()["worker"]["models"] == {"sdxl": False}, 30, interval=0.5, what="sdxl unloaded")
+        assert status()["pools"]["sdxl"]["loaded"] is False
+    finally:
+        started.stop()

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -36,13 +35,11 @@ from .support.cluster import BridgeProcess, WorkerProcess
 from .support.env import BROKER, KEY, worker_env
 from .support.jobs import new_id, terminal
 from .support.process import ROOT
+from .support.tools import tool
 from .upstash_rest import UpstashRest
 
 EDGE = ROOT / "edge"
 TOKEN = "upstash-test-token-" + secrets.token_hex(6)
-NODE = shutil.which("node") and shutil.which("npm")
-
-pytestmark = pytest.mark.skipif(not NODE, reason="node and npm are needed to test the TypeScript publisher (edge/)")
 #: what ``npm ci`` installs that the tests run: a node_modules without one is stale
 INSTALLED = (".package-lock.json", "tsx/package.json", "typescript/package.json", "deno/package.json")
 #: the environment variables the e2e test reads
@@ -58,7 +55,10 @@ def run(command: list[str], env: dict[str, str] | None = None, timeout: float = 
 
 @pytest.fixture(scope="module")
 def node_modules() -> Path:
-    """edge/node_modules, installed from package-lock.json (``npm ci``) when missing or stale."""
+    """edge/node_modules, from package-lock.json: ``bin/test`` runs ``npm ci`` when missing or stale
+    (``bin/_tools``); a bare pytest run does it here."""
+    tool("node", "nodejs")
+    tool("npm", "npm")
     if not all((EDGE / "node_modules" / name).exists() for name in INSTALLED):
         run(["npm", "ci", "--no-audit", "--no-fund"], timeout=600)
     return EDGE / "node_modules"

@@ -8,7 +8,6 @@ through injected resolvers, and the property tests use mock transports.
 from __future__ import annotations
 
 import io
-import shutil
 import socket
 import ssl
 import struct
@@ -32,6 +31,8 @@ from PIL import Image, ImageFile
 from ourvidz_tasks.contract.errors import FetchError, ReferenceUnavailable, UnsafeReference
 from ourvidz_tasks.contract.settings import Settings
 from ourvidz_tasks.services.fetch import ReferenceFetcher, decode_image
+
+from .support.tools import tool
 
 KEY = "service-key-sekrit"
 
@@ -750,8 +751,7 @@ def test_userinfo_refused(ref: str) -> None:
 # -- TLS: the URL carries the IP, SNI and certificate checks carry the name ------------
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
+    tool("openssl", "openssl")
     folder = tmp_path_factory.mktemp("tls")
     key, crt = folder / "key.pem", folder / "cert.pem"
     subprocess.run(

@@ -12,7 +12,6 @@ import io
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ from .support.cluster import WorkerProcess
 from .support.jobs import new_id, terminal
 from .support.ports import free_port
 from .support.process import ROOT, ManagedProcess, wait_for
+from .support.tools import tool
 from .wire import publish
 
 USER = "operator"
@@ -83,15 +83,8 @@ def api(flower: FlowerProcess, path: str, **params: Any) -> Any:
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """Debian's headless Chromium, installed with apt-get when missing (skip where that is impossible)."""
-    found = shutil.which("chromium")
-    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run("apt-get update -qq && apt-get install -y -qq chromium fonts-dejavu-core", shell=True,
-                       check=False, capture_output=True, timeout=900)
-        found = shutil.which("chromium")
-    if found is None:
-        pytest.skip("chromium is not installed and could not be installed (apt-get install chromium)")
-    return found
+    """Debian's headless Chromium (``bin/test`` installs it; a failure there, a skip in a bare pytest run)."""
+    return tool("chromium", "chromium fonts-dejavu-core")
 
 
 def render(chromium: str, url: str, png: Path) -> str:
@@ -215,41 +208,57 @@ def test_api_needs_the_password_which_is_not_in_argv(flower: FlowerProcess) -> N
 
 @pytest.mark.slow
 def test_shows_the_three_pools(flower: FlowerProcess, sdxl_worker: WorkerProcess, chat_worker: WorkerProcess,
-                               wan_worker: WorkerProcess, chromium: str) -> None:
+                               wan_worker: WorkerProcess) -> None:
     nodes = {sdxl_worker.node, chat_worker.node, wan_worker.node}
     workers = wait_for(lambda: (w := api(flower, "/api/workers", refresh=1)) and nodes <= set(w) and w,
                        60, 1, "the three pools in /api/workers")
     for node in nodes:
         queues = {q["name"] for q in workers[node]["active_queues"]}
         assert queues == {node.split("@")[0]}
+
+
+@pytest.mark.slow
+def test_the_workers_page_draws_the_three_pools(flower: FlowerProcess, sdxl_worker: WorkerProcess,
+                                                chat_worker: WorkerProcess, wan_worker: WorkerProcess,
+                                                chromium: str) -> None:
+    nodes = {sdxl_worker.node, chat_worker.node, wan_worker.node}
+    wait_for(lambda: nodes <= set(api(flower, "/api/workers", refresh=1)), 60, 1, "the three pools in /api/workers")
     dom = render(chromium, authed(flower, "/workers"), ARTIFACTS / "flower-workers.png")
     assert all(node in dom for node in nodes)
+    assert_drawn(ARTIFACTS / "flower-workers.png")
+
+
+def long_job() -> dict[str, Any]:
+    """Long enough (~15 s here) to watch: 1024² at the largest schedule the contract allows."""
+    return {"id": new_id(), "type": "sdxl_image_fast", "user_id": "user_123", "prompt": f"a harbor, {MARKER}",
+            "config": {"resolution": "1024x1024", "num_inference_steps": 150, "seed": 3}}
+
+
+def progress_of(flower: FlowerProcess, task_id: str, seen: list[int]) -> dict[str, Any] | None:
+    """The task in /api/tasks while it is in PROGRESS (its percent noted in ``seen``)."""
+    task = api(flower, "/api/tasks", limit=50).get(task_id)
+    if task and task["state"] == "PROGRESS" and isinstance(task["result"], dict):
+        seen.append(task["result"]["percent"])
+        return dict(task)
+    return None
+
+
+def assert_drawn(png: Path) -> None:
+    image = Image.open(io.BytesIO(png.read_bytes()))
+    assert image.size == (1500, 900)
+    assert len(set(image.convert("L").resize((150, 90)).getdata())) > 20  # drawn, not blank
 
 
 @pytest.mark.slow
 def test_live_progress_job_id_not_prompt(flower: FlowerProcess, sdxl_worker: WorkerProcess, store: redis.Redis,
-                                         sink: Sink, chromium: str) -> None:
-    # long enough (~15 s here) to watch: 1024² at the largest schedule the contract allows
-    job = {"id": new_id(), "type": "sdxl_image_fast", "user_id": "user_123", "prompt": f"a harbor, {MARKER}",
-           "config": {"resolution": "1024x1024", "num_inference_steps": 150, "seed": 3}}
+                                         sink: Sink) -> None:
+    """Flower's API and pages, no browser: PROGRESS moves forward, SUCCESS, the prompt nowhere."""
+    job = long_job()
     task_id = publish(store, "ourvidz.sdxl.generate", job, "sdxl")
     seen: list[int] = []
-
-    def progress() -> dict[str, Any] | None:
-        task = api(flower, "/api/tasks", limit=50).get(task_id)
-        if task and task["state"] == "PROGRESS" and isinstance(task["result"], dict):
-            seen.append(task["result"]["percent"])
-            return dict(task)
-        return None
-
-    running = wait_for(progress, 120, 0.1, "PROGRESS in /api/tasks")
-    # the dashboard at once, while it runs: the tasks table draws the progress as a bar
-    tasks_page = "/tasks?name=ourvidz.sdxl.generate"
-    dom = render(chromium, authed(flower, tasks_page), ARTIFACTS / "flower-tasks-progress.png")
-    assert job["id"] in dom and task_id in dom
-    assert "PROGRESS" in dom and "generating" in dom, "the job ended before the screenshot"
-    assert re.search(r"\[[█░]{10}\] \d+% · step \d+/150 · generating", dom)
-    moved = wait_for(lambda: (task := progress()) and len(set(seen)) >= 2 and task, 60, 0.1, "PROGRESS to move")
+    running = wait_for(lambda: progress_of(flower, task_id, seen), 120, 0.1, "PROGRESS in /api/tasks")
+    moved = wait_for(lambda: (task := progress_of(flower, task_id, seen)) and len(set(seen)) >= 2 and task, 60, 0.1,
+                     "PROGRESS to move")
     assert seen == sorted(seen) and seen[-1] > seen[0]  # it moves forward
     for task in (running, moved):
         assert task["result"]["job_id"] == job["id"] and task["result"]["stage"] == "generating"
@@ -262,14 +271,31 @@ def test_live_progress_job_id_not_prompt(flower: FlowerProcess, sdxl_worker: Wor
     done = wait_for(lambda: (t := api(flower, f"/api/task/info/{task_id}")) and t["state"] == "SUCCESS" and t,
                     60, 0.2, "SUCCESS in flower")
     assert done["args"] == f"({job['id']!r},)" and "hidden" in done["result"]
+    # the prompt is nowhere Flower can show it
+    for text in (page, httpx.get(f"{flower.url}/api/tasks", auth=(USER, PASSWORD), timeout=30).text,
+                 httpx.get(f"{flower.url}/api/task/info/{task_id}", auth=(USER, PASSWORD), timeout=30).text,
+                 httpx.get(f"{flower.url}/task/{task_id}", auth=(USER, PASSWORD), timeout=30).text,
+                 httpx.get(f"{flower.url}/tasks?name=ourvidz.sdxl.generate", auth=(USER, PASSWORD), timeout=30).text):
+        assert MARKER not in text
+
+
+@pytest.mark.slow
+def test_the_dashboard_draws_live_progress(flower: FlowerProcess, sdxl_worker: WorkerProcess, store: redis.Redis,
+                                           sink: Sink, chromium: str) -> None:
+    """Headless Chromium: the tasks table draws the progress as a bar while the job runs, then SUCCESS."""
+    job = long_job()
+    task_id = publish(store, "ourvidz.sdxl.generate", job, "sdxl")
+    wait_for(lambda: progress_of(flower, task_id, []), 120, 0.1, "PROGRESS in /api/tasks")
+    tasks_page = "/tasks?name=ourvidz.sdxl.generate"
+    dom = render(chromium, authed(flower, tasks_page), ARTIFACTS / "flower-tasks-progress.png")
+    assert job["id"] in dom and task_id in dom
+    assert "PROGRESS" in dom and "generating" in dom, "the job ended before the screenshot"
+    assert re.search(r"\[[█░]{10}\] \d+% · step \d+/150 · generating", dom)
+    assert terminal(sink, job["id"], 240)["status"] == "completed"
+    wait_for(lambda: api(flower, f"/api/task/info/{task_id}")["state"] == "SUCCESS", 60, 0.2, "SUCCESS in flower")
     done_dom = render(chromium, authed(flower, tasks_page), ARTIFACTS / "flower-tasks-done.png")
     assert task_id in done_dom and "SUCCESS" in done_dom and "hidden (see the callback)" in done_dom
-    # the prompt is nowhere Flower can show it
-    for text in (dom, done_dom, page, httpx.get(f"{flower.url}/api/tasks", auth=(USER, PASSWORD), timeout=30).text,
-                 httpx.get(f"{flower.url}/api/task/info/{task_id}", auth=(USER, PASSWORD), timeout=30).text,
-                 httpx.get(f"{flower.url}/task/{task_id}", auth=(USER, PASSWORD), timeout=30).text):
+    for text in (dom, done_dom):
         assert MARKER not in text
-    for name in ("flower-tasks-progress.png", "flower-tasks-done.png", "flower-workers.png"):
-        image = Image.open(io.BytesIO((ARTIFACTS / name).read_bytes()))
-        assert image.size == (1500, 900)
-        assert len(set(image.convert("L").resize((150, 90)).getdata())) > 20  # drawn, not blank
+    for name in ("flower-tasks-progress.png", "flower-tasks-done.png"):
+        assert_drawn(ARTIFACTS / name)

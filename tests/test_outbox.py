@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +18,9 @@ import redis
 from devtools.sink import Sink
 from ourvidz_tasks.contract.settings import Settings
 from ourvidz_tasks.services.delivery import Delivery
+from ourvidz_tasks.services.guard import DeadLetters
 from ourvidz_tasks.services.outbox_store import CONSUMER, LIST
+from ourvidz_tasks.services.outbox_store import JOBS as OUTBOX_JOBS
 
 from .support.cluster import WorkerProcess
 from .support.env import KEY, SECRET
@@ -160,3 +165,40 @@ def test_a_storage_outage_loses_nothing_and_computes_once(sdxl_worker: WorkerPro
     assert body["metadata"]["attempt"] == 2 and body["assets"][0]["thumbnail_url"]
     assert [c["body"]["status"] for c in sink.callbacks(payload["id"])].count("completed") == 1
     assert f"job {payload['id']}: resumed 1 asset(s) from the spool" in sdxl_worker.text()
+
+
+def test_a_callback_the_edge_refuses_is_a_dead_letter(sdxl_worker: WorkerProcess, store: redis.Redis,
+                                                      sink: Sink) -> None:
+    """HTTP 400 for good, the pools alone (no outbox consumer): each refused body lands in ``ourvidz:dead``,
+    where ``ourvidz dead`` lists it; the terminal one stays recorded for ``ourvidz replay``."""
+    assert not store.exists(CONSUMER)
+    payload = job()
+
+    def letters() -> list[dict[str, Any]]:
+        return [e for e in DeadLetters(store).entries() if e["job_id"] == payload["id"]]
+
+    sink.faults(callback=400)
+    try:
+        publish(store, "ourvidz.sdxl.generate", payload, "sdxl")
+        wait_for(lambda: store.exists(f"ourvidz:job:{payload['id']}:final"), 120, what="the job to end")
+        wait_for(lambda: any(json.loads(e["raw"])["status"] == "completed" for e in letters()), 10,
+                 what="the refused terminal callback as a dead letter")
+    finally:
+        sink.faults()
+    assert sink.callbacks(payload["id"]) == []  # the edge took none of them
+    statuses = [json.loads(e["raw"])["status"] for e in reversed(letters())]
+    assert statuses[0] == "processing" and statuses.count("completed") == 1, statuses
+    assert all(e["reason"].startswith("callback refused by the edge") and "HTTP 400" in e["reason"]
+               for e in letters())
+    assert not store.hexists(OUTBOX_JOBS, payload["id"])  # refused for good: not waiting in the outbox
+    listed = subprocess.run([sys.executable, "-m", "ourvidz_tasks.tools.cli", "dead", "--json"],
+                            capture_output=True, text=True, check=True).stdout
+    assert [e["job_id"] for e in json.loads(listed)].count(payload["id"]) == len(statuses)
+    text = subprocess.run([sys.executable, "-m", "ourvidz_tasks.tools.cli", "dead"],
+                          capture_output=True, text=True, check=True).stdout
+    assert f"job {payload['id']}" in text and "callback refused by the edge" in text
+    # the edge takes it again: the recorded terminal callback is replayed as it was
+    replay = subprocess.run([sys.executable, "-m", "ourvidz_tasks.tools.cli", "replay", payload["id"]],
+                            env={**os.environ, "SUPABASE_URL": sink.url}, capture_output=True, text=True)
+    assert replay.returncode == 0, replay.stderr
+    assert terminal(sink, payload["id"], 10)["status"] == "completed"

@@ -25,6 +25,10 @@ any idle pool of a GPU reports for all of it; a worker in the middle of a
 long job answers only when the job ends (ask another pool of that GPU, or
 raise ``-t``).
 
+Their names, arguments and help are :data:`~ourvidz_tasks.services.commands.COMMANDS`, declared
+wherever the app is loaded (Celery's CLI checks a name in the caller's process); :func:`command`
+registers each implementation here, in the worker.
+
 The busy/idle marks and the serving itself are :mod:`.between_jobs`; :func:`install` adds the
 idle timer (:class:`ServeRequests`) to an app's workers (:mod:`.signals` does it at ``worker_init``).
 """
@@ -35,9 +39,9 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, bootsteps
-from celery.worker.control import control_command, inspect_command
 
 from ..contract.errors import WorkerUnavailable
+from ..services.commands import command
 from .between_jobs import REQUEST_TTL, serve_idle
 from .estimates import DEFAULT_ESTIMATES_MB
 from .ledger import Ledger, Request
@@ -52,7 +56,7 @@ SERVE_INTERVAL = 0.25
 # -- the commands ------------------------------------------------------------------
 
 
-@inspect_command()
+@command("memory_status")
 def memory_status(state: Any) -> dict[str, Any]:
     """The GPU's memory ledger: pools, reserved and free MB, pressure, waiters, requests."""
     rt, ledger = _context(state)
@@ -67,14 +71,14 @@ def memory_status(state: Any) -> dict[str, Any]:
     return st
 
 
-@inspect_command()
+@command("pressure_check")
 def pressure_check(state: Any) -> dict[str, Any]:
     """Pressure level, available MB and recommendations (e.g. ``unload_chat_for_wan``)."""
     rt, ledger = _context(state)
     return {"error": rt} if ledger is None else ledger.report()
 
 
-@control_command(args=[("model", str)], signature="[model]")
+@command("model_load")
 def model_load(state: Any, model: str | None = None) -> dict[str, Any]:
     """Ask this pool to load a model (default its first) between jobs, when it fits."""
     rt, ledger = _context(state)
@@ -90,7 +94,7 @@ def model_load(state: Any, model: str | None = None) -> dict[str, Any]:
     return _requested(ledger, f"load of {model} ({mb} MB) requested", lambda r: r.pool == rt.family)
 
 
-@control_command(args=[("model", str)], signature="[model]")
+@command("model_unload")
 def model_unload(state: Any, model: str | None = None) -> dict[str, Any]:
     """Ask this pool to unload a model (default all it holds) between jobs."""
     rt, ledger = _context(state)
@@ -101,7 +105,7 @@ def model_unload(state: Any, model: str | None = None) -> dict[str, Any]:
     return _unload(ledger, rt.family, model, "control")
 
 
-@control_command(args=[("target", str), ("model", str)], signature="<pool> [model]")
+@command("force_unload")
 def force_unload(state: Any, target: str | None = None, model: str | None = None) -> dict[str, Any]:
     """Ask any pool on this GPU (default this one) to unload, queued work or not."""
     rt, ledger = _context(state)
@@ -110,7 +114,7 @@ def force_unload(state: Any, target: str | None = None, model: str | None = None
     return _unload(ledger, _pool(target) or rt.family, model, "force")
 
 
-@control_command(args=[("target", str), ("model", str), ("mb", int)], signature="<pool> [model] [mb]")
+@command("predictive_load")
 def predictive_load(state: Any, target: str | None = None, model: str | None = None,
                     mb: int | None = None) -> dict[str, Any]:
     """Make room ahead of queued work for a cold model; its pool loads it between jobs."""

@@ -35,6 +35,7 @@ from ..contract.errors import DeliveryError, DeliveryRefused, ThumbnailError
 from ..contract.settings import Settings
 from . import events
 from .backoff import Backoff
+from .guard import DeadLetters
 from .tracing import ContextExecutor, span
 
 if TYPE_CHECKING:  # media needs PIL and numpy; the outbox consumer installs neither
@@ -313,6 +314,8 @@ class Delivery:
     def _send_quietly(self, job_id: str, body: bytes) -> None:
         try:
             self._send(job_id, body)
+        except DeliveryRefused as exc:
+            refused(self.redis, job_id, body, exc)
         except Exception as exc:  # progress is best effort
             log.warning("job %s: processing callback not delivered: %s", job_id, exc)
 
@@ -373,6 +376,10 @@ class Delivery:
         future: Future[bool] = self._sender.submit(self._send, job_id, dumps(body), queued)
         try:
             delivered_now = future.result()
+        except DeliveryRefused as exc:  # for good: retrying won't help; an operator finds it, replays it
+            refused(self.redis, job_id, dumps(body), exc)
+            events.callback_failed.send(sender="delivery", job_id=job_id, status=body.get("status"))
+            return False
         except DeliveryError as exc:
             log.error("job %s: terminal callback not delivered, kept for replay: %s", job_id, exc)
             events.callback_failed.send(sender="delivery", job_id=job_id, status=body.get("status"))
@@ -385,6 +392,11 @@ class Delivery:
         self._sender.shutdown(wait=True)
         self._uploads.shutdown(wait=True)
         self.client.close()
+
+
+def refused(store: redis.Redis, job_id: str, body: bytes | str, exc: DeliveryRefused, queue: str | None = None) -> None:
+    """A body the edge refused (4xx): a dead letter (``keys.DEAD_LETTERS``, ``ourvidz dead``), never retried."""
+    DeadLetters(store).push(f"callback refused by the edge: {exc}", raw=body, queue=queue, job_id=job_id)
 
 
 def mark_delivered(store: redis.Redis, job_id: str, ttl: int, patience: float = 120.0) -> None:

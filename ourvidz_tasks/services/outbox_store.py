@@ -41,7 +41,7 @@ from ..contract.settings import Settings
 from ..contract.text import as_text
 from . import events
 from .backoff import Backoff
-from .delivery import HttpCallbacks, OutboxCallbacks, mark_delivered
+from .delivery import HttpCallbacks, OutboxCallbacks, mark_delivered, refused
 from .guard import DeadLetters
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class Outbox:
         try:
             send(job_id, body.encode())
         except DeliveryRefused as exc:
-            DeadLetters(self.redis).push(f"callback refused by the edge: {exc}", raw=body, queue=LIST, job_id=job_id)
+            refused(self.redis, job_id, body, exc, queue=LIST)
             events.callback_failed.send(sender="outbox", job_id=job_id, status=status)
             self._pop_head(raw, job_id, {"at": time.time(), "ok": False, "error": str(exc)}, token)
             return True

@@ -1,4 +1,4 @@
-"""``ourvidz``: the operator's command line (submit and follow a job, memory, replay, metrics).
+"""``ourvidz``: the operator's command line (submit and follow a job, memory, replay, dead letters, metrics).
 
 Everything comes from the same environment as the workers (CONTRACT.md
 section 5): ``OURVIDZ_BROKER_URL`` reaches the queues and the result backend.
@@ -11,6 +11,7 @@ import json
 import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 
 import redis
@@ -36,6 +37,7 @@ examples:
   ourvidz memory                                 # per worker: models loaded and load counts
   ourvidz memory plan --card l40s                # which real models stay resident together, per job shape
   ourvidz replay 5f0c...                         # re-send a job's recorded terminal callback
+  ourvidz dead                                   # dead letters: refused callbacks, items that are not tasks
   ourvidz metrics --port 9100                    # Prometheus: queue depth, ledger, callback backlog"""
 
 SUBMIT_HELP = """\
@@ -152,6 +154,23 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_FAILED if health in ("missing", "stuck") else EXIT_OK
 
 
+# -- dead ------------------------------------------------------------------------------
+def cmd_dead(args: argparse.Namespace, settings: Settings) -> int:
+    """The dead letters, newest first: refused callbacks, queue items that are not tasks."""
+    from ..services.guard import DeadLetters
+
+    entries = DeadLetters(connect(settings.redis, settings)).entries()[: args.limit]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return EXIT_OK
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(e.get("at") or 0)))
+        where = f" ({e['queue']})" if e.get("queue") else ""
+        print(f"{when} job {e.get('job_id') or '-'} task {e.get('task_id') or '-'}{where}: {e.get('reason')}")
+    print(f"{len(entries)} dead letter(s) shown (newest first; `--json` for the bodies)", file=sys.stderr)
+    return EXIT_OK
+
+
 # -- replay ---------------------------------------------------------------------------
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from ..services.delivery import Delivery
@@ -243,6 +262,15 @@ def parser() -> argparse.ArgumentParser:
                         formatter_class=fmt)
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(run=cmd_status)
+
+    d = sub.add_parser("dead", help="the dead letters: refused callbacks, queue items that are not tasks",
+                       description="Entries of the dead-letter list (ourvidz:dead in OURVIDZ_REDIS_URL), newest\n"
+                                   "first: a callback the edge refused for good (4xx; `ourvidz replay JOB_ID`\n"
+                                   "re-sends a terminal one) or a queue item that could not become a task.",
+                       formatter_class=fmt)
+    d.add_argument("--json", action="store_true", help="print JSON (with each entry's raw body)")
+    d.add_argument("--limit", type=int, default=100, help="at most this many, newest first (default 100)")
+    d.set_defaults(run=cmd_dead)
 
     r = sub.add_parser("replay", help="re-send a job's recorded terminal callback",
                        description="Re-send the terminal callback (completed or failed) recorded for a job,\n"
