@@ -178,3 +178,65 @@ def _crash(step: str) -> None:
     logging.getLogger("tests.faults").warning("crash plug-in: exiting right after the %s step", step)
     logging.shutdown()
     os._exit(CRASH_STATUS)
+
+
+# -- broker windows (OURVIDZ_RUNTIME_PLUGINS=tests.faults:broker_windows) -----------------------------
+
+#: the folder of the windows plug-in: ``rules.json`` written by the test, ``hit-N`` / ``go-N`` handshakes
+WINDOWS_ENV = "OURVIDZ_TEST_WINDOWS"
+#: the longest a worker waits in a window for the test to let it go on
+WINDOW_HOLD = 120.0
+
+
+def broker_windows(rt: Any) -> None:
+    """A runtime plug-in that stops the worker in chosen windows of chosen jobs until the test lets it go.
+
+    ``$OURVIDZ_TEST_WINDOWS/rules.json`` is a list of ``{"job": id, "at": "step", "step": k}``
+    (right after denoising step k), ``{"job": id, "at": "uploaded"}`` (every file stored, before
+    the terminal callback) or ``{"job": id, "at": "acked"}`` (the callback sent, before the
+    message's ack: Celery's ``task_postrun``). Each rule fires once, the first time its window is
+    reached: the worker writes ``hit-N`` (N: the rule's index) and waits for ``go-N``. The test
+    restarts Redis in between, so each window is hit on purpose and a failure replays.
+    """
+    from celery import signals
+
+    from ourvidz_tasks.services import events
+
+    folder = os.environ.get(WINDOWS_ENV)
+    if not folder:
+        return
+    where = Path(folder)
+
+    def step(sender: Any = None, job_id: str = "", step: int = 0, **_: Any) -> None:
+        _window(where, job_id, "step", step)
+
+    def uploaded(sender: Any = None, job_id: str = "", **_: Any) -> None:
+        _window(where, job_id, "uploaded")
+
+    def postrun(sender: Any = None, args: Any = None, **_: Any) -> None:
+        payload = args[0] if args else None
+        if isinstance(payload, dict):
+            _window(where, str(payload.get("id")), "acked")
+
+    events.job_step.connect(step, weak=False)
+    events.job_uploaded.connect(uploaded, weak=False)
+    signals.task_postrun.connect(postrun, weak=False)
+
+
+def _window(where: Path, job_id: str, at: str, step: int | None = None) -> None:
+    import time
+
+    rules = json.loads((where / "rules.json").read_text())
+    for index, rule in enumerate(rules):
+        if rule["job"] != job_id or rule["at"] != at or rule.get("step") != step:
+            continue
+        try:
+            (where / f"fired-{index}").open("x").close()  # once per rule, across restarts of the worker
+        except FileExistsError:
+            continue
+        logging.getLogger("tests.faults").warning("window %d: job %s at %s %s", index, job_id, at, step or "")
+        (where / f"hit-{index}").touch()
+        deadline = time.monotonic() + WINDOW_HOLD
+        while not (where / f"go-{index}").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)  # a handshake poll, not a timing window: the test decides when to go on
+        return

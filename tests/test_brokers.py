@@ -2,8 +2,11 @@
 
 - Redis restarts: a private ``redis-server`` (AOF, fsync always) is the broker, result
   backend and bookkeeping Redis of an SDXL pool and its outbox; it is SIGTERMed and
-  started again on the same port and dir while jobs run (once at a fixed moment, three
-  times at random ones). Every job must still get exactly one terminal callback.
+  started again on the same port and dir while jobs run: once at a fixed moment, and in
+  chosen windows of chosen jobs (after step k, between the upload and the callback, between
+  the callback and the ack), driven by job events through a plug-in (``tests.faults:broker_windows``)
+  so that every window is hit on purpose and a failure replays. Every job must complete, with
+  one start callback, one terminal callback and its files uploaded once.
 - Live workers keep their messages: crash recovery requeues only a dead worker's
   messages, not those of a long job or a long callback outage.
 - RabbitMQ: the same job through ``amqp://`` (bookkeeping and results on the test Redis),
@@ -87,56 +90,132 @@ def test_redis_restart_mid_run_loses_no_job(tmp_path: Path, pools: Pools, sink: 
         server.stop()
 
 
+class Windows:
+    """Redis restarts driven by job events (``tests.faults:broker_windows``): each rule stops the worker
+    in one window of one job; the test stops Redis, lets the worker go on into the outage, and starts
+    Redis again ``down`` seconds later. Every window is hit on purpose, so a failure replays."""
+
+    def __init__(self, folder: Path, server: RedisServer, down: float = 1.5) -> None:
+        self.folder, self.server, self.down = folder, server, down
+        folder.mkdir(parents=True, exist_ok=True)
+        self.rules: list[dict[str, Any]] = []
+        self.write()
+
+    def write(self) -> None:
+        (self.folder / "rules.json").write_text(json.dumps(self.rules))
+
+    def add(self, job_id: str, at: str, step: int | None = None) -> None:
+        self.rules.append({"job": job_id, "at": at, **({"step": step} if step is not None else {})})
+        self.write()
+
+    def drive(self, first: int = 0, timeout: float = 240) -> float:
+        """Restart Redis once in each window of rules ``first:`` as the worker reaches it; the outages' total."""
+        pending, total = set(range(first, len(self.rules))), 0.0
+        while pending:
+            hit = wait_for(lambda: sorted(i for i in pending if (self.folder / f"hit-{i}").exists()), timeout,
+                           what=f"the worker in window(s) {sorted(pending)}: {[self.rules[i] for i in pending]}")
+            for index in hit:
+                began = time.time()
+                self.server.stop()
+                (self.folder / f"go-{index}").touch()  # the worker goes on into the outage
+                time.sleep(self.down)
+                self.server.start()
+                total += time.time() - began
+                pending.discard(index)
+        return total
+
+
+def _uploads(sink: Sink, job_id: str) -> int:
+    return sum(1 for r in sink.requests() if r["method"] == "POST" and r["path"].startswith("/storage/v1/object/")
+               and f"/{job_id}/" in r["path"])
+
+
+def _starts(sink: Sink, job_id: str) -> int:
+    """``processing`` callbacks that announce a start (progress ones carry ``progress``)."""
+    return sum(1 for c in sink.callbacks(job_id)
+               if c["body"]["status"] == "processing" and "progress" not in (c["body"].get("metadata") or {}))
+
+
+def _once_each(sink: Sink, ids: list[str], what: str, uploads: int = 2) -> None:
+    """Every job completed with one start, one terminal callback and its files uploaded once; failed
+    jobs' errors in the assertion message."""
+    bodies = {job_id: terminal(sink, job_id, 180) for job_id in ids}
+    time.sleep(2)  # a late duplicate would surface within a scan period
+    counts = terminal_counts(sink, ids)
+    starts = {job_id: _starts(sink, job_id) for job_id in ids}
+    stored = {job_id: _uploads(sink, job_id) for job_id in ids}
+    failed = {job_id: b.get("error") for job_id, b in bodies.items() if b["status"] != "completed"}
+    print(f"{what}: {len(ids) - len(failed)} of {len(ids)} completed; terminal callbacks {sorted(Counter(counts.values()).items())}, "
+          f"starts {sorted(Counter(starts.values()).items())}, uploads {sorted(Counter(stored.values()).items())}")
+    assert not failed, f"failed jobs and their errors: {failed}"
+    assert all(n == 1 for n in counts.values()), f"terminal callbacks per job: {counts}"
+    assert all(n == 1 for n in starts.values()), f"start callbacks per job: {starts}"
+    assert all(n == uploads for n in stored.values()), f"uploads per job: {stored}"
+
+
 @pytest.mark.slow
 @pytest.mark.stress
-def test_redis_restarts_at_random_moments_lose_no_job(tmp_path: Path, pools: Pools, sink: Sink) -> None:
-    """Three restarts at random moments of a run: the odds of hitting the instant between a
-    BRPOP that pops a message and kombu's write of it to ``unacked`` are much higher."""
-    import random
-
-    _restarts_at_random_moments(tmp_path, pools, sink, int(os.environ.get("OURVIDZ_TEST_SEED") or random.randrange(10**6)))
-
-
-@pytest.mark.slow
-def test_redis_restarts_seed_126803_callback_delivered_once(tmp_path: Path, pools: Pools, sink: Sink) -> None:
-    """Regression (found by ``bin/test --stress``): a restart right after a terminal callback was
-    delivered lost the "delivered" mark, and the redelivered message sent the callback again."""
-    _restarts_at_random_moments(tmp_path, pools, sink, 126803)
-
-
-def _restarts_at_random_moments(tmp_path: Path, pools: Pools, sink: Sink, seed: int) -> None:
-    import random
-
+def test_redis_restarts_at_job_events_lose_no_job_and_fail_none(tmp_path: Path, pools: Pools, sink: Sink) -> None:
+    """Redis restarts in each window of a job: after step k, between the upload and the terminal
+    callback, between the callback and the ack; one job is hit by three restarts in a row (each
+    used to end its attempt with "unexpected ConnectionError" until its retries ran out, ``failed``)."""
     server = RedisServer(tmp_path / "redis").start()
     try:
         url = server.url(0)
-        tag = new_id()[:6]
-        env = dict(OURVIDZ_BROKER_URL=url, OURVIDZ_REDIS_URL=url, OURVIDZ_LEASE_SECONDS="2")
-        pools.start("outbox", OURVIDZ_HOSTNAME=f"restarts-outbox-{tag}", **env)
-        worker = pools.start("sdxl", OURVIDZ_HOSTNAME=f"restarts-sdxl-{tag}", **env)
+        windows = Windows(tmp_path / "windows", server)
+        env = dict(OURVIDZ_BROKER_URL=url, OURVIDZ_REDIS_URL=url, OURVIDZ_LEASE_SECONDS="2",
+                   OURVIDZ_RUNTIME_PLUGINS="tests.faults:broker_windows", OURVIDZ_TEST_WINDOWS=str(windows.folder))
+        worker = pools.start("sdxl", OURVIDZ_HOSTNAME=f"windows-sdxl-{new_id()[:6]}", **env)
+        jobs = [tiny_job(steps=8) for _ in range(6)]
+        ids = [j["id"] for j in jobs]
+        windows.add(ids[1], "step", 3)
+        for k in (2, 4, 6):
+            windows.add(ids[2], "step", k)  # the same job, three restarts
+        windows.add(ids[3], "uploaded")
+        windows.add(ids[4], "acked")
         client = server.client()
-        jobs = [tiny_job(steps=8) for _ in range(30)]
         for job in jobs:
             publish(client, TASK, job, "sdxl")
-        ids = [j["id"] for j in jobs]
-        rng = random.Random(seed)
-        terminal(sink, ids[0], 120)
-        for _ in range(3):
-            time.sleep(rng.uniform(0.1, 1.5))
-            server.restart(down=1.0)
-        bodies = {job_id: terminal(sink, job_id, 1) for job_id in ids if _ended_soon(sink, job_id)}
-        with contextlib.suppress(TimeoutError):
-            wait_for(lambda: client.llen("sdxl") == 0 and client.hlen("unacked") == 0, 30, what="queue drained")
-        time.sleep(3)
-        counts = terminal_counts(sink, ids)
-        lost = [i for i, n in counts.items() if n == 0]
-        duplicated = [i for i, n in counts.items() if n > 1]
-        statuses = Counter(b["status"] for b in bodies.values())
-        print(f"{len(jobs)} jobs, 3 Redis restarts (seed {seed}): {statuses['completed']} completed, "
-              f"{statuses['failed']} failed, {len(lost)} lost, {len(duplicated)} duplicated; "
-              f"worker alive: {worker.alive()}")
-        assert not lost and not duplicated, (lost, duplicated)
-        assert statuses["completed"] == len(jobs)
+        outage = windows.drive()
+        print(f"{len(windows.rules)} Redis restarts at job events ({outage:.1f}s down in all); worker alive: {worker.alive()}")
+        _once_each(sink, ids, "restarts at job events")
+        assert worker.alive()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.stress
+def test_redis_restarts_at_job_events_soak(tmp_path: Path, pools: Pools, sink: Sink) -> None:
+    """A bounded soak: rounds of jobs, each with restarts at windows drawn from a seed (printed; the
+    windows are job events, so ``OURVIDZ_TEST_SEED`` replays a round), for ``OURVIDZ_SOAK_SECONDS`` (60)."""
+    import random
+
+    budget = float(os.environ.get("OURVIDZ_SOAK_SECONDS") or 60)
+    first_seed = int(os.environ.get("OURVIDZ_TEST_SEED") or random.randrange(10**6))
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        url = server.url(0)
+        windows = Windows(tmp_path / "windows", server)
+        env = dict(OURVIDZ_BROKER_URL=url, OURVIDZ_REDIS_URL=url, OURVIDZ_LEASE_SECONDS="2",
+                   OURVIDZ_RUNTIME_PLUGINS="tests.faults:broker_windows", OURVIDZ_TEST_WINDOWS=str(windows.folder))
+        worker = pools.start("sdxl", OURVIDZ_HOSTNAME=f"soak-sdxl-{new_id()[:6]}", **env)
+        client, ends, rounds = server.client(), time.monotonic() + budget, 0
+        while rounds == 0 or time.monotonic() < ends:
+            seed = first_seed + rounds
+            rng, first = random.Random(seed), len(windows.rules)
+            jobs = [tiny_job(steps=6) for _ in range(4)]
+            ids = [j["id"] for j in jobs]
+            for n in sorted(rng.sample(range(len(jobs)), 2)):
+                at = rng.choice(["step", "uploaded", "acked"])
+                windows.add(ids[n], at, rng.randint(1, 5) if at == "step" else None)
+            plan = [(ids.index(r["job"]), r["at"], r.get("step")) for r in windows.rules[first:]]
+            for job in jobs:
+                publish(client, TASK, job, "sdxl")
+            windows.drive(first)
+            _once_each(sink, ids, f"soak round {rounds} (seed {seed}: windows {plan})")
+            rounds += 1
+        print(f"soak: {rounds} rounds, {len(windows.rules)} restarts at job events, seeds {first_seed}..{first_seed + rounds - 1}")
         assert worker.alive()
     finally:
         server.stop()
@@ -176,14 +255,6 @@ def test_redis_down_longer_than_the_lease_requeues_no_live_job(tmp_path: Path, p
         assert terminal_counts(sink, [job["id"]])[job["id"]] == 1
     finally:
         server.stop()
-
-
-def _ended_soon(sink: Sink, job_id: str, timeout: float = 90) -> bool:
-    try:
-        terminal(sink, job_id, timeout)
-        return True
-    except TimeoutError:
-        return False
 
 
 @pytest.mark.slow

@@ -153,6 +153,9 @@ class Settings(BaseSettings):
     #: seconds a starting pool retries its warmup while Redis does not answer, then it exits 69
     #: (its supervisor restarts it); it consumes nothing before it is warm
     startup_wait: float = Field(300.0, gt=0)
+    #: seconds a running job waits for Redis (broker and bookkeeping) through an outage before its
+    #: message is handed back; an outage never counts against a job's attempts
+    broker_patience: float = Field(300.0, gt=0)
     #: deliveries of one job attempt before it is given up as poison (it kills its worker)
     max_deliveries: int = Field(3, ge=1)
     #: node name override (tests); default ``{family}@{hostname}``

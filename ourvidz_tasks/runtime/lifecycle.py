@@ -40,8 +40,9 @@ from ..contract.jobs import TIME_LIMITS, Job, parse_job, usable_id
 from ..models import release_memory
 from ..services import events
 from ..services.backoff import full_jitter
+from ..services.outage import OUTAGE_ERRORS, BrokerAway, is_outage, through_outage
 from ..services.tracing import span
-from .faults import detach, exit_on_device_fault, is_oom
+from .faults import detach, exit_on_device_fault, exit_process, is_oom
 from .memprobe import Measurement
 from .recovery import count_delivery, queue_count_delivery
 from .runtime import Runtime
@@ -81,6 +82,16 @@ class JobContext(Protocol):
         """Progress: the ``PROGRESS`` state and a ``task-progress`` event."""
 
 
+class HandBack(Exception):
+    """Redis went away under this attempt where it could not be waited out: the message goes back to
+    its queue (a Celery reject with requeue) and no attempt is used."""
+
+
+#: the status a pool exits with when Redis stays away longer than ``broker_patience`` under a job:
+#: its message, never acknowledged, is handed back by the restarted process
+EXIT_BROKER_AWAY = 69
+
+
 class RetryJob(Exception):
     """This attempt failed retryably: run the job again in ``countdown`` seconds (a Celery retry)."""
 
@@ -110,6 +121,7 @@ class Progress:
         now = time.monotonic()
         if now > self.deadline:
             raise JobTimeout(f"the job ran past its {self.limit:g}s time limit")
+        events.job_step.send(sender=self.rt.family, job_id=self.job_id, step=step, total=total)
         if step < total and now - self._last < self.interval:
             return
         self._last = now
@@ -177,11 +189,26 @@ def as_job_error(exc: BaseException) -> JobError | None:
 
 
 def run_job(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work, *,
-            on_device_fault: FaultExit = exit_on_device_fault) -> dict[str, Any]:
+            on_device_fault: FaultExit = exit_on_device_fault,
+            on_broker_away: Callable[[int], object] = exit_process) -> dict[str, Any]:
     """Run one attempt of a generation job; return the terminal callback body recorded for it.
 
-    Raises :class:`RetryJob` when the attempt failed retryably and retries are left.
+    Raises :class:`RetryJob` when the attempt failed retryably and retries are left, and
+    :class:`HandBack` when Redis went away where the attempt could not wait for it. When Redis stays
+    away longer than ``broker_patience``, ``on_broker_away(EXIT_BROKER_AWAY)`` ends the process
+    (nothing acknowledged): a broker outage never ends a job.
     """
+    try:
+        return _run_job(rt, ctx, payload, family, work, on_device_fault)
+    except BrokerAway as exc:
+        log.error("job %s: %s; the worker exits with status %d, the job is handed back",
+                  usable_id(payload), exc, EXIT_BROKER_AWAY)
+        on_broker_away(EXIT_BROKER_AWAY)
+        raise HandBack(str(exc)) from None
+
+
+def _run_job(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work,
+             on_device_fault: FaultExit) -> dict[str, Any]:
     job_id = usable_id(payload)
     if job_id is None:
         raw = json.dumps(payload)[:65536] if payload is not None else None
@@ -198,7 +225,10 @@ def run_job(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work,
         return _poison(rt, job_id, attempt, deliveries)
     started = time.perf_counter()
     rt.delivery.processing(job_id, attempt, wait=True)
-    ctx.started()  # Flower's events and the STARTED state, while the callback travels
+    try:
+        ctx.started()  # Flower's events and the STARTED state, while the callback travels
+    except OUTAGE_ERRORS as exc:
+        log.warning("job %s: start not recorded (%s)", job_id, type(exc).__name__)
     metadata: dict[str, Any] = {}
     body: dict[str, Any] | None = None
     retry: JobError | None = None
@@ -227,6 +257,7 @@ def run_job(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work,
             model_time = time.perf_counter() - started
             metadata.update(generated.metadata)
             assets = rt.delivery.publish(job.user_id or "", job_id, generated.outputs, generated.metadata)
+        events.job_uploaded.send(sender=rt.family, job_id=job_id)
         total = time.perf_counter() - started
         metadata.update(processing_time=round(total, 3), model_time=round(model_time, 3),
                         delivery_time=round(total - model_time, 3), batch_size=len(assets))
@@ -235,6 +266,10 @@ def run_job(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work,
     except Exception as exc:
         # a device fault ends the process here (status 75, the message unacknowledged: it is requeued)
         on_device_fault(exc, f"job {job_id}")
+        if is_outage(exc):  # Redis went away under a step that could not wait for it: not the job's fault
+            through_outage(rt.redis.ping, rt.settings.broker_patience, f"job {job_id}")
+            log.warning("job %s: Redis went away mid-attempt (%s); handed back", job_id, type(exc).__name__)
+            raise HandBack(type(exc).__name__) from None
         error = as_job_error(exc)
         oom = isinstance(error, OutOfMemory)
         if error is None:
@@ -271,11 +306,14 @@ def _admit(rt: Runtime, job_id: str, retries: int) -> tuple[dict[str, Any] | Non
     """One round trip before the ``processing`` callback: the terminal record (the job already
     ended?), one more delivery counted (every broker redelivers a message whose worker died:
     RabbitMQ at once, Redis via leases) and the cancel flag."""
-    with rt.redis.pipeline(transaction=False) as pipe:
-        pipe.get(keys.job_final(job_id))
-        queue_count_delivery(pipe, job_id, retries, rt.settings.idempotency_ttl)
-        pipe.exists(keys.cancel(job_id))
-        recorded, deliveries, _, cancelled = pipe.execute()
+    def admit() -> list[Any]:
+        with rt.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.job_final(job_id))
+            queue_count_delivery(pipe, job_id, retries, rt.settings.idempotency_ttl)
+            pipe.exists(keys.cancel(job_id))
+            return list(pipe.execute())
+
+    recorded, deliveries, _, cancelled = through_outage(admit, rt.settings.broker_patience, f"job {job_id}")
     return (json.loads(recorded) if recorded else None), int(deliveries), bool(cancelled)
 
 
@@ -288,7 +326,8 @@ def end_job(rt: Runtime, payload: Any, body: dict[str, Any]) -> dict[str, Any]:
         code=body.get("error", {}).get("code"), processing_time=meta.get("processing_time"),
         model_time=meta.get("model_time"), delivery_time=meta.get("delivery_time"),
     )
-    recorded = rt.delivery.finish(body)
+    recorded = through_outage(lambda: rt.delivery.finish(body), rt.settings.broker_patience,
+                              f"job {body['job_id']}: terminal record")
     rt.delivery.discard(body["job_id"])
     return recorded
 
@@ -305,6 +344,14 @@ def _remember_peak(rt: Runtime, shape: str, peak: Measurement | None) -> None:
     """
     if rt.ledger is None or peak is None:
         return
+    try:
+        _record_peak(rt, shape, peak)
+    except OUTAGE_ERRORS as exc:  # bookkeeping that only helps: never a reason to fail the job
+        log.warning("%s: peak memory of %s not recorded (%s)", rt.family, shape, type(exc).__name__)
+
+
+def _record_peak(rt: Runtime, shape: str, peak: Measurement) -> None:
+    assert rt.ledger is not None
     first_call = rt.measured_calls == 0
     rt.measured_calls += 1
     if first_call and peak.resident_mb:

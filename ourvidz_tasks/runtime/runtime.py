@@ -27,6 +27,7 @@ from ..models import release_memory
 from ..services import events
 from ..services.delivery import Delivery
 from ..services.guard import DeadLetters
+from ..services.outage import OUTAGE_ERRORS
 from ..services.outbox_store import Drainer
 from ..services.policy import PromptPolicy
 from .faults import AttemptHook, load_failure
@@ -286,8 +287,11 @@ class Runtime:
             return
         if self.probe is not None:
             self.probe.give_back()
-        for name in self.used:
-            self.models[name].settle()
+        try:
+            for name in self.used:
+                self.models[name].settle()
+        except OUTAGE_ERRORS as exc:  # Redis away: the ledger learns at the next job's hold
+            log.warning("%s: reservation not settled (%s)", self.family, type(exc).__name__)
         self.cap_memory()
 
     def record_load(self, name: str, seconds: float) -> None:

@@ -18,7 +18,7 @@ from celery.exceptions import Reject
 from ..contract import names
 from ..services.progress import PROGRESS
 from .between_jobs import mark_busy
-from .lifecycle import RetryJob, Work, run_job
+from .lifecycle import HandBack, RetryJob, Work, run_job
 from .runtime import runtime
 from .taskevents import flush_task_events
 
@@ -102,4 +102,6 @@ class JobTask(BaseTask):
             return run_job(runtime(self.app), TaskContext(self), payload, family, work)
         except RetryJob as exc:
             retry = exc
+        except HandBack as exc:  # Redis went away mid-attempt: back to the queue, no attempt used
+            raise Reject(str(exc), requeue=True) from None
         raise self.retry(exc=retry.error, countdown=retry.countdown)  # outside the except, as Celery expects

@@ -21,3 +21,10 @@ model_unloaded = Signal(name="ourvidz.model_unloaded")
 
 #: A callback could not be delivered after every try: ``job_id, status``.
 callback_failed = Signal(name="ourvidz.callback_failed")
+
+#: A job's model call finished denoising step ``step`` of ``total``: ``job_id, step, total``
+#: (observers and test fault seams; sent before the step's progress callback).
+job_step = Signal(name="ourvidz.job_step")
+
+#: Every file of a job is in storage; its terminal callback comes next: ``job_id``.
+job_uploaded = Signal(name="ourvidz.job_uploaded")
