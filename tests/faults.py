@@ -240,3 +240,33 @@ def _window(where: Path, job_id: str, at: str, step: int | None = None) -> None:
         while not (where / f"go-{index}").exists() and time.monotonic() < deadline:
             time.sleep(0.02)  # a handshake poll, not a timing window: the test decides when to go on
         return
+
+
+# -- the broker fetch (OURVIDZ_RUNTIME_PLUGINS=tests.faults:cut_fetch) -----------------------------------
+
+#: ``cut:<task id>`` or ``die:<task id>``: what :func:`cut_fetch` does to that task's first fetch
+FETCH_FAULT_ENV = "OURVIDZ_TEST_FETCH_FAULT"
+
+
+def cut_fetch(rt: Any) -> None:
+    """A runtime plug-in: between the broker fetch of one task's message and kombu's ``unacked`` record,
+    the connection is cut (``cut``: the record's write fails as on a dropped socket) or the process dies
+    (``die``: SIGKILL). Once per worker process and task (``$OURVIDZ_TEST_FAULT_FLAG`` marks it fired)."""
+    import redis
+
+    from ourvidz_tasks.services.guard import hooks
+
+    action, _, task_id = os.environ.get(FETCH_FAULT_ENV, "").partition(":")
+    flag = os.environ.get("OURVIDZ_TEST_FAULT_FLAG")
+    if not task_id or not flag:
+        return
+
+    def fire(payload: dict[str, Any]) -> None:
+        if payload.get("headers", {}).get("id") != task_id or os.path.exists(flag):
+            return
+        Path(flag).write_text(action)
+        if action == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise redis.ConnectionError("connection cut between the fetch and the unacked record (test fault)")
+
+    hooks.fetched = fire

@@ -80,7 +80,8 @@ def _snapshot(store: redis.Redis) -> dict[str, tuple[int, int]]:
 
 
 #: keys without a TTL that a running cluster keeps, each bounded by what it holds right now
-BOUNDED = {*QUEUES, "unacked", "unacked_index", "unacked_mutex", DEAD_LETTERS}
+#: (FETCHERS: the processing lists of live consumers; recovery forgets a dead one's)
+BOUNDED = {*QUEUES, "unacked", "unacked_index", "unacked_mutex", DEAD_LETTERS, keys.FETCHERS}
 
 
 def _unbounded(snapshot: dict[str, tuple[int, int]]) -> set[str]:

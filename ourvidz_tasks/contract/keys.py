@@ -81,6 +81,16 @@ def incarnation(node: str) -> str:
 
 OWNER_PREFIX = "ourvidz:owner:"
 
+#: Broker: hash processing list -> ``{"owner", "queue"}`` of every consumer's fetch lists; ``services.fetching``
+FETCHERS = "ourvidz:fetchers"
+FETCHING_PREFIX = "ourvidz:fetching:"
+
+
+def fetching(identity: str, source: str) -> str:
+    """Broker: messages incarnation ``identity`` took off list ``source`` and has not recorded in ``unacked``
+    yet (one at most); ``services.fetching``, no TTL (emptied by the consumer, or by recovery once it is gone)."""
+    return f"{FETCHING_PREFIX}{identity}:{source}"
+
 
 def owner(delivery_tag: str) -> str:
     """Broker: the incarnation holding a message (by delivery tag); ``runtime.recovery``, TTL owner TTL, then grace."""

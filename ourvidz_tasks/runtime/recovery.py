@@ -16,6 +16,8 @@ exceed the longest job). So each worker proves it is alive instead:
   retries included, and kept only for a grace period once its task ended (:meth:`Recovery.ended`);
 - at start, a worker requeues at once every message an earlier incarnation of
   its node name held (node names are unique per live process, as Celery requires);
+- a message fetched but not yet recorded in ``unacked`` waits in its consumer's processing list
+  (``services.fetching``); the same judgement hands it back once that incarnation is gone;
 - every worker scans ``unacked`` on the same period: a message whose owner's
   heartbeat is gone (the worker was killed) or that has no owner after a
   grace period goes back to the head of its queue, under kombu's own mutex,
@@ -40,6 +42,8 @@ from kombu.transport.redis import Mutex, MutexHeld
 
 from ..contract import keys
 from ..contract.text import as_text
+from ..services import fetching
+from ..services.guard import hooks
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +78,10 @@ class Recovery:
     def start(self) -> None:
         """Announce this incarnation, hand back what earlier ones held, and keep beating.
 
-        A broker that does not answer yet is not fatal: the thread retries every period.
+        A broker that does not answer yet is not fatal: the thread retries every period. From now
+        on the broker guard fetches into this incarnation's processing lists (:mod:`~..services.fetching`).
         """
+        hooks.consumer = self.identity
         try:
             self.beat()
             self.reclaim()
@@ -155,6 +161,8 @@ class Recovery:
             got = self._restore_locked(tag, owner, "earlier incarnation")
             pending = pending or got < 0
             restored += max(got, 0)
+        restored += fetching.restore_dead(
+            self.broker, lambda owner: owner != self.identity and node_of(owner) == self.node)
         self._reclaim_pending = pending
         return restored
 
@@ -185,6 +193,8 @@ class Recovery:
             if got < 0:
                 break
             restored += got
+        # messages fetched but never recorded in unacked, by incarnations whose heartbeat is gone
+        restored += fetching.restore_dead(self.broker, lambda owner: not self.broker.exists(self._alive(owner)))
         return restored
 
     def _restore_locked(self, tag: str, owner: str | None, why: str) -> int:

@@ -5,9 +5,11 @@ A plain Celery worker on Redis dies on one list item that is not JSON
 the body of an item that is JSON but no Celery envelope. Here every such item
 goes to the dead-letter list (``keys.DEAD_LETTERS``) with its reason:
 
-- :class:`RedisTransport` (kombu's Redis transport, one method changed)
+- :class:`RedisTransport` (kombu's Redis transport, its fetch changed)
   catches items that are not JSON or not an envelope right where they are
-  popped. A raw job (the legacy edge format) found on a Celery queue is
+  fetched. Its fetch has no window in which a message is off the broker
+  (:mod:`.fetching`: moved into the consumer's processing list, out of it as
+  it enters ``unacked``). A raw job (the legacy edge format) found on a Celery queue is
   re-published as the proper task instead, when it names a known type.
 - :class:`Consumer` (Celery's consumer) dead-letters bodies that fail to
   decode (wrong content type such as pickle, bad base64), unknown task names
@@ -26,10 +28,13 @@ import redis
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import ContentDisallowed
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
 
 from ..contract import keys
 from ..contract.settings import load_settings
 from ..contract.text import as_text
+from . import fetching
 from .redis_client import connect
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,10 @@ class _Hooks:
 
     dead: DeadLetters | None = None
     raw_job: RawJobHandler | None = None
+    #: this process's crash-recovery incarnation (``runtime.recovery``): names its processing lists
+    consumer: str | None = None
+    #: a fault seam for tests: called with each fetched envelope before kombu records it in ``unacked``
+    fetched: Callable[[dict[str, Any]], None] | None = None
 
 
 hooks = _Hooks()
@@ -106,40 +115,86 @@ def _foreign(channel: kombu_redis.Channel, item: bytes, queue: str) -> None:
     dead.push("not a Celery envelope", raw=item, queue=queue)
 
 
-#: (queue, item) popped by BRPOP but lost to a broken connection before kombu recorded it in unacked
-_orphans: list[tuple[str, bytes]] = []
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS; a message fetched into a processing list leaves it as it enters ``unacked``."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        fetched: tuple[str, bytes] | None = getattr(self.channel, "_fetched", None)
+        if fetched is None:
+            super().append(message, delivery_tag)
+            return
+        delivery = message.delivery_info
+        record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.pipe_or_acquire() as pipe:  # MULTI/EXEC: in unacked and out of the processing list at once
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+            pipe.hset(self.unacked_key, delivery_tag, record)
+            pipe.lrem(fetched[0], 1, fetched[1])
+            pipe.execute()
+        virtual.QoS.append(self, message, delivery_tag)
 
 
 class Channel(kombu_redis.Channel):
-    """kombu's Redis channel, with foreign list items dead-lettered, not fatal."""
+    """kombu's Redis channel: foreign list items dead-lettered, not fatal; a fetch without a window.
+
+    Once this process has a consumer identity (its crash-recovery incarnation, set by
+    ``runtime.recovery``), a fetch moves the message into that incarnation's processing list
+    (:mod:`.fetching`) instead of popping it: a non-blocking sweep of every source list in kombu's
+    BRPOP order, then, if all were empty, a ``BLMOVE`` on the first one for ``brpop_timeout``.
+    """
+
+    QoS = QoS
+
+    #: the fetch command in flight (None: kombu's own BRPOP), and the source lists it names
+    _fetch_cmd: str | None = None
+    _fetch_sources: list[str] = []  # noqa: RUF012 (replaced, never mutated)
+    #: the next fetch sweeps (True) or blocks (False: the last sweep found nothing)
+    _fetch_sweep = True
+    #: the processing lists may hold a message: put it back before the next fetch (start, connection lost)
+    _fetch_stranded = True
+    #: (processing list, item) while the fetched message is being delivered (read by :meth:`QoS.append`)
+    _fetched: tuple[str, bytes] | None = None
+
+    def _brpop_start(self, timeout: Any = None) -> Any:
+        identity = hooks.consumer
+        if identity is None:
+            self._fetch_cmd = None
+            return super()._brpop_start(timeout)
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return None
+        sources = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        if self._fetch_stranded:
+            fetching.restore_own(self.client, identity, sources)
+            self._fetch_stranded, self._fetch_sweep = False, True
+        if self._fetch_sweep:
+            command = fetching.sweep_command(identity, sources)
+        else:
+            command = fetching.block_command(identity, sources[0], self.brpop_timeout if timeout is None else timeout)
+        self._fetch_cmd, self._fetch_sources = command[0], sources
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
+        self.client.connection.send_command(*command)
+        return None
 
     def _brpop_read(self, **options: Any) -> bool:
+        command = self._fetch_cmd or "BRPOP"
         try:
             try:
-                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+                reply = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
+                self._fetch_stranded = True  # a reply lost on the way may have moved a message
                 self.client.connection.disconnect()
                 raise
-            if not dest__item:
+            if command == "BLMOVE":
+                reply = [self._fetch_sources[0], reply] if reply else None
+            if not reply:
+                # an empty sweep is followed by a blocking move, a timed-out one by a sweep
+                self._fetch_sweep = command != "EVAL"
                 raise kombu_redis.Empty()
-            dest, item = dest__item
-            dest = as_text(dest).rsplit(self.sep, 1)[0]
-            self._queue_cycle.rotate(dest)
-            payload = _decode(item)
-            if payload is None:
-                _foreign(self, item, dest)
-                return True
-            try:
-                self.connection._deliver(payload, dest)
-            except (redis.RedisError, OSError):  # not self.connection_errors: kombu counts KeyError as one
-                # popped, but not recorded in unacked: only this process still has it
-                _orphans.append((dest, item))
-                log.warning("a message popped from %s was not recorded (broker lost); it goes back on reconnect", dest)
-                raise
-            except Exception as exc:  # an envelope kombu or Celery chokes on: a dead letter, not a dead worker
-                self._forget(payload)
-                (hooks.dead or DeadLetters(self.client)).push(
-                    f"malformed envelope: {type(exc).__name__}", raw=item, queue=dest)
+            self._fetch_sweep = True
+            source, item = as_text(reply[0]), reply[1]
+            processing = keys.fetching(hooks.consumer, source) if self._fetch_cmd and hooks.consumer else None
+            self._handle(source, item, processing)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]
@@ -147,13 +202,34 @@ class Channel(kombu_redis.Channel):
             if flush is not None:
                 flush()
 
-    def _brpop_start(self, timeout: Any = 1) -> Any:
-        while _orphans:
-            dest, item = _orphans[0]
-            self.client.rpush(dest, item)  # the consuming end: it is next
-            _orphans.pop(0)
-            log.warning("a message popped from %s before the broker was lost is back on its queue", dest)
-        return super()._brpop_start(timeout)
+    def _handle(self, source: str, item: bytes, processing: str | None) -> None:
+        dest = source.rsplit(self.sep, 1)[0]
+        self._queue_cycle.rotate(dest)
+        payload = _decode(item)
+        if payload is None:
+            _foreign(self, item, dest)
+            if processing:
+                fetching.unfetch(self.client, processing, item)
+            return
+        self._fetched = (processing, item) if processing else None
+        try:
+            if hooks.fetched is not None:
+                hooks.fetched(payload)
+            self.connection._deliver(payload, dest)
+        except (redis.RedisError, OSError):  # not self.connection_errors: kombu counts KeyError as one
+            # not recorded in unacked: it stays in this incarnation's processing list, on the broker,
+            # and goes back to its queue when this process reconnects (or recovery, once it is gone)
+            self._fetch_stranded = True
+            log.warning("a message fetched from %s was not recorded (broker lost); it goes back on reconnect", dest)
+            raise
+        except Exception as exc:  # an envelope kombu or Celery chokes on: a dead letter, not a dead worker
+            self._forget(payload)
+            (hooks.dead or DeadLetters(self.client)).push(
+                f"malformed envelope: {type(exc).__name__}", raw=item, queue=dest)
+            if processing:
+                fetching.unfetch(self.client, processing, item)
+        finally:
+            self._fetched = None
 
     def _forget(self, payload: dict[str, Any]) -> None:
         """Drop a message that failed on delivery from kombu's unacked bookkeeping, if it got there."""
