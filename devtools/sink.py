@@ -10,7 +10,8 @@ A real HTTP server (standard library only) for the demo and the tests:
 - ``GET /_sink/callbacks``, ``GET /_sink/requests``: what was received
 - ``POST /_sink/faults`` ``{"callback": 503, "storage": 503, "thumbnail": 500}``:
   answer those statuses (``thumbnail``: thumbnail uploads only) until reset
-  with ``{}`` (outage drills)
+  with ``{}`` (outage drills); ``{"callback_hang": 30}``: hold each callback
+  30 s, then answer 504 (an edge that hangs rather than refuses)
 
 Run it alone with ``python -m devtools.sink --root DIR --port N``; the key
 and secret come from ``SUPABASE_SERVICE_KEY`` and ``JOB_CALLBACK_SECRET``.
@@ -36,6 +37,8 @@ OBJECT = "/storage/v1/object/"
 PUBLIC = "/storage/v1/object/public/"
 CALLBACK = "/functions/v1/job-callback"
 MAX_BODY = 512 * 1024 * 1024
+#: the request headers each recorded request keeps (the key itself is recorded only as ``authorized``)
+RECORDED_HEADERS = ("Content-Type", "x-upsert", "X-Callback-Signature")
 
 
 class SinkState:
@@ -94,9 +97,11 @@ class _Handler(BaseHTTPRequestHandler):
         return hmac.compare_digest(self.headers.get("Authorization", ""), f"Bearer {self.state.key}")
 
     def _record(self, **extra: Any) -> None:
+        headers = {name: self.headers[name] for name in RECORDED_HEADERS if name in self.headers}
         with self.state.lock:
             self.state.requests.append(
-                {"method": self.command, "path": urlsplit(self.path).path, "at": time.time(), **extra}
+                {"method": self.command, "path": urlsplit(self.path).path, "at": time.time(),
+                 "authorized": self._authorized(), "headers": headers, **extra}
             )
 
     def do_GET(self) -> None:
@@ -174,6 +179,9 @@ class _Handler(BaseHTTPRequestHandler):
         expected = "sha256=" + hmac.new(self.state.secret, body, hashlib.sha256).hexdigest() if self.state.secret else None
         signature_ok = expected is None or (signature is not None and hmac.compare_digest(signature, expected))
         self._record()
+        if (hang := self.state.faults.get("callback_hang")) is not None:
+            time.sleep(hang)  # an edge that hangs, then gives up (a gateway timeout): nothing recorded
+            return self._json(504, {"error": "injected hang"})
         if (status := self.state.faults.get("callback")) is not None:
             return self._json(status, {"error": "injected fault"})
         if not self._authorized():

@@ -99,8 +99,18 @@ def test_enhance_returns_the_same_job(chat_worker: WorkerProcess) -> None:
 
 
 def test_policy_runs_on_the_enhanced_prompt(sdxl_worker: WorkerProcess, sink: Sink) -> None:
-    job = sdxl_job(prompt="nude child", metadata={"enhanced_prompt": "nude child", "original_prompt": "x"})
-    sdxl_generate.delay(job)
-    body = terminal(sink, job["id"])
+    """The generate half of enhance → generate: a clean original prompt that enhancement turned into a refused
+    one is refused; the same original with a clean enhanced prompt is generated."""
+    original = "a child on a sofa"
+    refused = sdxl_job(prompt="a nude child on a sofa",
+                       metadata={"original_prompt": original, "enhanced_prompt": "a nude child on a sofa"})
+    clean = sdxl_job(prompt="a child on a sofa, soft light",
+                     metadata={"original_prompt": original, "enhanced_prompt": "a child on a sofa, soft light"})
+    sdxl_generate.delay(refused)
+    sdxl_generate.delay(clean)
+    body = terminal(sink, refused["id"])
     assert body["error"]["code"] == "INVALID_PROMPT" and body["error"]["retryable"] is False
     assert "nude" not in body["error"]["message"]
+    done = terminal(sink, clean["id"])
+    assert done["status"] == "completed", done
+    assert done["metadata"]["enhanced_prompt"] == clean["prompt"] != original

@@ -222,13 +222,14 @@ def test_through_a_real_solo_worker(pools: dict[str, FakeRuntime], ledger: Ledge
         time.sleep(seconds)
         return True
 
-    assert signals  # its worker_init adds the idle timer, its task_prerun/postrun keep the busy marks
     chat = pools["chat"]
     chat.models["qwen_instruct"].get()
     chat.models["qwen_base"].get()
     app.ourvidz_runtime = chat  # type: ignore[attr-defined]
     node = f"chat@{queue}"
     with start_worker(app, pool="solo", hostname=node, perform_ping_check=True, shutdown_timeout=15):
+        # signals' worker_init added the idle timer to this app's workers (task_prerun/postrun: busy_seen below)
+        assert signals.install_idle_timer is control.install and control.ServeRequests in app.steps["consumer"]
         replies = app.control.inspect(timeout=3, destination=[node])._request("memory_status")
         assert replies[node]["pools"]["chat"]["models"] == {"qwen_instruct": 40, "qwen_base": 40}
         assert replies[node]["worker"]["pool"] == "chat"

@@ -95,3 +95,25 @@ def test_a_killed_pools_memory_is_reclaimed_and_idle_wan_is_released(
         time.sleep(0.2)
     assert not ledger.holders("wan") and "idle for 2" in wan.text()
     print(f"killed pool's reservation reclaimed in {reclaimed_in:.1f}s (lease 2s); idle WAN released")
+
+
+@pytest.mark.slow
+def test_a_graceful_sigterm_releases_the_ledger_as_the_pool_exits(
+        isolated_broker: str, start_worker: Callable[..., WorkerProcess], sink: Sink) -> None:
+    """SIGTERM (a supervisor's stop): the pool unloads and hands its reservation back as it exits; with a lease
+    of 10 minutes, nothing but the shutdown itself can have released it by the time the process is gone."""
+    import signal
+
+    from ourvidz_tasks.runtime.ledger import Ledger
+
+    broker = redis.Redis.from_url(isolated_broker)
+    host = f"sigterm-{new_id()[:6]}"
+    ledger = Ledger(broker, host, "cpu", 10**6)
+    sdxl = start_worker("sdxl", OURVIDZ_BROKER_URL=isolated_broker, OURVIDZ_HOSTNAME=host, OURVIDZ_LEASE_SECONDS="600")
+    assert list(ledger.holders("sdxl")) == ["sdxl/sdxl"] and ledger.status()["reserved_mb"] > 0
+    stopped = time.monotonic()
+    assert sdxl.stop(signal.SIGTERM) == 0, sdxl.text()[-3000:]
+    took = time.monotonic() - stopped
+    assert ledger.holders() == {} and ledger.status()["reserved_mb"] == 0, ledger.status()
+    assert "Unrecoverable" not in sdxl.text() and "Traceback" not in sdxl.text()
+    print(f"SIGTERM: the pool exited in {took:.1f}s and its reservation was gone (lease 600s)")

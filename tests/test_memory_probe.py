@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,13 +66,36 @@ def test_an_attempt_that_ran_out_of_memory_is_not_counted() -> None:
         step_down([Remedy("whole")], run, family="sdxl", stage="txt2img", total=1, device=None)
 
 
+FALLBACK = """
+import resource, sys, torch
+from pathlib import Path
+from ourvidz_tasks.runtime.memprobe import CpuProbe
+proc = Path(sys.argv[1])
+(proc / "clear_refs").mkdir()  # not writable: the high-water mark can't be reset (as in some containers)
+(proc / "status").symlink_to("/proc/self/status")  # VmRSS still readable
+probe = CpuProbe(proc=proc)  # peaks from ru_maxrss, the process's high-water mark
+assert not probe.exact
+torch.ones(1)
+# ru_maxrss outlives exec: this process starts with its parent's high-water mark
+headroom = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - probe.current()
+with probe.measure() as first:  # 64 MB above the earlier peak: those 64 MB are seen
+    tmp = torch.ones((headroom + 64 * 2**20) // 4)
+    del tmp
+with probe.measure() as second:  # under the first one's peak: the high-water mark does not move
+    tmp = torch.ones(32 * 2**20 // 4)
+    del tmp
+print(first.mb, second.mb, headroom // 2**20)
+"""
+
+
 def test_fallback_without_clear_refs_is_a_lower_bound(tmp_path: Path) -> None:
-    probe = CpuProbe(proc=tmp_path)  # no /proc files there
-    assert not probe.exact
-    with probe.measure() as m:
-        tmp = block(8)
-        del tmp
-    assert m.bytes >= 0
+    """Never more than the block used: only its growth above the process's earlier peak (ru_maxrss)."""
+    out = subprocess.run([sys.executable, "-c", FALLBACK, str(tmp_path)], capture_output=True, text=True, check=True,
+                         timeout=120).stdout
+    first, second, headroom = (int(x) for x in out.split())
+    assert 40 <= first <= 66, out  # headroom + 64 MB used: the 64 MB above the earlier peak
+    assert second == 0, out  # 32 MB used, under the peak: a lower bound, never an over-count
+    print(f"fallback probe: {first} of {headroom + 64} MB seen (the rest under the earlier peak), then 0 of 32")
 
 
 def test_allocator_conf_respects_the_operator() -> None:

@@ -123,6 +123,9 @@ def test_an_edge_down_then_up_gets_every_callback_in_order_from_the_pool_alone(
     wait_for(lambda: all(f"job {j['id']}: WORKER_UNAVAILABLE, retry" in pool.text() for j in jobs), 120,
              what="every job to meet the outage")
     assert store.llen(LIST) >= len(jobs) and not store.exists(CONSUMER)
+    # what waits, in the order it was handed over: the edge must get exactly this first, across jobs
+    waiting = [json.loads(json.loads(raw)["body"]) for raw in store.lrange(LIST, 0, -1)]
+    assert {b["job_id"] for b in waiting} == {j["id"] for j in jobs}
     edge = Sink(tmp_path / "edge", KEY, SECRET, port=port).start()
     try:
         for payload in jobs:
@@ -130,6 +133,8 @@ def test_an_edge_down_then_up_gets_every_callback_in_order_from_the_pool_alone(
         for payload in jobs:
             wait_for(lambda p=payload: store.exists(f"ourvidz:job:{p['id']}:delivered"), 10, what="the mark")
         assert_in_order(edge, jobs, one_after_another=False)
+        arrived = [c["body"] for c in edge.callbacks()]
+        assert arrived[:len(waiting)] == waiting, "the outbox was not delivered in the order it was filled"
         assert all(len({c["body"]["metadata"]["attempt"] for c in edge.callbacks(j["id"])}) > 1 for j in jobs)
         assert store.llen(LIST) == 0
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import tempfile
 
 import cv2
@@ -72,6 +73,30 @@ def test_mp4_is_h264_yuv420p_with_the_frame_count() -> None:
             read += 1
         assert read == 33
     assert data.find(b"moov") < data.find(b"mdat")  # faststart: the index comes first
+    assert_yuv420p(data, frames=33, width=80, height=64)
+
+
+def assert_yuv420p(data: bytes, *, frames: int, width: int, height: int) -> None:
+    """Decoded by ffmpeg in the stream's own pixel format: 4:2:0 planes (a full-size Y, quarter-size U and V),
+    and the colours of the red ramp (BT.601, limited range) in them."""
+    import imageio_ffmpeg
+
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as handle:
+        handle.write(data)
+        handle.flush()
+        reader = imageio_ffmpeg.read_frames(handle.name)
+        meta = next(reader)
+        reader.close()
+        assert meta["codec"] == "h264" and meta["pix_fmt"].split("(")[0] == "yuv420p", meta
+        # no -pix_fmt: ffmpeg writes each frame as decoded (yuv444p or rgb24 would be 2 or 3 bytes a pixel)
+        raw = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", handle.name, "-f", "rawvideo", "-"],
+                             capture_output=True, check=True, timeout=60).stdout
+    luma, chroma = width * height, (width // 2) * (height // 2)
+    assert len(raw) == frames * (luma + 2 * chroma)
+    planes = np.frombuffer(raw, np.uint8).reshape(frames, luma + 2 * chroma).astype(int)
+    y, u, v = planes[:, :luma], planes[:, luma:luma + chroma], planes[:, luma + chroma:]
+    assert abs(y[0].mean() - 16) <= 2 and abs(u[0].mean() - 128) <= 2 and abs(v[0].mean() - 128) <= 2  # black
+    assert abs(y[-1].mean() - 81) <= 3 and abs(u[-1].mean() - 90) <= 3 and abs(v[-1].mean() - 240) <= 3  # pure red
 
 
 def test_mid_frame_thumbnail() -> None:

@@ -16,7 +16,8 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,44 @@ _PUBLISH = (
     "print(app.send_task('ourvidz.sdxl.generate', args=[job], countdown=countdown,\n"
     "                    argsrepr=repr((job['id'],)), kwargsrepr='{}').id)\n"
 )
+
+
+#: Celery's native delayed delivery: a message with a countdown is published to the top level of its
+#: delay exchanges (one per bit of the delay), which dead-letter it down to ``celery_delayed_delivery``
+DELAYED_EXCHANGE = "celery_delayed_27"
+
+
+@contextmanager
+def traced_publishes(exchange: str) -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """RabbitMQ's firehose (``rabbitmqctl trace_on``) for the test vhost: a function returning the task
+    messages published to ``exchange`` so far, as ``{"id", "retries", "routing_key"}`` (the trace's own
+    routing key names the exchange as the publisher wrote it; its ``exchange_name`` header is exact)."""
+    from kombu import Connection
+
+    ctl("trace_on", "-p", VHOST)
+    seen: list[dict[str, Any]] = []
+    try:
+        with Connection(URL, connect_timeout=10) as conn:
+            channel = conn.default_channel
+            queue = channel.queue_declare(queue="", exclusive=True, auto_delete=True).queue
+            channel.queue_bind(queue=queue, exchange="amq.rabbitmq.trace", routing_key="publish.#")
+
+            def published() -> list[dict[str, Any]]:
+                while (msg := channel.basic_get(queue=queue, no_ack=True)) is not None:
+                    trace = msg.properties.get("application_headers") or {}
+                    headers = (trace.get("properties") or {}).get("headers") or {}
+                    if _text(trace.get("exchange_name")) == exchange:
+                        seen.append({"id": headers.get("id"), "retries": headers.get("retries"),
+                                     "routing_key": _text((trace.get("routing_keys") or [""])[0])})
+                return list(seen)
+
+            yield published
+    finally:
+        ctl("trace_off", "-p", VHOST)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def ctl(*args: str) -> list[list[str]]:
@@ -137,13 +176,18 @@ def test_quorum_queues_without_global_qos_and_native_delayed_retries(vhost: str,
     first = min(c["at"] for c in sink.callbacks(delayed["id"]))
     assert body["status"] == "completed" and first >= published + countdown - 2
 
-    # a retry (out of memory on every remedy, once): raised with a countdown, it goes the same way
+    # a retry (out of memory on every remedy, once): raised with a countdown, it goes the same way: RabbitMQ's
+    # own trace of what was published shows the retry (same task id, retries 1) sent to the delayed exchange
     set_rules(rules, {"stage": "txt2img", "error": "oom", "times": 3})
     retried = tiny_job()
-    send(sink, retried)
-    body = terminal(sink, retried["id"], 240)
-    assert body["status"] == "completed", body
-    assert len(fired(rules)) == 3 and "retry" in worker.text()
+    with traced_publishes(DELAYED_EXCHANGE) as published_delayed:
+        task_id = send(sink, retried)
+        body = terminal(sink, retried["id"], 240)
+        assert body["status"] == "completed" and body["metadata"]["attempt"] == 2, body
+        assert len(fired(rules)) == 3
+        retries = wait_for(lambda: [p for p in published_delayed() if p["id"] == task_id], 10, 0.2,
+                           "the retry published to the delayed exchange")
+    assert [(p["retries"], p["routing_key"].rsplit(".", 1)[-1]) for p in retries] == [(1, "sdxl")], retries
     assert terminal_counts(sink, [plain["id"], delayed["id"], retried["id"]]) == \
         {plain["id"]: 1, delayed["id"]: 1, retried["id"]: 1}
     assert "Global QoS is disabled" in worker.text()

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -24,6 +25,10 @@ from .support.process import ROOT, wait_for
 from .wire import envelope, publish
 
 PROMPT = "a lighthouse on a cliff at dawn, secret-prompt-marker"
+
+
+#: how long a job waits for its ETA in the pool (time enough for two CLI calls)
+ETA_SECONDS = 20
 
 
 def job(**fields: Any) -> dict[str, Any]:
@@ -284,6 +289,34 @@ def test_a_queued_job_cancelled_before_it_starts_ends_cancelled(sdxl_worker: Wor
     body = terminal(sink, queued["id"])
     assert body["status"] == "failed" and body["error"]["code"] == "CANCELLED"
     assert terminal(sink, busy["id"])["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_celery_control_revoke_of_a_waiting_job_ends_cancelled(sdxl_worker: WorkerProcess, store: redis.Redis,
+                                                               sink: Sink) -> None:
+    """``celery -A ourvidz_tasks control revoke TASK_ID`` (Flower's button sends the same) on a job the pool holds
+    for its ETA: it never runs, and the edge gets its one ``failed`` callback, ``CANCELLED``."""
+    payload = job()
+    env = envelope("ourvidz.sdxl.generate", [payload], "sdxl", argsrepr=repr((payload["id"],)))
+    env["headers"]["eta"] = (datetime.now(UTC) + timedelta(seconds=ETA_SECONDS)).isoformat()
+    task_id = env["headers"]["id"]
+    store.lpush("sdxl", json.dumps(env))
+    cli_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def celery(*args: str) -> str:
+        done = subprocess.run([str(ROOT / ".venv" / "bin" / "celery"), "-A", "ourvidz_tasks", *args,
+                               "-d", sdxl_worker.node, "-t", "5"], env=cli_env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    wait_for(lambda: task_id in celery("inspect", "scheduled"), ETA_SECONDS / 2, 0.5, "the job held for its ETA")
+    assert "revoked" in celery("control", "revoke", task_id)
+    body = terminal(sink, payload["id"], ETA_SECONDS + 60)
+    assert body["status"] == "failed" and body["error"]["code"] == "CANCELLED", body
+    assert [c["body"]["status"] for c in sink.callbacks(payload["id"])] == ["failed"]  # it never ran
+    assert not [r for r in sink.requests() if r["path"].startswith("/storage/v1/object/workspace-temp/")
+                and f"/{payload['id']}/" in r["path"]]
 
 
 def test_every_key_we_write_expires(sdxl_worker: WorkerProcess, store: redis.Redis, sink: Sink) -> None:

@@ -135,7 +135,11 @@ class CpuProbe(Probe):
             log.warning("memory probe: %s/clear_refs unavailable; CPU peaks are lower bounds (ru_maxrss)", proc)
 
     def current(self) -> int:
-        return self._status("VmRSS") if self.exact else _max_rss()
+        """VmRSS; without ``/proc`` at all, ru_maxrss (then every growth looks resident: working memory 0)."""
+        try:
+            return self._status("VmRSS")
+        except OSError:
+            return _max_rss()
 
     def held(self) -> int:
         if self._trim is not None:
