@@ -2,7 +2,8 @@
 
 * **SDXL** (txt2img and img2img): the batch whole, then halves, then one
   image at a time (each image keeps its own seed, so the pictures do not
-  change); then VAE tiling and slicing; then model CPU offload.
+  change); then VAE tiling (512 px tiles, so 1024² really tiles) and
+  slicing; then model CPU offload.
 * **WAN**: VAE tiling; then the text encoder moved off the GPU once the
   prompt is encoded; then model CPU offload.
 * **Chat**: a request longer than the model's window is refused up front by
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: SDXL's VAE tile (px) on the tiling rung: 1024² decodes as 3 x 3 overlapping 512² tiles
+TILE_PX = 512
+
 
 def batch_sizes(count: int) -> list[int]:
     """The batch rungs of ``count`` images: whole, halves, ones (6 -> 6, 3, 1; 3 -> 3, 2, 1; 1 -> 1)."""
@@ -50,13 +54,25 @@ class DiffusionRemedies:
         self.pipe, self.device, self._unload = pipe, device, unload
         self.tiled = self.encoder_moved = self.offloaded = False
         self._encode: Any = None
+        self._tiles: tuple[Any, Any] | None = None
 
     # -- the rungs ------------------------------------------------------------------
     def vae_tiling(self) -> None:
+        """Decode (and encode) tile by tile, one image at a time.
+
+        SDXL's ``AutoencoderKL`` starts tiling only above its config's ``sample_size`` (1024 px), so
+        at 1024² tiling would change nothing: its tiles are made :data:`TILE_PX` here (latent tiles
+        of ``TILE_PX / 8``), overlapping by a quarter and blended as diffusers does. Wan's VAE tiles
+        at 256 px already.
+        """
         vae = self.pipe.vae
         vae.enable_tiling()
         if hasattr(vae, "enable_slicing"):
             vae.enable_slicing()
+        if hasattr(vae, "tile_sample_min_size") and hasattr(vae, "tile_latent_min_size"):
+            self._tiles = (vae.tile_sample_min_size, vae.tile_latent_min_size)
+            scale = 2 ** (len(vae.config.block_out_channels) - 1)
+            vae.tile_sample_min_size, vae.tile_latent_min_size = TILE_PX, TILE_PX // scale
         self.tiled = True
 
     def text_encoder_offload(self) -> None:
@@ -112,6 +128,9 @@ class DiffusionRemedies:
             vae.disable_tiling()
             if hasattr(vae, "disable_slicing"):
                 vae.disable_slicing()
+            if self._tiles is not None:
+                vae.tile_sample_min_size, vae.tile_latent_min_size = self._tiles
+                self._tiles = None
 
 
 def run_with_remedies(remedies: DiffusionRemedies, ladder: list[Remedy], run: Callable[[Remedy], T], *,
