@@ -16,14 +16,17 @@ exceed the longest job). So each worker proves it is alive instead:
   retries included, and kept only for a grace period once its task ended (:meth:`Recovery.ended`);
 - at start, a worker requeues at once every message an earlier incarnation of
   its node name held (node names are unique per live process, as Celery requires);
-- every worker scans ``unacked`` on the same period: a message whose owner's
-  heartbeat is gone (the worker was killed) or that has no owner after a
+- every worker scans ``unacked`` on the same period: a message whose owner is
+  proven gone (:mod:`.liveness`: its process gone on this host, a newer
+  incarnation of its node, or silent for a lease plus a margin on another host,
+  judged by a scanner that was not itself stalled) or that has no owner after a
   grace period goes back to the head of its queue, under kombu's own mutex,
-  in one transaction, as kombu itself restores messages.
+  in one transaction, as kombu itself restores messages. A lapsed heartbeat alone
+  (a live worker starved under load) is no proof.
 
 The poison guard counts deliveries per job attempt in Redis
-(:func:`count_delivery`, on every broker), so a job that kills its worker every time is
-given up after ``max_deliveries`` with a ``failed`` callback.
+(:func:`count_delivery`, on every broker),
+so a job that kills its worker every time is given up after ``max_deliveries`` with a ``failed`` callback.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from kombu.transport.redis import Mutex, MutexHeld
 
 from ..contract import keys
 from ..contract.text import as_text
+from .liveness import Silence, owner_gone, write_beat
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,9 @@ class Recovery:
         self.held: dict[Any, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="recovery", daemon=True)
+        #: how silent another host's owner must be to be gone; None while this scanner was stalled
+        self._silence = Silence(lease_seconds, lease_seconds / 3)
+        self.silence: float | None = None
 
     # -- liveness ------------------------------------------------------------------
     def start(self) -> None:
@@ -87,7 +94,7 @@ class Recovery:
         self._stop.set()
         self._thread.join(timeout=5)
         try:
-            self.broker.delete(self._alive(self.identity))
+            self.broker.delete(self._alive(self.identity), keys.beat(self.identity))
         except redis.RedisError as exc:
             log.warning("recovery: could not remove the heartbeat: %s", type(exc).__name__)
 
@@ -96,6 +103,7 @@ class Recovery:
             pipe.set(self._alive(self.identity), str(time.time()), px=int(self.lease * 1000))
             pipe.set(keys.incarnation(self.node), self.incarnation, ex=max(1, int(self.owner_ttl)))
             pipe.execute()
+        write_beat(self.broker, self.identity, int(self.owner_ttl))
 
     def own(self, delivery_tag: str) -> None:
         """Record that this incarnation holds ``delivery_tag`` (called on receipt)."""
@@ -124,6 +132,7 @@ class Recovery:
     def _loop(self) -> None:
         period = self.lease / 3
         while not self._stop.wait(period):
+            self.silence = self._silence.tick()
             try:
                 self.beat()
                 if self._reclaim_pending:
@@ -179,8 +188,8 @@ class Recovery:
             owner = self._owner(tag)
             if owner is None and delivered > cutoff:
                 continue
-            if owner is not None and self.broker.exists(self._alive(owner)):
-                continue
+            if owner is not None and not owner_gone(self.broker, owner, self.silence):
+                continue  # alive, or not proven gone (a starved worker, or this scanner was stalled)
             got = self._restore_locked(tag, owner, "dead worker")
             if got < 0:
                 break
