@@ -43,6 +43,7 @@ from .support.cluster import Pools, RedisServer, WorkerProcess
 from .support.env import AMQP, BROKER, amqp_reachable
 from .support.jobs import TASK, new_id, terminal, terminal_counts, tiny_job
 from .support.process import ROOT, wait_for
+from .support.windows import Windows, once_each
 from .wire import publish
 
 # -- Redis restart ---------------------------------------------------------------------------------------------
@@ -90,69 +91,6 @@ def test_redis_restart_mid_run_loses_no_job(tmp_path: Path, pools: Pools, sink: 
         server.stop()
 
 
-class Windows:
-    """Redis restarts driven by job events (``tests.faults:broker_windows``): each rule stops the worker
-    in one window of one job; the test stops Redis, lets the worker go on into the outage, and starts
-    Redis again ``down`` seconds later. Every window is hit on purpose, so a failure replays."""
-
-    def __init__(self, folder: Path, server: RedisServer, down: float = 1.5) -> None:
-        self.folder, self.server, self.down = folder, server, down
-        folder.mkdir(parents=True, exist_ok=True)
-        self.rules: list[dict[str, Any]] = []
-        self.write()
-
-    def write(self) -> None:
-        (self.folder / "rules.json").write_text(json.dumps(self.rules))
-
-    def add(self, job_id: str, at: str, step: int | None = None) -> None:
-        self.rules.append({"job": job_id, "at": at, **({"step": step} if step is not None else {})})
-        self.write()
-
-    def drive(self, first: int = 0, timeout: float = 240) -> float:
-        """Restart Redis once in each window of rules ``first:`` as the worker reaches it; the outages' total."""
-        pending, total = set(range(first, len(self.rules))), 0.0
-        while pending:
-            hit = wait_for(lambda: sorted(i for i in pending if (self.folder / f"hit-{i}").exists()), timeout,
-                           what=f"the worker in window(s) {sorted(pending)}: {[self.rules[i] for i in pending]}")
-            for index in hit:
-                began = time.time()
-                self.server.stop()
-                (self.folder / f"go-{index}").touch()  # the worker goes on into the outage
-                time.sleep(self.down)
-                self.server.start()
-                total += time.time() - began
-                pending.discard(index)
-        return total
-
-
-def _uploads(sink: Sink, job_id: str) -> int:
-    return sum(1 for r in sink.requests() if r["method"] == "POST" and r["path"].startswith("/storage/v1/object/")
-               and f"/{job_id}/" in r["path"])
-
-
-def _starts(sink: Sink, job_id: str) -> int:
-    """``processing`` callbacks that announce a start (progress ones carry ``progress``)."""
-    return sum(1 for c in sink.callbacks(job_id)
-               if c["body"]["status"] == "processing" and "progress" not in (c["body"].get("metadata") or {}))
-
-
-def _once_each(sink: Sink, ids: list[str], what: str, uploads: int = 2) -> None:
-    """Every job completed with one start, one terminal callback and its files uploaded once; failed
-    jobs' errors in the assertion message."""
-    bodies = {job_id: terminal(sink, job_id, 180) for job_id in ids}
-    time.sleep(2)  # a late duplicate would surface within a scan period
-    counts = terminal_counts(sink, ids)
-    starts = {job_id: _starts(sink, job_id) for job_id in ids}
-    stored = {job_id: _uploads(sink, job_id) for job_id in ids}
-    failed = {job_id: b.get("error") for job_id, b in bodies.items() if b["status"] != "completed"}
-    print(f"{what}: {len(ids) - len(failed)} of {len(ids)} completed; terminal callbacks {sorted(Counter(counts.values()).items())}, "
-          f"starts {sorted(Counter(starts.values()).items())}, uploads {sorted(Counter(stored.values()).items())}")
-    assert not failed, f"failed jobs and their errors: {failed}"
-    assert all(n == 1 for n in counts.values()), f"terminal callbacks per job: {counts}"
-    assert all(n == 1 for n in starts.values()), f"start callbacks per job: {starts}"
-    assert all(n == uploads for n in stored.values()), f"uploads per job: {stored}"
-
-
 @pytest.mark.slow
 @pytest.mark.stress
 def test_redis_restarts_at_job_events_lose_no_job_and_fail_none(tmp_path: Path, pools: Pools, sink: Sink) -> None:
@@ -178,7 +116,7 @@ def test_redis_restarts_at_job_events_lose_no_job_and_fail_none(tmp_path: Path, 
             publish(client, TASK, job, "sdxl")
         outage = windows.drive()
         print(f"{len(windows.rules)} Redis restarts at job events ({outage:.1f}s down in all); worker alive: {worker.alive()}")
-        _once_each(sink, ids, "restarts at job events")
+        once_each(sink, ids, "restarts at job events")
         assert worker.alive()
     finally:
         server.stop()
@@ -213,7 +151,7 @@ def test_redis_restarts_at_job_events_soak(tmp_path: Path, pools: Pools, sink: S
             for job in jobs:
                 publish(client, TASK, job, "sdxl")
             windows.drive(first)
-            _once_each(sink, ids, f"soak round {rounds} (seed {seed}: windows {plan})")
+            once_each(sink, ids, f"soak round {rounds} (seed {seed}: windows {plan})")
             rounds += 1
         print(f"soak: {rounds} rounds, {len(windows.rules)} restarts at job events, seeds {first_seed}..{first_seed + rounds - 1}")
         assert worker.alive()

@@ -79,6 +79,18 @@ def incarnation(node: str) -> str:
     return f"ourvidz:incarnation:{node}"
 
 
+def beat(identity: str) -> str:
+    """Broker: ``{"t", "host", "pid", "start"}`` of an incarnation's last beat (``t``: the broker's clock);
+    ``runtime.liveness``, TTL the owner TTL (proof that an owner is gone: its process, or its silence)."""
+    return f"ourvidz:beat:{identity}"
+
+
+def job_running(job_id: str) -> str:
+    """Broker: the incarnation running the job now (a redelivered copy waits for it); ``runtime.admission``,
+    deleted when the attempt ends, TTL ``idempotency_ttl``."""
+    return f"{JOB_PREFIX}{job_id}:running"
+
+
 OWNER_PREFIX = "ourvidz:owner:"
 
 #: Broker: hash processing list -> ``{"owner", "queue"}`` of every consumer's fetch lists; ``services.fetching``

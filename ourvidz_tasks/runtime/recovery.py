@@ -18,14 +18,17 @@ exceed the longest job). So each worker proves it is alive instead:
   its node name held (node names are unique per live process, as Celery requires);
 - a message fetched but not yet recorded in ``unacked`` waits in its consumer's processing list
   (``services.fetching``); the same judgement hands it back once that incarnation is gone;
-- every worker scans ``unacked`` on the same period: a message whose owner's
-  heartbeat is gone (the worker was killed) or that has no owner after a
+- every worker scans ``unacked`` on the same period: a message whose owner is
+  proven gone (:mod:`.liveness`: its process gone on this host, a newer
+  incarnation of its node, or silent for a lease plus a margin on another host,
+  judged by a scanner that was not itself stalled) or that has no owner after a
   grace period goes back to the head of its queue, under kombu's own mutex,
-  in one transaction, as kombu itself restores messages.
+  in one transaction, as kombu itself restores messages. A lapsed heartbeat alone
+  (a live worker starved under load) is no proof.
 
 The poison guard counts deliveries per job attempt in Redis
-(:func:`count_delivery`, on every broker), so a job that kills its worker every time is
-given up after ``max_deliveries`` with a ``failed`` callback.
+(:func:`count_delivery`, on every broker),
+so a job that kills its worker every time is given up after ``max_deliveries`` with a ``failed`` callback.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ..contract import keys
 from ..contract.text import as_text
 from ..services import fetching
 from ..services.guard import hooks
+from .liveness import Silence, owner_gone, write_beat
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,9 @@ class Recovery:
         self.held: dict[Any, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="recovery", daemon=True)
+        #: how silent another host's owner must be to be gone; None while this scanner was stalled
+        self._silence = Silence(lease_seconds, lease_seconds / 3)
+        self.silence: float | None = None
 
     # -- liveness ------------------------------------------------------------------
     def start(self) -> None:
@@ -93,7 +100,7 @@ class Recovery:
         self._stop.set()
         self._thread.join(timeout=5)
         try:
-            self.broker.delete(self._alive(self.identity))
+            self.broker.delete(self._alive(self.identity), keys.beat(self.identity))
         except redis.RedisError as exc:
             log.warning("recovery: could not remove the heartbeat: %s", type(exc).__name__)
 
@@ -102,6 +109,7 @@ class Recovery:
             pipe.set(self._alive(self.identity), str(time.time()), px=int(self.lease * 1000))
             pipe.set(keys.incarnation(self.node), self.incarnation, ex=max(1, int(self.owner_ttl)))
             pipe.execute()
+        write_beat(self.broker, self.identity, int(self.owner_ttl))
 
     def own(self, delivery_tag: str) -> None:
         """Record that this incarnation holds ``delivery_tag`` (called on receipt)."""
@@ -130,6 +138,7 @@ class Recovery:
     def _loop(self) -> None:
         period = self.lease / 3
         while not self._stop.wait(period):
+            self.silence = self._silence.tick()
             try:
                 self.beat()
                 if self._reclaim_pending:
@@ -187,14 +196,14 @@ class Recovery:
             owner = self._owner(tag)
             if owner is None and delivered > cutoff:
                 continue
-            if owner is not None and self.broker.exists(self._alive(owner)):
-                continue
+            if owner is not None and not owner_gone(self.broker, owner, self.silence):
+                continue  # alive, or not proven gone (a starved worker, or this scanner was stalled)
             got = self._restore_locked(tag, owner, "dead worker")
             if got < 0:
                 break
             restored += got
-        # messages fetched but never recorded in unacked, by incarnations whose heartbeat is gone
-        restored += fetching.restore_dead(self.broker, lambda owner: not self.broker.exists(self._alive(owner)))
+        # messages fetched but never recorded in unacked, by incarnations proven gone (the same judgement)
+        restored += fetching.restore_dead(self.broker, lambda owner: owner_gone(self.broker, owner, self.silence))
         return restored
 
     def _restore_locked(self, tag: str, owner: str | None, why: str) -> int:

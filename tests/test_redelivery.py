@@ -1,0 +1,94 @@
+"""A job runs once while its worker lives: through a lapsed heartbeat under load and through
+kombu's redelivery of a live job's message (issue 24, defects 1 and 2).
+
+Both windows are driven by job events (``tests.faults:broker_windows`` holds the worker after a
+step until the test lets it go), and both count what the edge saw: start callbacks, uploads and
+terminal callbacks per job, not only terminal ones, and the job's poison count.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import redis
+
+from devtools.sink import Sink
+from ourvidz_tasks.contract import keys
+
+from .support.cluster import Pools, WorkerProcess
+from .support.jobs import TASK, new_id, terminal, terminal_counts, tiny_job
+from .support.process import wait_for
+from .support.windows import Windows, starts, uploads
+from .wire import publish
+
+LEASE = 2.0
+
+
+def _env(broker: str, windows: Windows) -> dict[str, str]:
+    return dict(OURVIDZ_BROKER_URL=broker, OURVIDZ_LEASE_SECONDS=f"{LEASE:g}",
+                OURVIDZ_RUNTIME_PLUGINS="tests.faults:broker_windows", OURVIDZ_TEST_WINDOWS=str(windows.folder))
+
+
+def _alive_key(store: redis.Redis, worker: WorkerProcess) -> str | None:
+    found = list(store.scan_iter(f"{keys.ALIVE_PREFIX}{worker.node}/*"))
+    return found[0].decode() if found else None
+
+
+def _refreshes(store: redis.Redis, key: str, count: int, timeout: float = 60) -> None:
+    """Wait until heartbeat ``key`` was refreshed ``count`` times (its TTL went up): that worker's
+    recovery loop (beat, then scan) ran that many times."""
+    seen, last = 0, store.pttl(key)
+
+    def refreshed() -> bool:
+        nonlocal seen, last
+        now = store.pttl(key)
+        seen += now > last
+        last = now
+        return seen >= count
+
+    wait_for(refreshed, timeout, interval=0.05, what=f"{count} refreshes of {key}")
+
+
+def _once(sink: Sink, store: redis.Redis, job_id: str, what: str) -> None:
+    body = terminal(sink, job_id, 180)
+    begun, stored = starts(sink, job_id), uploads(sink, job_id)
+    ended = terminal_counts(sink, [job_id])[job_id]
+    deliveries = int(store.get(keys.deliveries(job_id, 0)) or 0)
+    print(f"{what}: {begun} start callback(s), {stored} upload(s), {ended} terminal callback(s) "
+          f"({body['status']}), poison count {deliveries}")
+    assert body["status"] == "completed", body.get("error")
+    assert (begun, stored, ended) == (1, 2, 1)
+    assert deliveries == 1
+
+
+@pytest.mark.slow
+@pytest.mark.stress
+def test_a_stalled_worker_keeps_its_job_and_its_poison_count(isolated_broker: str, pools: Pools, sink: Sink,
+                                                             tmp_path: Path) -> None:
+    """A worker SIGSTOPped mid-job longer than its lease (what a full ``gc.collect`` under load 10
+    does to its heartbeat thread) is alive: another pool's scanner must not requeue its job."""
+    store = redis.Redis.from_url(isolated_broker)
+    windows = Windows(tmp_path / "windows")
+    tag = new_id()[:6]
+    stalled = pools.start("sdxl", OURVIDZ_HOSTNAME=f"stall-a-{tag}", **_env(isolated_broker, windows))
+    job = tiny_job(steps=6)
+    windows.add(job["id"], "step", 2)
+    publish(store, TASK, job, "sdxl")
+    windows.wait_hit(0)  # the stalled pool holds the job after its step 2
+    scanner = pools.start("sdxl", OURVIDZ_HOSTNAME=f"stall-b-{tag}", **_env(isolated_broker, windows))
+    assert stalled.proc is not None
+    heartbeat = wait_for(lambda: _alive_key(store, stalled), 30, what="the stalled pool's heartbeat")
+    os.killpg(stalled.proc.pid, signal.SIGSTOP)
+    try:
+        windows.release(0)  # it goes on only once continued
+        wait_for(lambda: not store.exists(heartbeat), 10 * LEASE, interval=0.05, what="the lease to lapse")
+        # the other pool's scanner runs three times with the stalled owner's heartbeat gone
+        _refreshes(store, wait_for(lambda: _alive_key(store, scanner), 30, what="the scanner's heartbeat"), 3)
+    finally:
+        os.killpg(stalled.proc.pid, signal.SIGCONT)
+    _once(sink, store, job["id"], f"1 job, its pool stopped past its {LEASE:g}s lease")
+    assert "requeued" not in stalled.text() + scanner.text()
+
