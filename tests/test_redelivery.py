@@ -17,6 +17,7 @@ import redis
 
 from devtools.sink import Sink
 from ourvidz_tasks.contract import keys
+from ourvidz_tasks.contract.text import as_text
 
 from .support.cluster import Pools, WorkerProcess
 from .support.jobs import TASK, new_id, terminal, terminal_counts, tiny_job
@@ -92,3 +93,35 @@ def test_a_stalled_worker_keeps_its_job_and_its_poison_count(isolated_broker: st
     _once(sink, store, job["id"], f"1 job, its pool stopped past its {LEASE:g}s lease")
     assert "requeued" not in stalled.text() + scanner.text()
 
+
+@pytest.mark.slow
+@pytest.mark.stress
+def test_a_live_jobs_message_restored_by_kombu_does_not_start_again(isolated_broker: str, pools: Pools, sink: Sink,
+                                                                    tmp_path: Path) -> None:
+    """kombu puts a connection's unacked messages back on their queue when it reconnects, while their
+    job still runs (here: kombu's own ``restore_by_tag`` while the job stands after its step 2). The
+    other pool receives the copy: it must not start the job, and the copy must not count as a death."""
+    from kombu import Connection
+
+    store = redis.Redis.from_url(isolated_broker)
+    windows = Windows(tmp_path / "windows")
+    tag = new_id()[:6]
+    runner = pools.start("sdxl", OURVIDZ_HOSTNAME=f"restore-a-{tag}", **_env(isolated_broker, windows))
+    job = tiny_job(steps=6)
+    windows.add(job["id"], "step", 2)
+    task_id = publish(store, TASK, job, "sdxl")
+    windows.wait_hit(0)
+    other = pools.start("sdxl", OURVIDZ_HOSTNAME=f"restore-b-{tag}", **_env(isolated_broker, windows))
+    held = [as_text(t) for t in store.hkeys("unacked")]
+    assert len(held) == 1, held
+    with Connection(isolated_broker) as conn:
+        conn.default_channel.qos.restore_by_tag(held[0], leftmost=True)  # what a reconnect does
+    received = f"generate[{task_id}] received"
+    wait_for(lambda: received in other.text(), 60, what="the other pool to receive the restored copy")
+    # it either lets the copy go (and it comes back later) or starts the job a second time
+    wait_for(lambda: "comes back in" in other.text() or starts(sink, job["id"]) > 1, 60, what="the copy handled")
+    windows.release(0)
+    _once(sink, store, job["id"], "1 job, its message restored by kombu while it ran")
+    # the copy comes back once the job ended, finds its terminal record and is dropped
+    wait_for(lambda: "already ended" in runner.text() + other.text(), 60, what="the copy to come back and be dropped")
+    _once(sink, store, job["id"], "after the copy came back")
