@@ -125,3 +125,80 @@ def test_a_live_jobs_message_restored_by_kombu_does_not_start_again(isolated_bro
     # the copy comes back once the job ended, finds its terminal record and is dropped
     wait_for(lambda: "already ended" in runner.text() + other.text(), 60, what="the copy to come back and be dropped")
     _once(sink, store, job["id"], "after the copy came back")
+
+
+# -- the rules, in-process -------------------------------------------------------------------------
+
+
+def test_an_owner_is_gone_only_with_proof(isolated_broker: str) -> None:
+    """liveness.owner_gone: a newer incarnation, no beat record, a dead process on this host, or
+    silence past the judge's threshold on another host; a live process here is never gone."""
+    import json
+    import subprocess
+    import sys
+
+    from ourvidz_tasks.runtime.liveness import HOST, now_on, owner_gone, write_beat
+
+    store = redis.Redis.from_url(isolated_broker)
+    tag = new_id()[:6]
+    me = f"sdxl@here-{tag}/aaaa"
+    write_beat(store, me, 60)  # this process, no heartbeat key (lapsed): alive all the same
+    assert not owner_gone(store, me, silence=0.0)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = f"sdxl@gone-{tag}/bbbb"
+    store.set(keys.beat(dead), json.dumps({"t": now_on(store), "host": HOST, "pid": child.pid, "start": None}))
+    store.set(keys.alive(dead), "1", ex=60)  # a heartbeat left behind by a SIGKILLed process
+    assert owner_gone(store, dead, silence=None)
+    store.set(keys.incarnation(f"sdxl@here-{tag}"), "cccc")
+    assert owner_gone(store, me, silence=None)  # its node restarted under the same name
+    assert owner_gone(store, f"sdxl@never-{tag}/dddd", silence=None)  # never beat
+    far = f"sdxl@far-{tag}/eeee"
+    store.set(keys.beat(far), json.dumps({"t": now_on(store) - 10, "host": "elsewhere/pid:[1]", "pid": 1}))
+    assert not owner_gone(store, far, silence=None)  # a stalled judge does not judge by silence
+    assert not owner_gone(store, far, silence=20.0)
+    assert owner_gone(store, far, silence=5.0)
+    store.set(keys.alive(far), "1", ex=60)
+    assert not owner_gone(store, far, silence=5.0)
+
+
+def test_a_stalled_scanner_does_not_judge_by_silence(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ourvidz_tasks.runtime import liveness
+
+    clock = [100.0]
+    monkeypatch.setattr(liveness.time, "monotonic", lambda: clock[0])
+    silence = liveness.Silence(lease=3.0, period=1.0)
+    clock[0] += 1.0
+    assert silence.tick() == 6.0  # on time: two leases
+    clock[0] += 1.5
+    assert silence.tick() == 6.5  # half a period late: the margin grows by what it missed
+    clock[0] += 5.0
+    assert silence.tick() is None  # four periods late: this scanner was stalled, it does not judge
+
+
+def test_an_outage_is_waited_out_and_then_given_up() -> None:
+    from ourvidz_tasks.services.outage import BrokerAway, is_outage, through_outage
+
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise redis.ConnectionError("Connection refused")
+        return "ok"
+
+    assert through_outage(flaky, 60, "test", sleep=lambda _: None) == "ok" and len(calls) == 3
+
+    def away() -> None:
+        raise redis.TimeoutError("timed out")
+
+    with pytest.raises(BrokerAway):
+        through_outage(away, 0, "test", sleep=lambda _: None)
+    try:
+        try:
+            raise redis.ConnectionError("down")
+        except redis.ConnectionError as exc:
+            raise ValueError("wrapped") from exc
+    except ValueError as wrapped:
+        assert is_outage(wrapped)
+    assert not is_outage(ValueError("a job's own error"))
