@@ -56,6 +56,8 @@ class Claim:
 def claim(broker: redis.Redis, job_id: str, identity: str, silence: float | None, ttl: int) -> Claim:
     """Record ``identity`` as the job's runner unless a live incarnation runs it (one transaction)."""
     key = keys.job_running(job_id)
+    if broker.set(key, identity, nx=True, ex=max(1, ttl)):
+        return Claim()  # the common case, one round trip: nobody runs it
     found = Claim()
 
     def transaction(pipe: Any) -> None:
@@ -103,9 +105,6 @@ def admit(rt: Runtime, job_id: str, retries: int) -> tuple[dict[str, Any] | None
     recovery = rt.recovery
     died = False
     if recovery is not None:
-        recorded = through_outage(lambda: rt.redis.get(keys.job_final(job_id)), patience, f"job {job_id}")
-        if recorded:
-            return json.loads(recorded), 0, False
         found = through_outage(lambda: claim(recovery.broker, job_id, recovery.identity, recovery.silence, ttl),
                                patience, f"job {job_id}")
         if found.runner is not None:
@@ -116,7 +115,7 @@ def admit(rt: Runtime, job_id: str, retries: int) -> tuple[dict[str, Any] | None
 
     def read() -> list[Any]:
         with rt.redis.pipeline(transaction=False) as pipe:
-            pipe.get(keys.job_final(job_id))  # again: a runner may have ended it since
+            pipe.get(keys.job_final(job_id))  # after the claim: a runner that ended it recorded it first
             if recovery is None:
                 queue_count_delivery(pipe, job_id, retries, ttl)
             else:
