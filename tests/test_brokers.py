@@ -126,10 +126,10 @@ def test_redis_restarts_at_job_events_lose_no_job_and_fail_none(tmp_path: Path, 
 @pytest.mark.stress
 def test_redis_restarts_at_job_events_soak(tmp_path: Path, pools: Pools, sink: Sink) -> None:
     """A bounded soak: rounds of jobs, each with restarts at windows drawn from a seed (printed; the
-    windows are job events, so ``OURVIDZ_TEST_SEED`` replays a round), for ``OURVIDZ_SOAK_SECONDS`` (60)."""
+    windows are job events, so ``OURVIDZ_TEST_SEED`` replays a round), for ``OURVIDZ_SOAK_SECONDS`` (30)."""
     import random
 
-    budget = float(os.environ.get("OURVIDZ_SOAK_SECONDS") or 60)
+    budget = float(os.environ.get("OURVIDZ_SOAK_SECONDS") or 30)
     first_seed = int(os.environ.get("OURVIDZ_TEST_SEED") or random.randrange(10**6))
     server = RedisServer(tmp_path / "redis").start()
     try:

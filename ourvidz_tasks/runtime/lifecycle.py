@@ -42,9 +42,10 @@ from ..services import events
 from ..services.backoff import full_jitter
 from ..services.outage import OUTAGE_ERRORS, BrokerAway, is_outage, through_outage
 from ..services.tracing import span
+from .admission import admit, leave
 from .faults import detach, exit_on_device_fault, exit_process, is_oom
 from .memprobe import Measurement
-from .recovery import count_delivery, queue_count_delivery
+from .recovery import count_delivery
 from .runtime import Runtime
 
 if TYPE_CHECKING:
@@ -214,12 +215,19 @@ def _run_job(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work
         raw = json.dumps(payload)[:65536] if payload is not None else None
         rt.dead.push("no usable job id", raw=raw, queue=family, task_id=ctx.task_id)
         return {"status": "dead_letter", "reason": "no usable job id"}
-    recorded, deliveries, cancelled = _admit(rt, job_id, ctx.retries)
+    recorded, deliveries, cancelled = admit(rt, job_id, ctx.retries)
     if recorded is not None:
         log.info("job %s already ended (%s); not run again", job_id, recorded["status"])
         rt.delivery.resend(job_id, recorded)
         return recorded
+    try:
+        return _attempt(rt, ctx, payload, family, work, on_device_fault, job_id, deliveries, cancelled)
+    finally:
+        leave(rt, job_id)
 
+
+def _attempt(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work, on_device_fault: FaultExit,
+             job_id: str, deliveries: int, cancelled: bool) -> dict[str, Any]:
     attempt = ctx.retries + 1
     if deliveries > rt.settings.max_deliveries:
         return _poison(rt, job_id, attempt, deliveries)
@@ -300,21 +308,6 @@ def _poison(rt: Runtime, job_id: str, attempt: int, deliveries: int) -> dict[str
     error = _poison_error(deliveries)
     body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata={}, error=error)
     return end_job(rt, {}, body)
-
-
-def _admit(rt: Runtime, job_id: str, retries: int) -> tuple[dict[str, Any] | None, int, bool]:
-    """One round trip before the ``processing`` callback: the terminal record (the job already
-    ended?), one more delivery counted (every broker redelivers a message whose worker died:
-    RabbitMQ at once, Redis via leases) and the cancel flag."""
-    def admit() -> list[Any]:
-        with rt.redis.pipeline(transaction=False) as pipe:
-            pipe.get(keys.job_final(job_id))
-            queue_count_delivery(pipe, job_id, retries, rt.settings.idempotency_ttl)
-            pipe.exists(keys.cancel(job_id))
-            return list(pipe.execute())
-
-    recorded, deliveries, _, cancelled = through_outage(admit, rt.settings.broker_patience, f"job {job_id}")
-    return (json.loads(recorded) if recorded else None), int(deliveries), bool(cancelled)
 
 
 def end_job(rt: Runtime, payload: Any, body: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ exceed the longest job). So each worker proves it is alive instead:
   (a live worker starved under load) is no proof.
 
 The poison guard counts deliveries per job attempt in Redis
-(:func:`count_delivery`, on every broker),
+(:func:`count_delivery`; on Redis only those whose owner died mid-job, :mod:`.admission`),
 so a job that kills its worker every time is given up after ``max_deliveries`` with a ``failed`` callback.
 """
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore, Reject
 
 from ..contract import names
 from ..services.progress import PROGRESS
+from .admission import Defer
 from .between_jobs import mark_busy
 from .lifecycle import HandBack, RetryJob, Work, run_job
 from .runtime import runtime
@@ -104,4 +105,13 @@ class JobTask(BaseTask):
             retry = exc
         except HandBack as exc:  # Redis went away mid-attempt: back to the queue, no attempt used
             raise Reject(str(exc), requeue=True) from None
+        except Defer as exc:  # a redelivered copy of a job that runs in a live incarnation: not now
+            self.defer(exc)
         raise self.retry(exc=retry.error, countdown=retry.countdown)  # outside the except, as Celery expects
+
+    def defer(self, exc: Defer) -> NoReturn:
+        """Publish this delivery again in ``exc.countdown`` seconds (same attempt) and drop this one."""
+        log.info("task %s: its job runs in live incarnation %s; this copy comes back in %gs",
+                 self.request.id, exc.runner, exc.countdown)
+        self.signature_from_request(self.request, countdown=exc.countdown, retries=self.request.retries).apply_async()
+        raise Ignore()
