@@ -280,15 +280,17 @@ def celery_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[s
 
 
 @pytest.mark.slow
-def test_the_celery_cli_against_a_real_worker(sink: Sink, tmp_path: Path) -> None:
+def test_the_celery_cli_against_a_real_worker(isolated_broker: str, sink: Sink, tmp_path: Path) -> None:
     """README: ``celery -A ourvidz_tasks inspect memory_status``; ``control model_unload`` unloads SDXL."""
     started = Pools(sink, tmp_path / "logs")
+    # its own broker and node name: the session's sdxl pool (same default name) must not answer for it
+    own = {"OURVIDZ_BROKER_URL": isolated_broker, "OURVIDZ_HOSTNAME": f"cli-{uuid.uuid4().hex[:6]}"}
     try:
-        worker = started.start("sdxl")
-        env = worker_env(sink, "cli")
+        worker = started.start("sdxl", **own)
+        env = worker_env(sink, "cli", **own)
 
         def status() -> dict[str, Any]:
-            done = celery_cli(env, "inspect", "memory_status", "-d", worker.node, "-t", "10", "-j")
+            done = celery_cli(env, "inspect", "memory_status", "-d", worker.node, "-t", "30", "-j")
             assert done.returncode == 0, done.stdout + done.stderr
             return json.loads(done.stdout.strip().splitlines()[-1])[worker.node]
 
@@ -296,10 +298,11 @@ def test_the_celery_cli_against_a_real_worker(sink: Sink, tmp_path: Path) -> Non
         assert st["worker"] == {"node": worker.node, "pool": "sdxl", "models": {"sdxl": True}}
         assert st["pools"]["sdxl"]["loaded"] is True and st["reserved_mb"] > 0
 
-        done = celery_cli(env, "control", "model_unload", "sdxl", "-d", worker.node, "-t", "10")
+        done = celery_cli(env, "control", "model_unload", "sdxl", "-d", worker.node, "-t", "30")
         assert done.returncode == 0, done.stdout + done.stderr
         assert "unload of sdxl on sdxl requested" in done.stdout
-        wait_for(lambda: status()["worker"]["models"] == {"sdxl": False}, 30, interval=0.5, what="sdxl unloaded")
+        # each look is a fresh CLI process (seconds on a busy machine); the pool serves it within a quarter second
+        wait_for(lambda: status()["worker"]["models"] == {"sdxl": False}, 60, interval=0.5, what="sdxl unloaded")
         assert status()["pools"]["sdxl"]["loaded"] is False
     finally:
         started.stop()
