@@ -113,6 +113,13 @@ def test_the_chat_kv_cache_is_reserved_once(store: redis.Redis) -> None:
         store.delete(sizes_key)
 
 
+def test_a_chat_pool_reserves_the_cache_it_is_configured_to_allocate() -> None:
+    small, default = first_estimate("qwen_instruct", shape="tokens:4096"), first_estimate("qwen_instruct")
+    assert default == first_estimate("qwen_instruct", shape="tokens:16384")
+    # 12288 tokens fewer: 12288 x (56 KiB of KV + 15 KiB read back + 2 B x 512 of mask) about 870 MB less
+    assert 800 < default["default_mb"] - small["default_mb"] < 950
+
+
 def test_budget_leaves_contexts_and_margin() -> None:
     assert memplan.budget_mb(49152, 3) == 49152 - 3 * memplan.CUDA_CONTEXT_MB - memplan.SAFETY_MARGIN_MB
 

@@ -30,6 +30,8 @@ from ourvidz_tasks.runtime.memprobe import MB, CpuProbe
 
 from .support.env import TINY_CACHE
 
+pytestmark = pytest.mark.slow  # four loads per family, some ten seconds each
+
 CPU = torch.device("cpu")
 #: large enough that a model still held shows far above the probe's noise (a few MB)
 CHAT_CACHE_TOKENS = 32768

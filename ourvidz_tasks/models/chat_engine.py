@@ -401,8 +401,11 @@ def _drop(manager: ContinuousBatchingManager) -> None:
     failed step's frames (the decode thread's exception keeps its traceback, and the traceback the tensors)."""
     manager.destroy()
     fatal = manager.background_thread_status.fatal_error
-    if isinstance(fatal, BaseException):
+    seen: set[int] = set()
+    while isinstance(fatal, BaseException) and id(fatal) not in seen:  # the error and what it was raised from
+        seen.add(id(fatal))
         fatal.__traceback__ = None
+        fatal = fatal.__cause__ or fatal.__context__
     manager.batch_processor = None
     manager.model = None  # type: ignore[assignment]
 

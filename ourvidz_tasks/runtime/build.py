@@ -88,7 +88,8 @@ def build_runtime(app: Celery, family: str, worker_id: str, settings: Settings |
     runtime.models = {
         name: ModelSlot(name, loader, runtime.record_load, pool=family, ledger=runtime.ledger,
                         heartbeat=runtime.heartbeat, wait=settings.memory_wait,
-                        **first_estimate(name, tiny=settings.model_source == "tiny", slack=settings.memory_slack))
+                        **first_estimate(name, tiny=settings.model_source == "tiny", slack=settings.memory_slack,
+                                         shape=f"tokens:{settings.chat_cache_tokens}" if family == "chat" else None))
         for name, loader in loaders(family, settings, device).items()
     }
     route_raw_jobs(app, dead)

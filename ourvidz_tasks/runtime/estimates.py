@@ -47,17 +47,20 @@ def shape_ratio(model: str, shape: str, known: str) -> float | None:
     return want / have if have > 0 else None
 
 
-def first_estimate(model: str, *, tiny: bool = False, slack: float = memplan.SLACK) -> dict[str, int]:
+def first_estimate(model: str, *, tiny: bool = False, slack: float = memplan.SLACK,
+                   shape: str | None = None) -> dict[str, int]:
     """``default_mb`` and ``default_work_mb`` of a model before anything is measured.
 
-    A real model: weights from its published config plus its default job
-    shape's working memory plus slack (:func:`ourvidz_tasks.models.memplan.estimate`).
+    A real model: weights from its published config plus the working memory
+    of ``shape`` (default: the model's default shape; a chat pool passes
+    ``tokens:OURVIDZ_CHAT_CACHE_TOKENS``, the cache it will allocate) plus
+    slack (:func:`ourvidz_tasks.models.memplan.estimate`).
     What the model preallocates at load (the chat KV cache) is in its measured
     weights then, so it is not working memory: ``default_work_mb`` leaves it out.
     """
     if tiny or model not in memplan.sizes()["families"]:
         return {"default_mb": TINY_FIRST_MB, "default_work_mb": TINY_FIRST_WORK_MB}
-    e = memplan.estimate(model, slack=slack)
+    e = memplan.estimate(model, shape, slack=slack)
     return {"default_mb": e.total_mb, "default_work_mb": e.work_mb - e.held_mb}
 
 

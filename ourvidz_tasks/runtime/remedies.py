@@ -43,6 +43,28 @@ def batch_sizes(count: int) -> list[int]:
     return sorted({count, -(-count // 2), 1}, reverse=True)
 
 
+def tile_vae(vae: Any) -> tuple[Any, Any] | None:
+    """Tiling and slicing on; an ``AutoencoderKL``'s tiles made :data:`TILE_PX` (returns its own, to restore)."""
+    vae.enable_tiling()
+    if hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()
+    if not (hasattr(vae, "tile_sample_min_size") and hasattr(vae, "tile_latent_min_size")):
+        return None
+    saved = (vae.tile_sample_min_size, vae.tile_latent_min_size)
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.tile_sample_min_size, vae.tile_latent_min_size = TILE_PX, TILE_PX // scale
+    return saved
+
+
+def untile_vae(vae: Any, saved: tuple[Any, Any] | None) -> None:
+    """Undo :func:`tile_vae`."""
+    vae.disable_tiling()
+    if hasattr(vae, "disable_slicing"):
+        vae.disable_slicing()
+    if saved is not None:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+
+
 class DiffusionRemedies:
     """The remedies applied to one diffusers pipeline during one job, and their undoing.
 
@@ -65,14 +87,7 @@ class DiffusionRemedies:
         of ``TILE_PX / 8``), overlapping by a quarter and blended as diffusers does. Wan's VAE tiles
         at 256 px already.
         """
-        vae = self.pipe.vae
-        vae.enable_tiling()
-        if hasattr(vae, "enable_slicing"):
-            vae.enable_slicing()
-        if hasattr(vae, "tile_sample_min_size") and hasattr(vae, "tile_latent_min_size"):
-            self._tiles = (vae.tile_sample_min_size, vae.tile_latent_min_size)
-            scale = 2 ** (len(vae.config.block_out_channels) - 1)
-            vae.tile_sample_min_size, vae.tile_latent_min_size = TILE_PX, TILE_PX // scale
+        self._tiles = tile_vae(self.pipe.vae)
         self.tiled = True
 
     def text_encoder_offload(self) -> None:
@@ -124,13 +139,8 @@ class DiffusionRemedies:
             self._unload()
             return
         if self.tiled:
-            vae = self.pipe.vae
-            vae.disable_tiling()
-            if hasattr(vae, "disable_slicing"):
-                vae.disable_slicing()
-            if self._tiles is not None:
-                vae.tile_sample_min_size, vae.tile_latent_min_size = self._tiles
-                self._tiles = None
+            untile_vae(self.pipe.vae, self._tiles)
+            self._tiles = None
 
 
 def run_with_remedies(remedies: DiffusionRemedies, ladder: list[Remedy], run: Callable[[Remedy], T], *,

@@ -134,6 +134,7 @@ def oom_section(plan: Plan, device: torch.device, bench: SdxlBench, batch1_peak_
     import torch
 
     from ourvidz_tasks.runtime.faults import Attempt, Remedy, step_down
+    from ourvidz_tasks.runtime.remedies import tile_vae, untile_vae
 
     batch = max(plan.sdxl_batches)
     hooks: list[Callable[[Attempt], None]] = []
@@ -150,7 +151,8 @@ def oom_section(plan: Plan, device: torch.device, bench: SdxlBench, batch1_peak_
 
         hooks.append(emulated_cap)
     ladder = [Remedy("batch", size) for size in sorted({batch, -(-batch // 2), 1}, reverse=True)]
-    ladder.append(Remedy("vae_tiling", 1, bench.vae.enable_tiling))
+    tiles: list[tuple[Any, Any] | None] = []
+    ladder.append(Remedy("vae_tiling", 1, lambda: tiles.append(tile_vae(bench.vae))))  # the pools' own rung
 
     def run(remedy: Remedy) -> int:
         size = remedy.batch or batch
@@ -165,7 +167,7 @@ def oom_section(plan: Plan, device: torch.device, bench: SdxlBench, batch1_peak_
     finally:
         if device.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, device)
-        bench.vae.disable_tiling()
+        untile_vae(bench.vae, tiles[0] if tiles else None)
     return {"cap_mb": cap_mb, "emulated": cap_mb is None, "batch": batch, **result}
 
 
