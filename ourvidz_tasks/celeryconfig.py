@@ -32,6 +32,16 @@ if _sentinel:
 if _settings.backend.startswith("sentinel://"):
     result_backend_transport_options.update(_group)
 broker_connection_retry_on_startup = True
+# a failover (docs/brokers.md, Redis Sentinel) leaves seconds without a writable primary: storing a state
+# and publishing a retry or a chain's next task wait it out (with backoff) rather than fail the job
+result_backend_always_retry = True
+result_backend_max_retries = 40
+result_backend_base_sleep_between_retries_ms = 50
+result_backend_max_sleep_between_retries_ms = 2000
+task_publish_retry_policy = {"max_retries": 60, "interval_start": 0, "interval_step": 0.2, "interval_max": 1}
+if _settings.backend.startswith("sentinel://"):
+    # Celery's Sentinel backend on connections that count NOREPLICAS & co. as connection errors (retried)
+    result_backend = f"ourvidz_tasks.services.result_backend:SentinelBackend+{_settings.backend}"
 
 task_protocol = 2
 task_serializer = "json"

@@ -21,6 +21,7 @@ import redis
 
 from ..contract.text import as_text
 from ..models import memplan
+from ..services.redis_client import register_script
 from . import lua
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class MeasuredSizes:
     def __init__(self, store: redis.Redis, sizes_key: str, *, slack: float = 0.0, window: int = 5) -> None:
         self.redis, self.sizes_key = store, sizes_key
         self.slack, self.window = slack, max(1, int(window))
-        self._recent = store.register_script(lua.source("recent"))
+        self._recent = register_script(store, lua.source("recent"))
 
     def record_work(self, model: str, shape_key: str, mb: int) -> int:
         """One measurement of a job shape's working memory (MB above the weights).

@@ -57,6 +57,7 @@ from ..contract.errors import WorkerUnavailable
 from ..contract.keys import ledger as ledger_key
 from ..contract.names import FAMILIES
 from ..contract.text import as_text
+from ..services.redis_client import register_script
 from . import lua
 from .estimates import MeasuredSizes
 from .leases import Heartbeat, Reservation
@@ -160,7 +161,7 @@ class Ledger(MeasuredSizes):
         self.keys = [f"{self.prefix}:{part}" for part in lua.STATE]
         self.key = dict(zip(lua.STATE, self.keys, strict=True))
         self._queue_depth = queue_depth or self._broker_depth
-        self._scripts = {name: store.register_script(lua.operation(name)) for name in lua.OPERATIONS}
+        self._scripts = {name: register_script(store, lua.operation(name)) for name in lua.OPERATIONS}
 
     @classmethod
     def for_settings(cls, store: redis.Redis, settings: Settings, device: torch.device | str,

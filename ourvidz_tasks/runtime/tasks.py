@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any, NoReturn
 
+import redis
 from celery import Task
 from celery.exceptions import Ignore, Reject
 
@@ -51,7 +52,10 @@ class BaseTask(Task):  # type: ignore[misc]
         if self.marks_own_start and rt is not None:
             mark_busy(rt)
         if self.request.id and not self.request.is_eager:
-            self.update_state(state="STARTED", meta={"pid": os.getpid(), "hostname": self.request.hostname})
+            try:
+                self.update_state(state="STARTED", meta={"pid": os.getpid(), "hostname": self.request.hostname})
+            except (redis.RedisError, OSError) as exc:  # a state for `ourvidz submit`: never worth the job
+                log.warning("task %s: STARTED state not stored (%s)", self.request.id, type(exc).__name__)
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """A pool's job that reaches a process with no warmed-up runtime goes back to its queue.

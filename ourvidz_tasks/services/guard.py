@@ -35,13 +35,29 @@ from ..contract import keys
 from ..contract.settings import load_settings
 from ..contract.text import as_text
 from . import fetching
-from .redis_client import connect
+from .backoff import Backoff
+from .redis_client import (
+    STEADY_WAIT,
+    Connection,
+    SentinelConnection,
+    SentinelSSLConnection,
+    SSLConnection,
+    TransientError,
+    connect,
+    steady,
+)
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTERS = keys.DEAD_LETTERS  # the name callers have used; spelled in contract.keys
 DEAD_TTL = 30 * 24 * 3600
 MAX_RAW = 64 * 1024
+
+#: how long a lost sentinel primary is waited for before Celery's reconnect backoff (and how long broker
+#: commands wait out a failover's transient answers: :func:`~.redis_client.steady`)
+FAILOVER_WAIT = STEADY_WAIT
+#: how often a sentinel transport without a primary asks again (seconds)
+ELECTION_POLL = 0.1
 
 #: Set by the worker at start: ``publish(job) -> bool`` re-publishes a raw job.
 RawJobHandler = Callable[[dict[str, Any]], bool]
@@ -116,21 +132,39 @@ def _foreign(channel: kombu_redis.Channel, item: bytes, queue: str) -> None:
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS; a message fetched into a processing list leaves it as it enters ``unacked``."""
+    """kombu's Redis QoS; a message fetched into a processing list leaves it as it enters ``unacked``;
+    the bookkeeping waits out a failover's transient answers (:func:`steady`)."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
         fetched: tuple[str, bytes] | None = getattr(self.channel, "_fetched", None)
         if fetched is None:
-            super().append(message, delivery_tag)
+            steady(lambda: kombu_redis.QoS.append(self, message, delivery_tag))
             return
         delivery = message.delivery_info
         record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self.pipe_or_acquire() as pipe:  # MULTI/EXEC: in unacked and out of the processing list at once
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
-            pipe.hset(self.unacked_key, delivery_tag, record)
-            pipe.lrem(fetched[0], 1, fetched[1])
-            pipe.execute()
+
+        def record_it() -> None:
+            with self.pipe_or_acquire() as pipe:  # MULTI/EXEC: in unacked and out of the processing list at once
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()})
+                pipe.hset(self.unacked_key, delivery_tag, record)
+                pipe.lrem(fetched[0], 1, fetched[1])
+                pipe.execute()
+
+        steady(record_it)
         virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        steady(lambda: self._remove_from_indices(delivery_tag).execute())
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        steady(lambda: kombu_redis.QoS.reject(self, delivery_tag, requeue))
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        try:  # kombu's sweep of old unacked entries; at connect too, where an error would be fatal
+            super().restore_visible(start, num, interval)
+        except TransientError as exc:  # it runs again on its period
+            log.warning("unacked sweep skipped: broker answers %s", str(exc).split(" ", 1)[0])
 
 
 class Channel(kombu_redis.Channel):
@@ -143,6 +177,8 @@ class Channel(kombu_redis.Channel):
     """
 
     QoS = QoS
+    connection_class: type[redis.Connection] = Connection
+    connection_class_ssl = SSLConnection  # type: ignore[assignment]
 
     #: the fetch command in flight (None: kombu's own BRPOP), and the source lists it names
     _fetch_cmd: str | None = None
@@ -153,6 +189,17 @@ class Channel(kombu_redis.Channel):
     _fetch_stranded = True
     #: (processing list, item) while the fetched message is being delivered (read by :meth:`QoS.append`)
     _fetched: tuple[str, bytes] | None = None
+    #: pauses between fetches while the broker answers transiently (a failover settling)
+    _fetch_pauses: Backoff | None = None
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        steady(lambda: super(Channel, self)._put(queue, message, **kwargs))
+
+    def _new_queue(self, queue: str, auto_delete: bool = False, **kwargs: Any) -> Any:
+        return steady(lambda: super(Channel, self)._new_queue(queue, auto_delete, **kwargs))
+
+    def _queue_bind(self, exchange: Any, routing_key: Any, pattern: Any, queue: Any) -> Any:
+        return steady(lambda: super(Channel, self)._queue_bind(exchange, routing_key, pattern, queue))
 
     def _brpop_start(self, timeout: Any = None) -> Any:
         identity = hooks.consumer
@@ -164,7 +211,11 @@ class Channel(kombu_redis.Channel):
             return None
         sources = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         if self._fetch_stranded:
-            fetching.restore_own(self.client, identity, sources)
+            try:
+                fetching.restore_own(self.client, identity, sources)
+            except TransientError as exc:  # a new primary without its replica yet: no fetch before it
+                self._fetch_paused(exc)
+                return None
             self._fetch_stranded, self._fetch_sweep = False, True
         if self._fetch_sweep:
             command = fetching.sweep_command(identity, sources)
@@ -181,10 +232,14 @@ class Channel(kombu_redis.Channel):
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, command, **options)
+            except TransientError as exc:  # refused, nothing moved: wait a little, fetch again, never exit
+                self._fetch_paused(exc)
+                raise kombu_redis.Empty() from None
             except self.connection_errors:
                 self._fetch_stranded = True  # a reply lost on the way may have moved a message
                 self.client.connection.disconnect()
                 raise
+            self._fetch_pauses = None
             if command == "BLMOVE":
                 reply = [self._fetch_sources[0], reply] if reply else None
             if not reply:
@@ -201,6 +256,13 @@ class Channel(kombu_redis.Channel):
             flush = getattr(self, "_flush_brpop_reauth", None)
             if flush is not None:
                 flush()
+
+    def _fetch_paused(self, exc: TransientError) -> None:
+        if self._fetch_pauses is None:
+            self._fetch_pauses = Backoff(0.05, 1.0)
+            log.warning("broker answers %s to the fetch; fetching again with backoff", str(exc).split(" ", 1)[0])
+        self._fetch_stranded = True  # reconnecting: (re)register the processing lists on the new primary
+        time.sleep(self._fetch_pauses.next())  # the event loop has nothing else to do meanwhile (solo pools)
 
     def _handle(self, source: str, item: bytes, processing: str | None) -> None:
         dest = source.rsplit(self.sep, 1)[0]
@@ -272,11 +334,29 @@ class RedisTransport(kombu_redis.Transport):
 class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     """:class:`Channel` on the primary its sentinels name (``sentinel://`` broker URLs)."""
 
+    connection_class = SentinelConnection
+    connection_class_ssl = SentinelSSLConnection  # type: ignore[assignment]
+
 
 class SentinelTransport(kombu_redis.SentinelTransport):
-    """kombu's Redis Sentinel transport using :class:`SentinelChannel`."""
+    """kombu's Redis Sentinel transport using :class:`SentinelChannel`.
+
+    A connection that finds no primary (the sentinels still name the dead one) tries again every
+    :data:`ELECTION_POLL` seconds for up to :data:`FAILOVER_WAIT`: the pool is back as soon as the
+    sentinels name the new primary, not after Celery's reconnect backoff (2 s, then 4 s, ...).
+    """
 
     Channel = SentinelChannel
+
+    def establish_connection(self) -> Any:
+        deadline = time.monotonic() + FAILOVER_WAIT
+        while True:
+            try:
+                return super().establish_connection()
+            except self.connection_errors:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(ELECTION_POLL)
 
 
 class Consumer(CeleryConsumer):

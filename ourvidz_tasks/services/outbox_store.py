@@ -43,6 +43,7 @@ from . import events
 from .backoff import Backoff
 from .delivery import HttpCallbacks, OutboxCallbacks, mark_delivered, refused
 from .guard import DeadLetters
+from .redis_client import register_script
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ class Outbox:
         self.ttl = ttl
         self.delivered_ttl = delivered_ttl or ttl  # the job's delivered mark (``terminal_ttl``)
         self.lock_ms = int(lock_seconds * 1000)
-        self._pop = store.register_script(_POP)
-        self._unlock = store.register_script(_UNLOCK)
+        self._pop = register_script(store, _POP)
+        self._unlock = register_script(store, _UNLOCK)
 
     @classmethod
     def for_settings(cls, store: redis.Redis, settings: Settings) -> Outbox:
