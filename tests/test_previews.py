@@ -148,3 +148,26 @@ def test_every_n_steps_at_most_k_and_removed_at_completion(
     wait_for(removed, 30, what="the preview's removal")
     r = httpx.get(f"{sink.url}/storage/v1/object/{key}", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 404
+
+
+def test_wan_previews_are_short_animations_in_order(wan_worker: WorkerProcess, store: redis.Redis, sink: Sink) -> None:
+    payload: dict[str, Any] = {"id": new_id(), "type": "video_fast", "user_id": "user_123", "prompt": PROMPT,
+               "config": {"width": 128, "height": 96, "frames": 9, "fps": 8, "num_inference_steps": 10, "seed": 3}}
+    publish(store, "ourvidz.wan.generate", payload, "wan")
+    body = terminal(sink, payload["id"], 300)
+    assert body["status"] == "completed", body
+    shown = previews(sink, payload["id"])
+    assert 1 <= len(shown) <= 4 and [p["index"] for p in shown] == list(range(1, len(shown) + 1)), shown
+    assert [p["step"] for p in shown] == sorted({p["step"] for p in shown})
+    statuses = [c["body"]["status"] for c in sink.callbacks(payload["id"])]
+    assert statuses[-1] == "completed" and statuses.count("completed") == 1
+    versions = sink.versions(shown[0]["url"])
+    assert len(versions) == len(shown)
+    for preview, data in zip(shown, versions, strict=True):
+        image = Image.open(io.BytesIO(data))
+        # 9 frames are 3 latent frames: one preview frame each (WEBP merges the random decoder's
+        # near-identical frames into one longer frame)
+        assert image.format == "WEBP" and preview["frames"] == 3 and 1 <= getattr(image, "n_frames", 1) <= 3
+        assert image.size == (preview["width"], preview["height"]) == (128, 96)
+    assert [a["type"] for a in body["assets"]] == ["video"] and "preview" not in json.dumps(body["assets"])
+    assert "secret-preview-marker" not in wan_worker.text()

@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     #: SDXL's tiny preview decoder: a diffusers ``AutoencoderTiny`` folder (the taesdxl layout);
     #: unset with local models: no SDXL previews (one warning)
     sdxl_preview_model: Path | None = None
+    #: WAN's tiny preview decoder: the published TAEHV ``taew2_1`` weights (``.pth`` or
+    #: ``.safetensors``); unset with local models: no WAN previews (one warning)
+    wan_preview_model: Path | None = None
     #: size caps on untrusted text
     max_prompt_chars: int = Field(8000, gt=0)
     max_message_chars: int = Field(32000, gt=0)

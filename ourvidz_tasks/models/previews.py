@@ -1,7 +1,8 @@
 """Live previews: tiny decoders that turn a running job's latents into small pictures.
 
 SDXL's is TAESD (diffusers' ``AutoencoderTiny``, the ``taesdxl`` folder layout), of
-which only the decoder is kept. :func:`load_decoder` loads one like every model
+which only the decoder is kept; WAN's is TAEHV's decoder (:mod:`.taehv`, the ``taew2_1``
+weights), decoded without temporal upsampling into a short animated preview. :func:`load_decoder` loads one like every model
 (a local folder, or the tiny random-weight one built offline); a missing or broken
 one turns previews off with one warning and never fails a load. :func:`latents_hook`
 is what a pipeline's step callback calls with the current latents: when the job's
@@ -84,6 +85,28 @@ def decode_image(decoder: torch.nn.Module, latents: torch.Tensor, edge: int = DE
         image = decoder(x)  # [-1, 1]
         pixels = ((image[0].float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
         return pixels.permute(1, 2, 0).cpu().numpy()
+
+
+def decode_video(decoder: torch.nn.Module, latents: torch.Tensor, edge: int = DECODE_EDGE // 2) -> np.ndarray:
+    """The first clip of WAN latents ``(B, 16, T, h, w)`` as uint8 frames ``(T, H, W, 3)``
+    (:class:`~ourvidz_tasks.models.taehv.TinyVideoDecoder`: one frame per latent frame, about [0, 1]).
+
+    Latents are scaled down (area) first so the long side decodes to at most ``edge`` pixels.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    param = next(decoder.parameters())
+    with torch.inference_mode():
+        x = latents[0].permute(1, 0, 2, 3).to(device=param.device, dtype=param.dtype)  # (T, 16, h, w)
+        h, w = x.shape[-2:]
+        longest = edge // 8
+        if max(h, w) > longest:
+            size = (max(1, round(h * longest / max(h, w))), max(1, round(w * longest / max(h, w))))
+            x = F.interpolate(x, size=size, mode="area")
+        frames = decoder(x)
+        pixels = (frames.float() * 255).clamp(0, 255).round().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def latents_hook(stream: Stream, decode: Callable[[torch.Tensor], np.ndarray], fps: int | None = None) -> LatentsHook:
