@@ -5,13 +5,17 @@ A real HTTP server (standard library only) for the demo and the tests:
 - ``POST|PUT /storage/v1/object/{bucket}/{path}``: upload (Bearer key required)
 - ``GET /storage/v1/object/{bucket}/{path}``: download (Bearer key required)
 - ``GET /storage/v1/object/public/{bucket}/{path}``: download, no key
+- ``DELETE /storage/v1/object/{bucket}/{path}``: remove (Bearer key required)
 - ``POST /functions/v1/job-callback``: checks the key and the HMAC signature,
   records the call
 - ``GET /_sink/callbacks``, ``GET /_sink/requests``: what was received
-- ``POST /_sink/faults`` ``{"callback": 503, "storage": 503, "thumbnail": 500}``:
-  answer those statuses (``thumbnail``: thumbnail uploads only) until reset
-  with ``{}`` (outage drills); ``{"callback_hang": 30}``: hold each callback
-  30 s, then answer 504 (an edge that hangs rather than refuses)
+- ``POST /_sink/faults`` ``{"callback": 503, "storage": 503, "thumbnail": 500, "preview": 500}``:
+  answer those statuses (``thumbnail``: thumbnail uploads only; ``preview``: live
+  preview uploads only) until reset with ``{}`` (outage drills); ``{"callback_hang": 30}``:
+  hold each callback 30 s, then answer 504 (an edge that hangs rather than refuses)
+
+Live previews (``.../preview.webp``) are overwritten in place; the sink also
+keeps every version in memory (``Sink.versions(rel)``), so a test can open each.
 
 Run it alone with ``python -m devtools.sink --root DIR --port N``; the key
 and secret come from ``SUPABASE_SERVICE_KEY`` and ``JOB_CALLBACK_SECRET``.
@@ -36,6 +40,7 @@ from urllib.parse import unquote, urlsplit
 OBJECT = "/storage/v1/object/"
 PUBLIC = "/storage/v1/object/public/"
 CALLBACK = "/functions/v1/job-callback"
+PREVIEW = "/preview.webp"
 MAX_BODY = 512 * 1024 * 1024
 #: the request headers each recorded request keeps (the key itself is recorded only as ``authorized``)
 RECORDED_HEADERS = ("Content-Type", "x-upsert", "X-Callback-Signature")
@@ -52,6 +57,8 @@ class SinkState:
         self.callbacks: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
         self.faults: dict[str, int] = {}
+        #: every upload of a live preview (``*/preview.webp``), in arrival order, by path
+        self.versions: dict[str, list[bytes]] = {}
 
     def object_path(self, rel: str) -> Path | None:
         parts = [unquote(p) for p in rel.split("/")]
@@ -162,6 +169,8 @@ class _Handler(BaseHTTPRequestHandler):
         status = self.state.faults.get("storage")
         if rel.endswith(".thumb.webp"):
             status = self.state.faults.get("thumbnail", status)
+        if rel.endswith(PREVIEW):
+            status = self.state.faults.get("preview", status)
         if status is not None:
             return self._json(status, {"error": "injected fault"})
         target = self.state.object_path(rel)
@@ -172,7 +181,26 @@ class _Handler(BaseHTTPRequestHandler):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(body)
         target.with_name(target.name + ".content-type").write_text(self.headers.get("Content-Type", ""))
+        if rel.endswith(PREVIEW):
+            with self.state.lock:
+                self.state.versions.setdefault(rel, []).append(body)
         self._json(200, {"Key": rel})
+
+    def do_DELETE(self) -> None:
+        path = urlsplit(self.path).path
+        self._record()
+        if not path.startswith(OBJECT) or path.startswith(PUBLIC):
+            return self._json(404, {"error": "not found"})
+        if not self._authorized():
+            return self._json(401, {"error": "unauthorized"})
+        if (status := self.state.faults.get("storage")) is not None:
+            return self._json(status, {"error": "injected fault"})
+        target = self.state.object_path(path[len(OBJECT):])
+        if target is None or not target.is_file():
+            return self._json(404, {"error": "object not found"})
+        target.unlink()
+        target.with_name(target.name + ".content-type").unlink(missing_ok=True)
+        self._json(200, {"message": "Successfully deleted"})
 
     def _callback(self, body: bytes) -> None:
         signature = self.headers.get("X-Callback-Signature")
@@ -245,6 +273,11 @@ class Sink:
         target.write_bytes(data)
         target.with_name(target.name + ".content-type").write_text(content_type)
         return f"{self.url}{PUBLIC}{rel}"
+
+    def versions(self, rel: str) -> list[bytes]:
+        """Every upload of the live preview ``rel`` (``bucket/user/job/preview.webp``), oldest first."""
+        with self.state.lock:
+            return list(self.state.versions.get(rel, []))
 
     def faults(self, **statuses: int) -> None:
         with self.state.lock:

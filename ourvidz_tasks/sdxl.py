@@ -19,10 +19,12 @@ from .contract import names
 from .contract.errors import I2IPipelineError, InvalidJob, ReferenceUnavailable, UnsafeReference
 from .contract.jobs import Job
 from .contract.params import SdxlParams, sdxl_params
+from .models.previews import decode_image
 from .models.sdxl import run_sdxl
 from .runtime import signals  # noqa: F401  (a worker registers its signal handlers with its task module)
 from .runtime.faults import Remedy, exit_on_device_fault
 from .runtime.lifecycle import Generated, Progress, as_job_error
+from .runtime.previews import live_previews
 from .runtime.remedies import DiffusionRemedies, run_with_remedies, sdxl_ladder
 from .runtime.runtime import Runtime
 from .runtime.tasks import JobTask
@@ -42,12 +44,18 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
     reference, fallback = _reference(rt, params)  # before the model: a job that must fail fails first
     shape = f"{params.width}x{params.height}x{params.num_images}"
     model = rt.model("sdxl", shape)  # the reservation grown to this job's shape before any model call
+    with live_previews(rt, job, progress, getattr(model, "preview", None), decode_image) as on_latents:
+        return _generate(rt, model, params, reference, fallback, partial(
+            run_sdxl, model, prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
+            height=params.height, steps=params.steps, guidance_scale=params.guidance_scale,
+            on_step=progress, on_latents=on_latents, compel=params.compel, compel_weights=params.compel_weights,
+        ))
+
+
+def _generate(rt: Runtime, model: Any, params: SdxlParams, reference: Image.Image | None,
+              fallback: dict[str, Any] | None, pipe: Callable[..., list[Image.Image]]) -> Generated:
+    """img2img (falling back to txt2img where the job allows it) or txt2img, stepping down on OOM."""
     pipeline = "img2img" if reference is not None else "txt2img"
-    pipe = partial(
-        run_sdxl, model, prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
-        height=params.height, steps=params.steps, guidance_scale=params.guidance_scale,
-        on_step=progress, compel=params.compel, compel_weights=params.compel_weights,
-    )
     images: list[Image.Image] | None = None
     stepped: dict[str, Any] | None = None
     if reference is not None:

@@ -19,9 +19,11 @@ from .contract import names
 from .contract.errors import InvalidJob, ReferenceFrameError, ReferenceUnavailable, UnsafeReference
 from .contract.jobs import Job, parse_job
 from .contract.params import WanParams, wan_params
+from .models.previews import decode_video
 from .models.wan import run_wan
 from .runtime import signals  # noqa: F401  (a worker registers its signal handlers with its task module)
 from .runtime.lifecycle import Generated, Progress
+from .runtime.previews import live_previews
 from .runtime.remedies import DiffusionRemedies, run_with_remedies, wan_ladder
 from .runtime.runtime import Runtime, runtime
 from .runtime.tasks import JobTask
@@ -54,18 +56,21 @@ def work(rt: Runtime, job: Job, progress: Progress) -> Generated:
     references, fallback = _references(rt, params, model.conditions_on_frames)
     mode = params.reference_mode if fallback is None else "none"
     conditioning: dict[str, Any] = {}
-    run = partial(
-        run_wan, model, prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
-        height=params.height, num_frames=params.frames, steps=params.steps,
-        guidance_scale=params.guidance_scale, seed=params.seed, reference_mode=mode,
-        reference=references.get("single"), first_frame=references.get("first"),
-        last_frame=references.get("last"), on_step=progress, shift=params.shift,
-        on_conditioning=conditioning.update,
-    )
-    remedies = DiffusionRemedies(model.pipe, model.device, rt.models["wan"].unload)  # OOM: step down
-    frames, stepped = run_with_remedies(remedies, wan_ladder(remedies), lambda _remedy: run(), family="wan",
-                                        stage=params.output, total=1, hooks=rt.attempt_hooks,
-                                        what=f"job {params.job_id}")
+    # previews: one frame per latent frame (4 of the clip's), shown at a quarter of its fps
+    with live_previews(rt, job, progress, getattr(model, "preview", None), decode_video,
+                       fps=max(1, params.fps // 4)) as on_latents:
+        run = partial(
+            run_wan, model, prompt=params.prompt, negative_prompt=params.negative_prompt, width=params.width,
+            height=params.height, num_frames=params.frames, steps=params.steps,
+            guidance_scale=params.guidance_scale, seed=params.seed, reference_mode=mode,
+            reference=references.get("single"), first_frame=references.get("first"),
+            last_frame=references.get("last"), on_step=progress, on_latents=on_latents, shift=params.shift,
+            on_conditioning=conditioning.update,
+        )
+        remedies = DiffusionRemedies(model.pipe, model.device, rt.models["wan"].unload)  # OOM: step down
+        frames, stepped = run_with_remedies(remedies, wan_ladder(remedies), lambda _remedy: run(), family="wan",
+                                            stage=params.output, total=1, hooks=rt.attempt_hooks,
+                                            what=f"job {params.job_id}")
     described: dict[str, Any] = {
         "seed": params.seed, "steps": params.steps, "guidance_scale": params.guidance_scale,
         "pipeline": "vace" if mode != "none" else "t2v", "reference_mode": mode, "sample_shift": params.shift,

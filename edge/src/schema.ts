@@ -55,6 +55,8 @@ export interface CallbackMetadata {
   callback_id: string;
   attempt: number;
   progress?: number | null;
+  /** a live preview (processing callbacks only); safe to ignore */
+  preview?: Preview | null;
   processing_time?: number | null;
   batch_size?: number | null;
   frame_num?: number | null;
@@ -200,4 +202,20 @@ export interface JobMetadata {
   enhancement_error?: string | null;
   enhancement_source?: string | null;
   enhancement_time?: number | null;
+}
+
+/** A live preview of a running job (a `processing` callback's `metadata.preview`).  One storage key per job, overwritten by each newer preview (`index` grows, so a client fetching `url?v={index}` never sees a cached older one); never an asset. */
+export interface Preview {
+  /** storage path relative to the storage API: `bucket/user/job/preview.webp` */
+  url: string;
+  /** the denoising step it shows */
+  step: number;
+  /** the steps of the run */
+  total: number;
+  /** 1 for the job's first preview, then 2, 3, ... */
+  index: number;
+  width: number;
+  height: number;
+  /** an animated WEBP's frames (video jobs) */
+  frames?: number | null;
 }

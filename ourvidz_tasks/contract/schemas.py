@@ -146,12 +146,29 @@ class CallbackAsset(BaseModel):
     metadata: AssetMetadata
 
 
+class Preview(BaseModel):
+    """A live preview of a running job (a `processing` callback's `metadata.preview`).
+
+    One storage key per job, overwritten by each newer preview (`index` grows, so a
+    client fetching `url?v={index}` never sees a cached older one); never an asset.
+    """
+
+    url: str = Field(description="storage path relative to the storage API: `bucket/user/job/preview.webp`")
+    step: int = Field(ge=1, description="the denoising step it shows")
+    total: int = Field(ge=1, description="the steps of the run")
+    index: int = Field(ge=1, description="1 for the job's first preview, then 2, 3, ...")
+    width: int = Field(ge=1, le=256)
+    height: int = Field(ge=1, le=256)
+    frames: int | None = Field(None, ge=1, description="an animated WEBP's frames (video jobs)")
+
+
 class CallbackMetadata(_Open):
     """Job-level metadata; `callback_id` repeats only when the same callback is re-sent."""
 
     callback_id: str
     attempt: int = Field(ge=1)
     progress: int | None = Field(None, ge=0, le=100)
+    preview: Preview | None = Field(None, description="a live preview (processing callbacks only); safe to ignore")
     processing_time: float | None = None
     batch_size: int | None = None
     frame_num: int | None = None

@@ -90,6 +90,20 @@ class Settings(BaseSettings):
     fetch_max_redirects: int = Field(3, ge=0)
     #: minimum seconds between two progress callbacks of one job
     progress_interval: float = Field(2.0, ge=0)
+    #: live previews in the progress callbacks (a small WEBP of the latents, docs/edge.md); off with 0
+    previews: bool = True
+    #: denoising steps between two previews; 0: about every 20% of the job's steps
+    preview_every: int = Field(0, ge=0)
+    #: the most previews one job uploads (one storage key per job, overwritten)
+    preview_max: int = Field(5, ge=1, le=100)
+    #: remove the job's preview from storage when the job ends (else the last one stays)
+    preview_remove: bool = False
+    #: SDXL's tiny preview decoder: a diffusers ``AutoencoderTiny`` folder (the taesdxl layout);
+    #: unset with local models: no SDXL previews (one warning)
+    sdxl_preview_model: Path | None = None
+    #: WAN's tiny preview decoder: the published TAEHV ``taew2_1`` weights (``.pth`` or
+    #: ``.safetensors``); unset with local models: no WAN previews (one warning)
+    wan_preview_model: Path | None = None
     #: size caps on untrusted text
     max_prompt_chars: int = Field(8000, gt=0)
     max_message_chars: int = Field(32000, gt=0)

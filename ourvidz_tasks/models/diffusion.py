@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -25,11 +25,18 @@ def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
     return ImageOps.fit(upright.convert("RGB"), (width, height), method=PILImage.Resampling.LANCZOS)
 
 
-def step_callback(on_step: StepCallback) -> Callable[..., dict[str, object]]:
-    """diffusers' ``callback_on_step_end`` calling ``on_step(step, total)`` (exceptions propagate)."""
+def step_callback(on_step: StepCallback | None,
+                  on_latents: Callable[[int, int, Any], None] | None = None) -> Callable[..., dict[str, object]]:
+    """diffusers' ``callback_on_step_end`` calling ``on_step(step, total)`` (exceptions propagate),
+    then ``on_latents(step, total, latents)`` (a live preview; the pipeline must be asked for
+    ``callback_on_step_end_tensor_inputs=["latents"]``). Both only read: the latents go back unchanged."""
 
     def callback(pipe: object, step_index: int, timestep: object, callback_kwargs: dict[str, object]) -> dict[str, object]:
-        on_step(step_index + 1, int(getattr(pipe, "num_timesteps", 0) or 0))
+        step, total = step_index + 1, int(getattr(pipe, "num_timesteps", 0) or 0)
+        if on_step is not None:
+            on_step(step, total)
+        if on_latents is not None and "latents" in callback_kwargs:
+            on_latents(step, total, callback_kwargs["latents"])
         return callback_kwargs
 
     return callback

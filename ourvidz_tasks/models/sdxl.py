@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from ..contract.errors import ConfigError, I2IPipelineError, ModelLoadError, OutOfMemory
 from . import brief_error, build_once, compute_dtype, module_bytes, release_memory
 from .diffusion import StepCallback, check_run_args, fit_image, is_seed, step_callback
-from .tiny.sdxl import build_tiny
+from .previews import LatentsHook, load_decoder
+from .tiny.sdxl import build_tiny, build_tiny_preview
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -42,13 +43,15 @@ class SdxlModel:
     dtype: torch.dtype
     #: where the weights came from, e.g. ``tiny:/cache/sdxl``; never a secret
     source: str
+    #: the live previews' tiny decoder (TAESD's); None: previews are off
+    preview: torch.nn.Module | None = None
     _unloaded: bool = field(default=False, repr=False)
 
     def nbytes(self) -> int:
-        """Parameter and buffer bytes of the UNet, VAE and both text encoders (0 once unloaded)."""
+        """Parameter and buffer bytes of the UNet, VAE, both text encoders and the preview decoder (0 once unloaded)."""
         if self._unloaded:
             return 0
-        return module_bytes(getattr(self.t2i, name, None) for name in _MODULES)
+        return module_bytes([*(getattr(self.t2i, name, None) for name in _MODULES), self.preview])
 
     def unload(self) -> int:
         """Drop every reference to the weights and release device memory; return the bytes freed.
@@ -61,6 +64,7 @@ class SdxlModel:
                 for name in _MODULES:
                     # DiffusionPipeline.__setattr__ also updates its config for registered modules.
                     setattr(pipe, name, None)
+            self.preview = None
             self._unloaded = True
         release_memory(self.device)
         return freed
@@ -102,7 +106,20 @@ def load_sdxl(settings: Settings, device: torch.device) -> SdxlModel:
         else:
             raise ConfigError(f"OURVIDZ_SDXL_MODEL: {path} does not exist")
         source = f"local:{path}"
-    return _finish(t2i, device, dtype, source)
+    model = _finish(t2i, device, dtype, source)
+    model.preview = _load_preview(settings, device, dtype)
+    return model
+
+
+def _load_preview(settings: Settings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module | None:
+    """TAESD's decoder for live previews: ``OURVIDZ_SDXL_PREVIEW_MODEL`` (a tiny model source
+    builds a tiny one when it is unset); None: previews are off."""
+    if not settings.previews:
+        return None
+    folder = settings.sdxl_preview_model
+    if folder is None and settings.model_source == "tiny":
+        folder = build_once(settings.tiny_cache / "taesdxl", build_tiny_preview)
+    return load_decoder(folder, device, dtype, "SDXL")
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> StableDiffusionXLPipeline:
@@ -211,6 +228,7 @@ def run_sdxl(
     image: PIL.Image.Image | None = None,
     strength: float | None = None,
     on_step: StepCallback | None = None,
+    on_latents: LatentsHook | None = None,
     compel: bool = False,
     compel_weights: str | None = None,
 ) -> list[PIL.Image.Image]:
@@ -225,7 +243,9 @@ def run_sdxl(
     and noised by ``strength`` (0 < strength <= 1; about ``steps * strength``
     steps run). ``negative_prompt=None`` means none (SDXL then uses zeros).
     ``on_step(step, total)`` is called after every denoising step (1-based);
-    whatever it raises stops the run and propagates unchanged. ``compel=True``
+    whatever it raises stops the run and propagates unchanged; then ``on_latents(step, total,
+    latents)`` (a live preview, :func:`~ourvidz_tasks.models.previews.latents_hook`) reads the
+    latents, which go on unchanged. ``compel=True``
     builds the embeddings with compel, so ``(cat)1.3`` style weights work;
     ``compel_weights``, a compel-syntax string, then replaces ``prompt`` as the
     text embedded.
@@ -254,8 +274,9 @@ def run_sdxl(
     else:
         pipe = model.i2i
         kwargs.update(image=_fit(image, width, height), strength=_check_strength(strength, steps))
-    if on_step is not None:
-        kwargs.update(callback_on_step_end=step_callback(on_step), callback_on_step_end_tensor_inputs=[])
+    if on_step is not None or on_latents is not None:
+        kwargs.update(callback_on_step_end=step_callback(on_step, on_latents),
+                      callback_on_step_end_tensor_inputs=["latents"] if on_latents is not None else [])
     try:
         with torch.inference_mode():
             if compel:

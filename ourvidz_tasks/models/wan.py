@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from ..contract.errors import ConfigError, ModelLoadError
 from . import brief_error, build_once, compute_dtype, module_bytes, release_memory
 from .diffusion import StepCallback, check_run_args, fit_image, is_int, is_seed, quiet_progress, step_callback
+from .previews import LatentsHook
 from .tiny.wan import build_tiny
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ class WanModel:
     device: torch.device
     dtype: torch.dtype
     source: str
+    #: the live previews' tiny video decoder (TAEHV's); None: previews are off
+    preview: torch.nn.Module | None = None
 
     @property
     def conditions_on_frames(self) -> bool:
@@ -69,8 +72,8 @@ class WanModel:
         return self.kind == "vace"
 
     def nbytes(self) -> int:
-        """Bytes of the weights held (transformer(s), VAE, text encoder)."""
-        return module_bytes(getattr(self.pipe, name, None) for name in _WEIGHTS)
+        """Bytes of the weights held (transformer(s), VAE, text encoder, preview decoder)."""
+        return module_bytes([*(getattr(self.pipe, name, None) for name in _WEIGHTS), self.preview])
 
     def unload(self) -> int:
         """Drop the pipeline's components and hand memory back; returns the bytes freed.
@@ -82,6 +85,7 @@ class WanModel:
         for name in _COMPONENTS:
             if getattr(self.pipe, name, None) is not None:
                 setattr(self.pipe, name, None)
+        self.preview = None
         release_memory(self.device)
         return freed
 
@@ -114,7 +118,11 @@ def load_wan(settings: Settings, device: torch.device) -> WanModel:
         if not folder.is_dir():
             raise ConfigError(f"OURVIDZ_WAN_MODEL: {folder} is not a directory")
         source = f"local:{folder}"
-    return _load_folder(folder, settings.wan_kind, device, source)
+    model = _load_folder(folder, settings.wan_kind, device, source)
+    from .taehv import load_preview  # torch at import: only here
+
+    model.preview = load_preview(settings, device, model.dtype)
+    return model
 
 
 def _detect_kind(folder: Path) -> WanKind:
@@ -187,6 +195,7 @@ def run_wan(
     first_frame: PIL.Image.Image | None = None,
     last_frame: PIL.Image.Image | None = None,
     on_step: StepCallback | None = None,
+    on_latents: LatentsHook | None = None,
     shift: float | None = None,
     on_conditioning: Callable[[dict[str, Any]], None] | None = None,
 ) -> np.ndarray:
@@ -219,7 +228,7 @@ def run_wan(
     4k+1 (see :func:`valid_frame_count`); ``seed`` seeds a CPU generator, so a
     seed gives the same clip on any device of the same kind. ``on_step(i, n)``
     runs after each of the ``n`` denoising steps; what it raises propagates
-    and stops the run. Bad arguments raise ``ValueError`` naming the argument.
+    and stops the run; then ``on_latents(i, n, latents)`` (a live preview) reads the latents. Bad arguments raise ``ValueError`` naming the argument.
     """
     import torch
 
@@ -235,7 +244,7 @@ def run_wan(
         reference_mode, reference=reference, first_frame=first_frame, last_frame=last_frame,
         width=width, height=height, num_frames=num_frames,
     )
-    callback = step_callback(on_step) if on_step is not None else None
+    callback = step_callback(on_step, on_latents) if on_step is not None or on_latents is not None else None
     if shift is not None:
         set_shift(pipe, shift)
     if on_conditioning is not None:

@@ -114,6 +114,8 @@ class Progress:
         self._last = time.monotonic()
         self.limit, self.deadline = limit, self._last + limit
         self.stage = "generating"
+        #: the last percent published (a live preview's callback repeats it: progress never goes back)
+        self.percent = 0
 
     def __call__(self, step: int, total: int) -> None:
         """Called after every denoising step: the watchdog (cancel, time limit), then progress."""
@@ -126,7 +128,7 @@ class Progress:
         if step < total and now - self._last < self.interval:
             return
         self._last = now
-        percent = int(100 * step / max(total, 1))
+        percent = self.percent = int(100 * step / max(total, 1))
         try:  # progress is best effort: a broker outage must not end the job it reports on
             self.rt.delivery.processing(self.job_id, self.attempt, {"progress": percent})
             if self.ctx.task_id:

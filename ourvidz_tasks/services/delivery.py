@@ -168,14 +168,25 @@ class Storage:
         self.client = client
         self.retry = HttpRetry(settings.http_tries, settings.http_backoff)
 
-    def upload(self, path: str, data: bytes, content_type: str) -> str:
-        """Upload ``data`` to ``path`` (``bucket/...``) and return the path."""
+    def upload(self, path: str, data: bytes, content_type: str, tries: int | None = None) -> str:
+        """Upload ``data`` to ``path`` (``bucket/...``, overwriting) and return the path.
+
+        ``tries``: fewer than ``http_tries`` (a live preview takes one, never waiting on a backoff).
+        """
         headers = {"Authorization": f"Bearer {self.key}", "Content-Type": content_type, "x-upsert": "true"}
         url = f"{self.base}/storage/v1/object/{path}"
         attributes: dict[str, str | int] = {"ourvidz.content_type": content_type, "ourvidz.bytes": len(data)}
+        retry = self.retry if tries is None else HttpRetry(tries, self.retry.backoff)
         with span("upload", **attributes):
-            self.retry(f"upload of {path}", lambda: self.client.post(url, content=data, headers=headers))
+            retry(f"upload of {path}", lambda: self.client.post(url, content=data, headers=headers))
         return path
+
+    def remove(self, path: str) -> None:
+        """Delete the object ``path`` (``bucket/...``); one try, a missing object is no error."""
+        url = f"{self.base}/storage/v1/object/{path}"
+        response = self.client.delete(url, headers={"Authorization": f"Bearer {self.key}"})
+        if response.status_code >= 300 and response.status_code != 404:
+            raise DeliveryError(f"removal of {path} failed: HTTP {response.status_code}")
 
 
 class Delivery:
@@ -199,6 +210,8 @@ class Delivery:
         # in the submitter's trace context: uploads and callbacks are spans of the job's trace
         self._sender = ContextExecutor(1, thread_name_prefix="callbacks")
         self._uploads = ContextExecutor(4, thread_name_prefix="uploads")
+        # live previews: beside the denoising loop and the outputs' uploads, never in their way
+        self._previews = ContextExecutor(1, thread_name_prefix="previews")
         self._lock = threading.Lock()
 
     # -- storage ----------------------------------------------------------------
@@ -221,6 +234,10 @@ class Delivery:
         for main in mains:
             main.result()
         return [self._asset(spool, user_id, i, thumb) for i, thumb in enumerate(thumbs)]
+
+    def submit_preview(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the preview thread (:class:`~.previews.PreviewStream`); returns at once."""
+        self._previews.submit(fn, *args)
 
     def resume(self, user_id: str, job_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
         """Upload what an earlier attempt left in the spool: ``(assets, job metadata)``, or None."""
@@ -389,6 +406,7 @@ class Delivery:
         return True
 
     def close(self) -> None:
+        self._previews.shutdown(wait=True)
         self._sender.shutdown(wait=True)
         self._uploads.shutdown(wait=True)
         self.client.close()

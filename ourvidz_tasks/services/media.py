@@ -124,3 +124,28 @@ def encode_thumbnail(output: Output) -> bytes:
     if isinstance(output, ImageOutput):
         return thumbnail_webp(output.image)
     return thumbnail_webp(Image.fromarray(output.frames[len(output.frames) // 2]))
+
+
+PREVIEW_EDGE = 256
+PREVIEW_QUALITY = 70
+
+
+def preview_webp(pixels: np.ndarray, fps: int | None = None, edge: int = PREVIEW_EDGE) -> tuple[bytes, int, int]:
+    """A live preview: ``(webp bytes, width, height)``, its longest edge at most ``edge``.
+
+    ``pixels`` is one uint8 image (H, W, 3) or frames (F, H, W, 3), which make an
+    animated WEBP at ``fps``. Fast settings (``method=0``): it is sent while the job runs.
+    """
+    frames = pixels[None] if pixels.ndim == 3 else pixels
+    height, width = frames.shape[1:3]
+    size = thumbnail_size(width, height, edge)
+    images = [Image.fromarray(frame, "RGB") for frame in frames]
+    if size != (width, height):
+        images = [image.resize(size, Image.Resampling.BILINEAR) for image in images]
+    buffer = io.BytesIO()
+    if len(images) == 1:
+        images[0].save(buffer, format="WEBP", quality=PREVIEW_QUALITY, method=0)
+    else:
+        images[0].save(buffer, format="WEBP", quality=PREVIEW_QUALITY, method=0, save_all=True,
+                       append_images=images[1:], duration=round(1000 / (fps or 8)), loop=0)
+    return buffer.getvalue(), size[0], size[1]

@@ -19,6 +19,8 @@ from PIL import Image
 
 from ourvidz_tasks.contract.errors import ConfigError, I2IPipelineError, ModelLoadError
 from ourvidz_tasks.contract.settings import Settings, load_settings
+from ourvidz_tasks.models import module_bytes
+from ourvidz_tasks.models.previews import decode_image
 from ourvidz_tasks.models.sdxl import SdxlModel, build_tiny, load_sdxl, run_sdxl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
@@ -137,6 +139,7 @@ def test_unload_drops_every_reference(tiny_settings: Settings) -> None:
     loaded = load_sdxl(tiny_settings, CPU)
     before = loaded.nbytes()
     refs = [weakref.ref(getattr(loaded.t2i, name)) for name in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    refs.append(weakref.ref(loaded.preview))
     assert loaded.unload() == before > 0
     gc.collect()
     assert all(ref() is None for ref in refs)
@@ -329,6 +332,29 @@ def test_on_step_sees_every_step(model: SdxlModel) -> None:
     calls: list[tuple[int, int]] = []
     run_sdxl(model, prompt=PROMPT, seeds=[0], on_step=lambda i, n: calls.append((i, n)), **{**SMALL, "steps": 4})
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_preview_decoder_is_counted_and_reads_the_latents_unchanged(tiny_settings: Settings, model: SdxlModel) -> None:
+    decoder = model.preview
+    assert decoder is not None
+    parts = [getattr(model.t2i, name) for name in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    assert model.nbytes() == module_bytes(parts) + module_bytes([decoder]) > module_bytes(parts)
+    seen: list[tuple[int, int, tuple[int, ...]]] = []
+    previews: list[np.ndarray] = []
+
+    def on_latents(step: int, total: int, latents: torch.Tensor) -> None:
+        seen.append((step, total, tuple(latents.shape)))
+        previews.append(decode_image(decoder, latents))
+
+    args: dict[str, Any] = {**SMALL, "width": 512, "height": 256, "steps": 3}
+    plain = run_sdxl(model, prompt=PROMPT, seeds=[4, 5], **args)
+    watched = run_sdxl(model, prompt=PROMPT, seeds=[4, 5], on_latents=on_latents, **args)
+    assert seen == [(1, 3, (2, 4, 32, 64)), (2, 3, (2, 4, 32, 64)), (3, 3, (2, 4, 32, 64))]
+    assert all(p.shape == (256, 512, 3) and p.dtype == np.uint8 for p in previews)
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(plain, watched, strict=True))
+    off = load_sdxl(load_settings(model_source="tiny", tiny_cache=tiny_settings.tiny_cache, previews=False), CPU)
+    assert off.preview is None and off.nbytes() == model.nbytes() - module_bytes([decoder])
+    off.unload()
 
 
 def test_on_step_exception_stops_the_run(model: SdxlModel) -> None:

@@ -380,3 +380,27 @@ def test_bad_arguments_name_the_argument(model: WanModel, overrides: dict[str, A
 def test_full_length_clip_at_128(model: WanModel, frames: int) -> None:
     out = _run(model, width=128, height=128, num_frames=frames, steps=4, reference_mode="both")
     assert out.shape == (frames, 128, 128, 3) and out.dtype == np.uint8
+
+
+def test_preview_decoder_is_counted_and_reads_the_latents_unchanged(model: WanModel, tmp_path: Path) -> None:
+    from ourvidz_tasks.models import module_bytes
+    from ourvidz_tasks.models.previews import decode_video
+    from ourvidz_tasks.models.taehv import load_video_decoder, video_decoder
+
+    decoder = model.preview
+    assert decoder is not None and type(decoder).__name__ == "TinyVideoDecoder"
+    weights = [getattr(model.pipe, name) for name in ("transformer", "vae", "text_encoder")]
+    assert model.nbytes() == module_bytes(weights) + module_bytes([decoder]) > module_bytes(weights)
+    clips: list[np.ndarray] = []
+    plain = _run(model, reference_mode="none")
+    watched = _run(model, reference_mode="none", on_latents=lambda step, total, latents: clips.append(
+        decode_video(decoder, latents)))
+    assert np.array_equal(plain, watched) and len(clips) == 2
+    latent_frames = (F - 1) // 4 + 1
+    assert all(c.shape == (latent_frames, H, W, 3) and c.dtype == np.uint8 for c in clips)
+    # the published layout (a .pth with the encoder's keys too, temporal upsampling) loads into ours
+    published = video_decoder((8, 8, 8, 8), time_upscale=True)
+    torch.save({"encoder.0.weight": torch.zeros(64, 3, 3, 3), **published.state_dict()}, tmp_path / "taew2_1.pth")
+    loaded = load_video_decoder(tmp_path / "taew2_1.pth", CPU, torch.float32)
+    grow = published.state_dict()["decoder.13.conv.weight"]
+    assert torch.equal(loaded.state_dict()["decoder.13.conv.weight"], grow[-8:])

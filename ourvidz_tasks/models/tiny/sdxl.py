@@ -189,3 +189,29 @@ def _write_tiny_tokenizer(folder: Path, *, pad_token: str) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+
+
+def build_tiny_preview(dest: Path) -> None:
+    """Write a random-weight ``AutoencoderTiny`` folder in the taesdxl layout (SDXL's preview decoder).
+
+    The classes and file names of ``madebyollin/taesdxl`` (``config.json``,
+    ``diffusion_pytorch_model.safetensors``), 4 latent channels, 8x upsampling,
+    but 8 channels per block and one block per level; seeded, nothing downloaded.
+    """
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    taesd: Any = AutoencoderTiny(  # diffusers' ModelMixin is untyped where it matters (save_pretrained)
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+        latent_channels=4,
+    )
+    taesd.save_pretrained(Path(dest), safe_serialization=True)
+    # diffusers records a ``block_out_channels`` it then warns about on load; taesdxl's config has none
+    config_file = Path(dest) / "config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("block_out_channels", None)
+    config_file.write_text(json.dumps(config, indent=2))
