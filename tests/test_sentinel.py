@@ -23,11 +23,13 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from devtools.sink import Sink
 from ourvidz_tasks.contract.errors import ConfigError
 from ourvidz_tasks.contract.settings import Settings
-from ourvidz_tasks.services.redis_client import connect, parse_sentinel
+from ourvidz_tasks.services.redis_client import TransientError, connect, parse_sentinel, register_script, steady
 
 from .support.cluster import Pools, RedisServer, WorkerProcess
 from .support.jobs import new_id, terminal_counts, tiny_job
@@ -56,6 +58,34 @@ def test_sentinel_urls_parse_and_bad_ones_are_named() -> None:
     # the URL is accepted as the broker, and a Redis broker's derived URLs follow it
     settings = Settings(broker_url="sentinel://127.0.0.1:26379/0")
     assert settings.broker_is_redis and settings.redis == settings.backend == settings.broker_url
+
+
+def test_failover_answers_are_transient_and_waited_out(tmp_path: Path) -> None:
+    """NOREPLICAS (a new primary whose replica is not back yet) is a connection error, not a fatal
+    ResponseError; broker commands run again once it clears; a script flushed away is loaded again."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        client = connect(server.url(), retry=Retry(NoBackoff(), 0))
+        admin = server.client()
+        admin.config_set("min-replicas-to-write", "1")
+        with pytest.raises(TransientError, match="NOREPLICAS") as refused:
+            client.set("k", "1")
+        assert isinstance(refused.value, redis.ConnectionError)  # retried by every connection-error retry
+        attempts: list[int] = []
+
+        def write() -> object:
+            attempts.append(1)
+            if len(attempts) == 2:  # the replica is back in sync before the second try
+                admin.config_set("min-replicas-to-write", "0")
+            return client.set("k", "2")
+
+        assert steady(write) and len(attempts) == 2 and admin.get("k") == b"2"
+        script = register_script(client, "return redis.call('GET', KEYS[1])")
+        assert script(keys=["k"]) == b"2"
+        admin.script_flush()  # what a restarted node, now primary, has: no scripts
+        assert script(keys=["k"]) == b"2"
+    finally:
+        server.stop()
 
 
 class SentinelServer(ManagedProcess):
