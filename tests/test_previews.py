@@ -171,3 +171,47 @@ def test_wan_previews_are_short_animations_in_order(wan_worker: WorkerProcess, s
         assert image.size == (preview["width"], preview["height"]) == (128, 96)
     assert [a["type"] for a in body["assets"]] == ["video"] and "preview" not in json.dumps(body["assets"])
     assert "secret-preview-marker" not in wan_worker.text()
+
+
+def test_a_preview_still_travelling_when_the_job_ends_is_never_announced_after_it(
+        sink: Sink, store: redis.Redis) -> None:
+    """The stream, a real Delivery and the sink; the upload is held at a fault hook until the job ended."""
+    import threading
+
+    import numpy as np
+
+    from ourvidz_tasks.contract.callbacks import callback_body
+    from ourvidz_tasks.contract.settings import Settings
+    from ourvidz_tasks.services.delivery import Delivery
+    from ourvidz_tasks.services.previews import PreviewStream
+
+    settings = Settings(SUPABASE_URL=sink.url, http_backoff=0.01, callbacks="inline", preview_remove=True,  # type: ignore[call-arg]
+                        preview_every=1)
+    delivery = Delivery(settings, "sdxl@test", store)
+    held, started = threading.Event(), threading.Event()
+    upload = delivery.storage.upload
+
+    def held_upload(path: str, data: bytes, content_type: str, tries: int | None = None) -> str:
+        started.set()
+        assert held.wait(30)
+        return upload(path, data, content_type, tries)
+
+    delivery.storage.upload = held_upload  # type: ignore[method-assign]  # the fault hook
+    job_id = new_id()
+    stream = PreviewStream(delivery, settings, "user_1", job_id, 1, lambda: 40)
+    try:
+        assert stream.due(4, 10)
+        stream.offer(4, 10, np.zeros((96, 128, 3), dtype=np.uint8))
+        assert started.wait(30) and not stream.due(5, 10)  # one in flight: the next step waits for nothing
+        stream.close()  # the job ends (the work returned) while its preview travels
+        delivery.finish(callback_body(job_id, "sdxl@test", "completed", attempt=1, assets=[], metadata={}))
+        held.set()
+        key = f"workspace-temp/user_1/{job_id}/preview.webp"
+        wait_for(lambda: len(sink.versions(key)) == 1, 30, what="the late preview's upload")
+        wait_for(lambda: any(r["method"] == "DELETE" and r["path"].endswith(key) for r in sink.requests()), 30,
+                 what="its removal after the upload")
+    finally:
+        held.set()
+        delivery.close()
+    assert [c["body"]["status"] for c in sink.callbacks(job_id)] == ["completed"]
+    assert previews(sink, job_id) == []

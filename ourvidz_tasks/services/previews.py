@@ -116,7 +116,10 @@ class PreviewStream:
                                            "width": width, "height": height}
                 if pixels.ndim == 4:
                     preview["frames"] = int(pixels.shape[0])
-                self.delivery.processing(self.job_id, self.attempt, {"progress": self.percent(), "preview": preview})
+                try:  # queued behind the job's earlier callbacks; the sender delivers it (best effort)
+                    self.delivery.processing(self.job_id, self.attempt, {"progress": self.percent(), "preview": preview})
+                except Exception as exc:
+                    log.warning("job %s: preview %d not announced (%s)", self.job_id, index, type(exc).__name__)
             self._stored = self._stored or stored
             self._busy = False
             remove = self._closed and self.remove and self._stored

@@ -350,7 +350,7 @@ def test_preview_decoder_is_counted_and_reads_the_latents_unchanged(tiny_setting
     plain = run_sdxl(model, prompt=PROMPT, seeds=[4, 5], **args)
     watched = run_sdxl(model, prompt=PROMPT, seeds=[4, 5], on_latents=on_latents, **args)
     assert seen == [(1, 3, (2, 4, 32, 64)), (2, 3, (2, 4, 32, 64)), (3, 3, (2, 4, 32, 64))]
-    assert all(p.shape == (256, 512, 3) and p.dtype == np.uint8 for p in previews)
+    assert all(p.shape == (128, 256, 3) and p.dtype == np.uint8 for p in previews)  # decoded at most 256 px
     assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(plain, watched, strict=True))
     off = load_sdxl(load_settings(model_source="tiny", tiny_cache=tiny_settings.tiny_cache, previews=False), CPU)
     assert off.preview is None and off.nbytes() == model.nbytes() - module_bytes([decoder])
