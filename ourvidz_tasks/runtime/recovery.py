@@ -108,6 +108,8 @@ class Recovery:
         with self.broker.pipeline() as pipe:
             pipe.set(self._alive(self.identity), str(time.time()), px=int(self.lease * 1000))
             pipe.set(keys.incarnation(self.node), self.incarnation, ex=max(1, int(self.owner_ttl)))
+            # the registry of processing lists lives while any worker beats (every key we write expires)
+            pipe.expire(keys.FETCHERS, fetching.REGISTRY_TTL)
             pipe.execute()
         write_beat(self.broker, self.identity, int(self.owner_ttl))
 

@@ -31,6 +31,9 @@ from ..contract.text import as_text
 
 log = logging.getLogger(__name__)
 
+#: seconds the registry of processing lists (keys.FETCHERS) outlives the last heartbeat or start that touched it
+REGISTRY_TTL = 24 * 3600
+
 #: KEYS: n source lists, then their n processing lists. The first non-empty source (kombu's BRPOP
 #: order) gives its consuming end to its processing list; returns ``{source, item}`` or nil.
 SWEEP = """
@@ -67,8 +70,9 @@ def restore_own(client: redis.Redis, identity: str, sources: Sequence[str]) -> i
             processing = keys.fetching(identity, source)
             pipe.hset(keys.FETCHERS, processing, json.dumps({"owner": identity, "queue": source}))
             pipe.eval(RESTORE, 2, processing, source)
+        pipe.expire(keys.FETCHERS, REGISTRY_TTL)  # refreshed by every worker's heartbeat too
         results = pipe.execute()
-    restored = sum(int(n) for n in results[1::2])
+    restored = sum(int(n) for n in results[1:-1:2])
     if restored:
         log.warning("%d message(s) fetched before the broker connection broke are back on their queue", restored)
     return restored

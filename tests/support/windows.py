@@ -9,6 +9,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from devtools.sink import PREVIEW
+
 from .cluster import RedisServer
 from .jobs import terminal, terminal_counts
 from .process import wait_for
@@ -61,8 +63,9 @@ class Windows:
 
 
 def uploads(sink: Sink, job_id: str) -> int:
+    """The job's files stored (its live previews, overwritten as it runs, are not its files)."""
     return sum(1 for r in sink.requests() if r["method"] == "POST" and r["path"].startswith("/storage/v1/object/")
-               and f"/{job_id}/" in r["path"])
+               and f"/{job_id}/" in r["path"] and not r["path"].endswith(PREVIEW))
 
 
 def starts(sink: Sink, job_id: str) -> int:
