@@ -296,9 +296,14 @@ def dead_letter_of(store: redis.Redis, task_id: str) -> dict[str, Any] | None:
     return None
 
 
+#: fields that are only valid together: a change to one may be reported as the other missing
+PAIRS = ({"config.width", "config.height"},)
+
+
 def related(named: str, path: str) -> bool:
-    """The field an error names is the mutated one, a part of it, or its container."""
-    return named == path or named.startswith(path + ".") or path.startswith(named + ".")
+    """The field an error names is the mutated one, a part of it, its container, or its pair."""
+    return (named == path or named.startswith(path + ".") or path.startswith(named + ".")
+            or any({named, path} == pair for pair in PAIRS))
 
 
 def alive(worker: WorkerProcess, pid: int) -> bool:
