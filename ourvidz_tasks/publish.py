@@ -24,7 +24,7 @@ from celery.result import AsyncResult
 from .celery import app
 from .contract import names
 
-__all__ = ["TaskRef", "app", "chat", "enhance", "sdxl_generate", "wan_generate"]
+__all__ = ["TaskRef", "app", "chat", "enhance", "sdxl_generate", "standing", "wan_generate"]
 
 
 @dataclass(frozen=True)
@@ -49,3 +49,23 @@ sdxl_generate = TaskRef(names.SDXL_GENERATE)
 wan_generate = TaskRef(names.WAN_GENERATE)
 chat = TaskRef(names.CHAT_CHAT)
 enhance = TaskRef(names.CHAT_ENHANCE)
+
+
+_clients: dict[str, Any] = {}
+
+
+def standing(job_id: str) -> dict[str, Any]:
+    """Where a job stands (CONTRACT section 7): ``state`` (``queued``, ``running``, ``ended``,
+    ``unknown``) and, while queued, ``family``, ``position`` (0: next to start), ``ahead``,
+    ``eta_s`` and ``waited_s``. A few Redis commands, whatever the queue's length."""
+    from .contract.settings import load_settings
+    from .services import fairness
+    from .services.redis_client import connect
+
+    if not _clients:
+        settings = load_settings()
+        _clients["settings"] = settings
+        _clients["broker"] = connect(settings.broker_url, settings)
+        _clients["store"] = connect(settings.redis, settings) if settings.redis != settings.broker_url else None
+    settings = _clients["settings"]
+    return fairness.standing(_clients["broker"], job_id, present=settings.lease_seconds, store=_clients["store"])

@@ -141,3 +141,26 @@ def bridge_processing(source: str) -> str:
 def bridge_record(job_id: str) -> str:
     """``publishing``/``published``: the bridge's claim on a job id; ``tools.bridge``, TTL 7 days."""
     return f"ourvidz:bridge:job:{job_id}"
+
+
+# -- fair order across users (services.fairness; all on the broker) ---------------------------------
+FAIR_PREFIX = "ourvidz:fair:"
+#: hash user -> tier, read by the tier weights of ``OURVIDZ_FAIR_WEIGHTS``; ``ourvidz tier``, no TTL (operator's)
+FAIR_TIERS = "ourvidz:fair:tiers"
+
+
+def fair(queue: str, part: str) -> str:
+    """Broker: one part of ``queue``'s fair order (``services.fairness``): ``waiting`` (zset member ->
+    start tag), ``messages``/``meta`` (hash member -> message / ``{j, c, u}``), ``users`` (zset user ->
+    last finish tag, pruned below the virtual clock), ``counts`` (hash user -> waiting jobs), ``state``
+    (hash ``v``, ``seq``, ``cost``), ``running`` (zset job id -> pick time, pruned by age), ``pools``
+    (zset consumer -> last fetch, pruned by age), ``bell`` (wake-up tokens, capped). Bounded by the
+    waiting jobs and the live users and pools."""
+    return f"{FAIR_PREFIX}{queue}:{part}"
+
+
+def fair_job(job_id: str) -> str:
+    """Broker: hash of a job taken into a fair order: ``queue``, ``member``, ``start``, ``cost``,
+    ``user``, ``weight``, ``arrived`` (broker clock, seconds); ``services.fairness``, deleted when the
+    job ends, TTL ``idempotency_ttl``."""
+    return f"{FAIR_PREFIX}job:{job_id}"

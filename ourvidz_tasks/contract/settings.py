@@ -170,6 +170,12 @@ class Settings(BaseSettings):
     #: seconds a running job waits for Redis (broker and bookkeeping) through an outage before its
     #: message is handed back; an outage never counts against a job's attempts
     broker_patience: float = Field(300.0, gt=0)
+    #: pools serve each family queue in a fair order across users, weighted by GPU-seconds
+    #: (``services.fairness``; Redis brokers); off: first in, first out
+    fair_order: bool = True
+    #: users' weights in the fair order: ``tier=weight`` pairs (a user's tier from ``ourvidz tier``,
+    #: unknown tiers weigh 1) or a ``module:callable`` taking a user id and returning a weight
+    fair_weights: str = ""
     #: deliveries of one job attempt before it is given up as poison (it kills its worker)
     max_deliveries: int = Field(3, ge=1)
     #: node name override (tests); default ``{family}@{hostname}``

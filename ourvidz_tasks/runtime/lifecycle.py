@@ -38,7 +38,7 @@ from ..contract.errors import (
 )
 from ..contract.jobs import TIME_LIMITS, Job, parse_job, usable_id
 from ..models import release_memory
-from ..services import events
+from ..services import events, fairness
 from ..services.backoff import full_jitter
 from ..services.outage import OUTAGE_ERRORS, BrokerAway, is_outage, through_outage
 from ..services.tracing import span
@@ -324,6 +324,11 @@ def end_job(rt: Runtime, payload: Any, body: dict[str, Any]) -> dict[str, Any]:
     recorded = through_outage(lambda: rt.delivery.finish(body), rt.settings.broker_patience,
                               f"job {body['job_id']}: terminal record")
     rt.delivery.discard(body["job_id"])
+    if rt.intake is not None:
+        try:  # the user's share corrected by what the job really took: only helps the next ones
+            fairness.finished(rt.intake.broker, rt.family, body["job_id"], float(meta.get("model_time") or 0.0))
+        except OUTAGE_ERRORS as exc:
+            log.warning("job %s: fair share not corrected (%s)", body["job_id"], type(exc).__name__)
     return recorded
 
 

@@ -16,6 +16,7 @@ from celery import Celery
 
 from ..contract.errors import ConfigError, ModelLoadError, OutOfMemory, WorkerUnavailable
 from ..services import backoff, metrics
+from ..services.guard import FairFetch, hooks
 from .build import build_runtime
 from .roles import exit_before_consuming
 from .runtime import Runtime, warm_models
@@ -41,6 +42,10 @@ def start_pool(app: Celery, sender: str, family: str) -> Runtime:
     app.ourvidz_runtime = rt  # type: ignore[attr-defined]
     if rt.recovery is not None:
         rt.recovery.start()  # hands back at once what an earlier process of this name held
+    if rt.intake is not None:  # before Celery consumes: its fetch picks in fair order
+        hooks.fair = FairFetch(frozenset(rt.intake.queues), present=rt.settings.lease_seconds,
+                               keep=2.0 * rt.settings.max_job_seconds)
+        rt.intake.start()
     if rt.drainer is not None:
         rt.drainer.start()
     log.info("%s ready: %s on %s", sender, ", ".join(warm_models(family, rt.settings)), rt.device)

@@ -26,6 +26,7 @@ from ..contract.settings import Settings
 from ..models import release_memory
 from ..services import events
 from ..services.delivery import Delivery
+from ..services.fairness import Intake
 from ..services.guard import DeadLetters
 from ..services.outage import OUTAGE_ERRORS
 from ..services.outbox_store import Drainer
@@ -220,6 +221,8 @@ class Runtime:
     policy: PromptPolicy
     dead: DeadLetters
     recovery: Recovery | None = None
+    #: takes the family queue's messages into its fair order (Redis brokers, ``fair_order``)
+    intake: Intake | None = None
     #: delivers the callback outbox while no `bin/worker outbox` does (outbox mode)
     drainer: Drainer | None = None
     ledger: Ledger | None = None
@@ -306,6 +309,8 @@ class Runtime:
             pipe.execute()
 
     def close(self) -> None:
+        if self.intake is not None:
+            self.intake.stop()
         if self.recovery is not None:
             self.recovery.stop()
         if self.drainer is not None:

@@ -63,12 +63,16 @@ def block_command(identity: str, source: str, timeout: float) -> list[Any]:
     return ["BLMOVE", source, keys.fetching(identity, source), "RIGHT", "LEFT", timeout]
 
 
-def restore_own(client: redis.Redis, identity: str, sources: Sequence[str]) -> int:
-    """Register this incarnation's processing lists and put back what they hold (at start, on reconnect)."""
+def restore_own(client: redis.Redis, identity: str, sources: Sequence[str], owner: str | None = None) -> int:
+    """Register this incarnation's processing lists and put back what they hold (at start, on reconnect).
+
+    ``identity`` names the lists (:func:`keys.fetching`), ``owner`` (default: the same) is the
+    incarnation whose death hands them back: a pool's fair intake keeps lists of its own.
+    """
     with client.pipeline() as pipe:
         for source in sources:
             processing = keys.fetching(identity, source)
-            pipe.hset(keys.FETCHERS, processing, json.dumps({"owner": identity, "queue": source}))
+            pipe.hset(keys.FETCHERS, processing, json.dumps({"owner": owner or identity, "queue": source}))
             pipe.eval(RESTORE, 2, processing, source)
         pipe.expire(keys.FETCHERS, REGISTRY_TTL)  # refreshed by every worker's heartbeat too
         results = pipe.execute()

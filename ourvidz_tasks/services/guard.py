@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -34,7 +35,7 @@ from kombu.utils.json import dumps
 from ..contract import keys
 from ..contract.settings import load_settings
 from ..contract.text import as_text
-from . import fetching
+from . import fairness, fetching
 from .backoff import Backoff
 from .redis_client import (
     STEADY_WAIT,
@@ -95,6 +96,18 @@ class _Hooks:
     consumer: str | None = None
     #: a fault seam for tests: called with each fetched envelope before kombu records it in ``unacked``
     fetched: Callable[[dict[str, Any]], None] | None = None
+    #: the queues this process serves in fair order (:mod:`.fairness`; their intake runs in it too)
+    fair: FairFetch | None = None
+
+
+@dataclass(frozen=True)
+class FairFetch:
+    """A pool's fetch in fair order: its queues, how long a pool counts as present without a fetch
+    (the lease) and how long a picked job counts as running without ending (the longest job)."""
+
+    queues: frozenset[str]
+    present: float
+    keep: float
 
 
 hooks = _Hooks()
@@ -209,7 +222,12 @@ class Channel(kombu_redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return None
-        sources = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        fair = hooks.fair
+        if fair is not None and fair.queues.issuperset(queues):
+            sources = list(queues)  # picked messages wait in a processing list per queue
+        else:
+            fair = None
+            sources = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         if self._fetch_stranded:
             try:
                 fetching.restore_own(self.client, identity, sources)
@@ -217,10 +235,14 @@ class Channel(kombu_redis.Channel):
                 self._fetch_paused(exc)
                 return None
             self._fetch_stranded, self._fetch_sweep = False, True
-        if self._fetch_sweep:
+        wait = self.brpop_timeout if timeout is None else timeout
+        if fair is not None:
+            command = fairness.pick_command(identity, queues, present=fair.present, keep=fair.keep) \
+                if self._fetch_sweep else fairness.bell_command(queues, wait)
+        elif self._fetch_sweep:
             command = fetching.sweep_command(identity, sources)
         else:
-            command = fetching.block_command(identity, sources[0], self.brpop_timeout if timeout is None else timeout)
+            command = fetching.block_command(identity, sources[0], wait)
         self._fetch_cmd, self._fetch_sources = command[0], sources
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
@@ -240,6 +262,9 @@ class Channel(kombu_redis.Channel):
                 self.client.connection.disconnect()
                 raise
             self._fetch_pauses = None
+            if command == "BLPOP":  # the bell rang (or it timed out): pick again
+                self._fetch_sweep = True
+                raise kombu_redis.Empty()
             if command == "BLMOVE":
                 reply = [self._fetch_sources[0], reply] if reply else None
             if not reply:

@@ -20,6 +20,7 @@ from ..contract.errors import ConfigError, JobError
 from ..contract.settings import Settings, load_settings
 from ..services.redis_client import connect
 from .memory_report import ledger_tables, load_counters, memory_status, table
+from .queue_report import add_parsers as add_queue_parsers
 from .submit import ProgressLine, build_job, error_text, follow, publish
 
 PROG = "ourvidz"
@@ -38,6 +39,8 @@ examples:
   ourvidz memory plan --card l40s                # which real models stay resident together, per job shape
   ourvidz replay 5f0c...                         # re-send a job's recorded terminal callback
   ourvidz dead                                   # dead letters: refused callbacks, items that are not tasks
+  ourvidz queue 5f0c... --json                   # where a job stands: state, position, ETA
+  ourvidz queue                                  # each family's waiting jobs per user
   ourvidz metrics --port 9100                    # Prometheus: queue depth, ledger, callback backlog"""
 
 SUBMIT_HELP = """\
@@ -286,6 +289,8 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     c.add_argument("job_id", help="the job id")
     c.set_defaults(run=cmd_cancel)
+
+    add_queue_parsers(sub, fmt)
 
     x = sub.add_parser("metrics", help="serve the cluster metrics for Prometheus (no pool needed)",
                        description="Queue depth per queue, unacked messages, legacy lists, dead letters,\n"
