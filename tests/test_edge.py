@@ -157,7 +157,7 @@ def test_deno_publisher_end_to_end(deno: list[str], upstash: UpstashRest, sdxl_w
     seen = {e["headers"]["id"] for e in upstash.pushed("sdxl") + upstash.pushed("chat")}
     text = run([*deno, "test", "--no-prompt", f"--allow-net={host}", f"--allow-env={','.join(E2E_ENV)}",
                 "--allow-read", f"--allow-write={report_path}", "test/e2e.test.ts"], env=env)
-    assert re.search(r"^ok \| 6 passed \| 0 failed", text, re.M), text[-3000:]
+    assert re.search(r"^ok \| 7 passed \| 0 failed", text, re.M), text[-3000:]
     assert "ignored" not in text.split("ok | ", 1)[1].splitlines()[0], text[-2000:]
     check_report(json.loads(report_path.read_text()), upstash, sink, seen)
 
@@ -176,6 +176,11 @@ def check_report(report: dict[str, Any], upstash: UpstashRest, sink: Sink,
     calls = sink.callbacks(single["id"])
     assert all(c["signature_ok"] for c in calls)
     assert [c["body"]["status"] for c in calls].count("completed") == 1
+
+    # where a job stands, asked from the edge: the same job ends like any other
+    standing = report["standing"]
+    assert standing["where"]["state"] in ("queued", "running", "ended"), standing
+    assert terminal(sink, standing["job"]["id"])["status"] == "completed"
 
     # the chain: enhanced, then generated
     chained = report["chain"]["job"]

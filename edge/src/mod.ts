@@ -3,6 +3,7 @@
 //   import { Publisher, UpstashRedis } from "./mod.ts";
 //   const publisher = new Publisher(UpstashRedis.fromEnv((name) => Deno.env.get(name)));
 //   await publisher.publishJob(job);                        // result: the job-callback
+//   const where = await publisher.standing(job.id);         // { state, position, eta_s, ... }
 //   const answer = await publisher.chat({ messages }, { timeoutMs: 30_000 });
 
 export {
@@ -31,6 +32,7 @@ export {
   type Published,
   type PublisherOptions,
   type PublishJobOptions,
+  type Standing,
   type WaitOptions,
 } from "./publisher.ts";
 export * from "./schema.ts";

@@ -4,10 +4,12 @@
 // ourvidz.wan.generate). With enhancement, a job is published as the chain
 // ourvidz.chat.enhance → generate. Results of jobs come back as signed
 // callbacks to /functions/v1/job-callback; a chat's result is read from the
-// Celery result backend (`celery-task-meta-{task id}`).
+// Celery result backend (`celery-task-meta-{task id}`). `standing(jobId)` says where a
+// job stands: its place in the pools' fair order and when it should start.
 
 import { buildMessage, familyOf, signature, TASKS, usableId, type MessageOptions, type TaskName } from "./celery.ts";
 import { ID_PATTERN, type ChatRequest, type ChatResult, type Job } from "./schema.ts";
+import { FAIR_JOB_PREFIX, JOB_PREFIX, POOL_PRESENT_S, STANDING_SCRIPT } from "./standing.ts";
 import type { RedisCommands } from "./upstash.ts";
 
 export interface Published {
@@ -65,9 +67,24 @@ export class ResultTimeout extends Error {
   }
 }
 
+/** Where a job stands (CONTRACT section 7). */
+export interface Standing {
+  state: "queued" | "running" | "ended" | "unknown";
+  family?: string;
+  /** 0: the next to start on its family */
+  position?: number;
+  /** jobs that will start before it */
+  ahead?: number;
+  /** seconds until it starts, from measured durations */
+  eta_s?: number;
+  waited_s?: number;
+}
+
 export interface PublisherOptions {
   /** where results are read (default: the broker's Redis, as in the cluster's default) */
   results?: RedisCommands;
+  /** seconds a pool counts as present without a fetch: the cluster's OURVIDZ_LEASE_SECONDS */
+  poolPresentS?: number;
   /** Flower's "origin" of each message (default "edge") */
   origin?: string;
 }
@@ -79,11 +96,13 @@ export class Publisher {
   readonly #broker: RedisCommands;
   readonly #results: RedisCommands;
   readonly #origin: string;
+  readonly #present: number;
 
   constructor(broker: RedisCommands, options: PublisherOptions = {}) {
     this.#broker = broker;
     this.#results = options.results ?? broker;
     this.#origin = options.origin ?? "edge";
+    this.#present = options.poolPresentS ?? POOL_PRESENT_S;
   }
 
   /** Publish a generation job; the result arrives as callbacks, not here. */
@@ -145,6 +164,19 @@ export class Publisher {
       await new Promise((resolve) => setTimeout(resolve, Math.min(interval, left)));
       interval = Math.min(interval * 1.5, Math.max(1_000, options.intervalMs ?? 0));
     }
+  }
+
+  /**
+   * Where a job stands (CONTRACT section 7): `state` and, while queued, its `family`, `position`
+   * (0: next to start, in the pools' fair order), `ahead`, `eta_s` and `waited_s`. One script on the
+   * broker, whatever the queue's length; cheap enough to poll.
+   */
+  async standing(jobId: string): Promise<Standing> {
+    if (!ID_PATTERN.test(jobId)) throw new TypeError("job id: must be 1-128 characters of [A-Za-z0-9_-]");
+    const raw = await this.#broker.command([
+      "EVAL", STANDING_SCRIPT, 2, `${FAIR_JOB_PREFIX}${jobId}`, `${JOB_PREFIX}${jobId}:final`, jobId, this.#present,
+    ]);
+    return JSON.parse(String(raw)) as Standing;
   }
 
   async #publish(task: TaskName, args: unknown[], options: MessageOptions, jobId?: string): Promise<Published> {

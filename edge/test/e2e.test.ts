@@ -44,6 +44,16 @@ test("a job published through Upstash REST", { skip }, async () => {
   report.single = { job, ...published };
 });
 
+test("where a job stands, asked through Upstash REST", { skip }, async () => {
+  const job = sdxlJob();
+  const p = publisher();
+  await p.publishJob(job);
+  const where = await p.standing(job.id);
+  assert.ok(["queued", "running", "ended"].includes(where.state), JSON.stringify(where));
+  assert.deepEqual(await p.standing("no-such-job"), { state: "unknown" });
+  report.standing = { job, where };
+});
+
 test("an enhance -> generate chain published through Upstash REST", { skip }, async () => {
   const job = sdxlJob({ prompt: "a cat on a sofa", metadata: { enhance: { max_tokens: 12, temperature: 0.8 } } });
   const published = await publisher().publishJob(job, { enhance: true });

@@ -134,11 +134,12 @@ return 1
 #: ``eta_s``, ``waited_s`` (CONTRACT section 7). O(log n) in the queue's length: a rank, a count, and
 #: one read per running job.
 STANDING = _PRELUDE + """
+local function secs(x) return math.floor(math.max(0, x) * 1000 + 0.5) / 1000 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return cjson.encode({state = 'ended'}) end
 local j = redis.call('HMGET', KEYS[1], 'queue', 'member', 'arrived')
 if not j[1] then return cjson.encode({state = 'unknown'}) end
 local p = '""" + keys.FAIR_PREFIX + """' .. j[1] .. ':'
-local waited = now - tonumber(j[3] or now)
+local waited = secs(now - tonumber(j[3] or now))
 local rank = redis.call('ZRANK', p .. 'waiting', j[2])
 if not rank then
   local state = redis.call('ZSCORE', p .. 'running', ARGV[1]) and 'running' or 'queued'
@@ -158,7 +159,7 @@ local pools = math.max(1, redis.call('ZCOUNT', p .. 'pools', now - tonumber(ARGV
 local ahead_cost = 0
 if n > 0 then ahead_cost = math.max(0, total) * rank / n end
 return cjson.encode({state = 'queued', family = j[1], position = rank, ahead = rank,
-                     eta_s = (busy + ahead_cost) / pools, waited_s = waited})
+                     eta_s = secs((busy + ahead_cost) / pools), waited_s = waited})
 """
 
 #: KEYS: n source lists, then their n processing lists, then the queues' ``pools``. ARGV: the most to

@@ -250,9 +250,6 @@ def standing(broker: redis.Redis, job_id: str, *, present: float, store: redis.R
     raw = broker.eval(fair_scripts.STANDING, 2, keys.fair_job(job_id), keys.job_final(job_id),  # type: ignore[no-untyped-call]
                       job_id, present)
     out: dict[str, Any] = json.loads(as_text(raw))
-    for field in ("eta_s", "waited_s"):
-        if field in out:
-            out[field] = round(max(0.0, float(out[field])), 3)
     return out
 
 
