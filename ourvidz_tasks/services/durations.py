@@ -135,8 +135,8 @@ class Durations:
             own.expire(rate_key, DURATIONS_TTL)
         if pipe is None:
             own.execute()
-        with self._lock:
-            self._cache.pop((family, shape), None)
+        with self._lock:  # this process sees its own record at once (the family's rate moved too)
+            self._cache = {key: found for key, found in self._cache.items() if key[0] != family}
 
     def seconds(self, family: str, shape: str, units: float) -> float:
         """Seconds a job of ``shape`` (``units`` of work) takes on a ``family`` pool: the shape's
