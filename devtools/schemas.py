@@ -24,9 +24,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from ourvidz_tasks.contract import jobs, keys
+from ourvidz_tasks.contract.schemas import ID_PATTERN, CallbackBody, ChatRequest, ChatResult, Job
 from ourvidz_tasks.contract.settings import Settings
 from ourvidz_tasks.services import fair_scripts
-from ourvidz_tasks.contract.schemas import ID_PATTERN, CallbackBody, ChatRequest, ChatResult, Job
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"

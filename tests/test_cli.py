@@ -38,7 +38,7 @@ def ourvidz(*args: str, sink: Sink | None = None, timeout: float = 300) -> subpr
 def test_help_names_every_command_and_how_submit_follows() -> None:
     top = ourvidz("--help")
     assert top.returncode == 0
-    for command in ("submit", "memory", "replay", "metrics"):
+    for command in ("submit", "memory", "replay", "usage", "metrics"):
         assert command in top.stdout
     submit = ourvidz("submit", "--help")
     assert submit.returncode == 0

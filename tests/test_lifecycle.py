@@ -9,6 +9,7 @@ its seam (``on_device_fault``), so the process that "exits" is not pytest.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +23,7 @@ import torch
 from PIL import Image
 
 from devtools.sink import Sink
+from ourvidz_tasks.contract import keys
 from ourvidz_tasks.contract.errors import WorkerUnavailable
 from ourvidz_tasks.contract.jobs import Job
 from ourvidz_tasks.contract.settings import load_settings
@@ -29,10 +31,12 @@ from ourvidz_tasks.runtime.faults import EXIT_DEVICE_FAULT, exit_on_device_fault
 from ourvidz_tasks.runtime.lifecycle import Generated, Progress, RetryJob, run_job
 from ourvidz_tasks.runtime.runtime import Runtime
 from ourvidz_tasks.services.delivery import Delivery
+from ourvidz_tasks.services.durations import Durations, work_shape
 from ourvidz_tasks.services.fetch import ReferenceFetcher
 from ourvidz_tasks.services.guard import DeadLetters
 from ourvidz_tasks.services.media import ImageOutput
 from ourvidz_tasks.services.policy import load_policy
+from ourvidz_tasks.services.usage import day_of, read_usage
 
 from .support.env import KEY
 from .support.jobs import new_id
@@ -201,3 +205,71 @@ def test_a_device_fault_exits_75_without_a_terminal_callback_and_the_job_runs_ag
     rt.delivery = Delivery(rt.settings, WORKER, rt.redis)  # the fresh worker's
     body = run(rt, payload, model, Attempt(retries=0))  # the unacknowledged message, redelivered
     assert body["status"] == "completed" and model.runs == 2
+
+
+def arrived(store: redis.Redis, job_id: str, ago: float) -> None:
+    """What the pools' intake writes for an arriving job: its arrival by the broker's clock."""
+    seconds, micros = store.time()
+    store.hset(keys.fair_job(job_id), "arrived", seconds + micros / 1e6 - ago)
+
+
+class Slow(Model):
+    """A model call that takes at least ``seconds`` (GPU seconds to count)."""
+
+    def __init__(self, seconds: float, *failures: BaseException) -> None:
+        super().__init__(*failures)
+        self.seconds = seconds
+
+    def __call__(self, rt: Runtime, job: Job, progress: Progress) -> Generated:
+        time.sleep(self.seconds)
+        return super().__call__(rt, job, progress)
+
+
+def test_the_callbacks_carry_the_queue_wait_and_the_gpu_seconds_of_every_attempt(
+        rt: Runtime, sink: Sink, store: redis.Redis) -> None:
+    payload, model = job(), Slow(0.3, WorkerUnavailable("the engine is away"))
+    arrived(store, payload["id"], 5.0)
+    with pytest.raises(RetryJob):
+        run(rt, payload, model, Attempt(retries=0))
+    body = run(rt, payload, model, Attempt(retries=1))
+    meta = body["metadata"]
+    assert body["status"] == "completed" and 5.0 <= meta["queue_wait_s"] < 60
+    assert meta["gpu_seconds"] >= 0.6 and meta["gpu_seconds"] >= meta["model_time"] + 0.3  # both attempts
+    starts = [c["body"]["metadata"] for c in sink.callbacks(payload["id"])
+              if c["body"]["status"] == "processing" and "progress" not in c["body"]["metadata"]]
+    assert [m["attempt"] for m in starts] == [1, 2]  # the first processing callback of each attempt...
+    assert 5.0 <= starts[0]["queue_wait_s"] <= starts[1]["queue_wait_s"] == meta["queue_wait_s"]  # ...waited
+    assert not store.exists(keys.job_gpu(payload["id"]))  # the earlier attempts' seconds: counted, gone
+
+    today = read_usage(store, [day_of(time.time())])
+    mine = next(u for u in today if u.user == payload["user_id"])
+    assert mine.gpu_seconds >= meta["gpu_seconds"] and mine.jobs >= 1
+    shape, units = work_shape("sdxl", payload, rt.settings)
+    assert shape == "1024x1024x1s15" and units == 15.0
+    assert Durations(store, rt.settings).seconds("sdxl", shape, units) > 0
+    assert store.lrange(keys.durations("sdxl", shape), 0, 0) == [f"{meta['processing_time']:.4f}".encode()]
+
+    unknown = job()  # no arrival recorded (no intake): no queue wait, still its GPU seconds
+    body = run(rt, unknown, Model(), Attempt())
+    assert "queue_wait_s" not in body["metadata"] and body["metadata"]["gpu_seconds"] >= 0
+    assert all("queue_wait_s" not in c["body"]["metadata"] for c in sink.callbacks(unknown["id"]))
+
+
+def test_bookkeeping_that_cannot_be_written_never_fails_the_job(rt: Runtime, sink: Sink, store: redis.Redis,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    payload = job()
+    store.hset(keys.fair_job(payload["id"]), "arrived", "not a time")
+    day = keys.usage(day_of(time.time()))
+    saved = store.dump(day)
+    store.delete(day)
+    store.set(day, "a string, not the hash of the day")  # every usage write fails (WRONGTYPE)
+    try:
+        body = run(rt, payload, Model(), Attempt())
+    finally:
+        store.delete(day)
+        if saved is not None:
+            store.restore(day, 0, saved)
+    assert body["status"] == "completed" and "queue_wait_s" not in body["metadata"]
+    assert [s for s, _ in statuses(sink, payload["id"])][-1] == "completed"
+    assert "queue wait not read (ValueError)" in caplog.text
+    assert "duration and usage not recorded (ResponseError)" in caplog.text

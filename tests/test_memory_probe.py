@@ -124,14 +124,14 @@ def test_cuda_probe_counts_reserved_memory() -> None:
 
 
 def test_a_job_holds_its_shape_before_the_call_and_gives_it_back_after(store: redis.Redis) -> None:
-    """ModelSlot.hold before a model call, lifecycle._remember_peak and ModelSlot.settle after it: the first
+    """ModelSlot.hold before a model call, bookkeeping.remember_peak and ModelSlot.settle after it: the first
     call after a load gives the resident part (not the process's first call: that is the process's own),
     every call a work sample; between jobs only the weights and resident caches stay reserved."""
     import uuid
     from types import SimpleNamespace
 
+    from ourvidz_tasks.runtime.bookkeeping import remember_peak
     from ourvidz_tasks.runtime.ledger import Ledger
-    from ourvidz_tasks.runtime.lifecycle import _remember_peak
     from ourvidz_tasks.runtime.memprobe import Measurement
     from ourvidz_tasks.runtime.runtime import ModelSlot
 
@@ -150,7 +150,7 @@ def test_a_job_holds_its_shape_before_the_call_and_gives_it_back_after(store: re
             held = slot.hold("64x64x9")
             m = Measurement(CpuProbe())
             m.bytes, m.resident, m.stopped = work_mb * MB, resident_mb * MB, True
-            _remember_peak(rt, "64x64x9", m)
+            remember_peak(rt, "64x64x9", m)
             slot.settle()
             return held
 

@@ -6,6 +6,7 @@ queue depth and the job counters are its own and exact.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -93,6 +94,8 @@ def test_worker_metrics_move_as_jobs_run(isolated_broker: str, start_worker: Cal
     # a burst: the solo worker takes one job at a time, the rest wait in the list
     burst = [job(seed=i) for i in range(4)]
     for payload in burst:
+        seconds, micros = broker.time()  # what the pools' intake records: the arrival, by the broker's clock
+        broker.hset(keys.fair_job(payload["id"]), "arrived", seconds + micros / 1e6)
         publish(broker, "ourvidz.sdxl.generate", payload, "sdxl")
     during = scrape(base)
     assert value(during, "ourvidz_queue_depth", queue="sdxl") >= 2
@@ -112,6 +115,20 @@ def test_worker_metrics_move_as_jobs_run(isolated_broker: str, start_worker: Cal
     split = sum(value(after, "ourvidz_job_duration_seconds_sum", family="sdxl", phase=p) for p in ("model", "delivery"))
     assert split == pytest.approx(total, abs=0.05)
     assert value(after, "ourvidz_model_load_seconds_count", model="sdxl") == 1  # no per-job load
+    # queue wait and GPU seconds: in the callbacks, and per family (no user) in the metrics
+    ended = [terminal(sink, payload["id"])["metadata"] for payload in burst]
+    assert all(m["queue_wait_s"] >= 0 and m["gpu_seconds"] > 0 for m in ended)
+    assert max(m["queue_wait_s"] for m in ended) > 0  # the last of the burst waited for the others
+    starts = [next(c["body"]["metadata"] for c in sink.callbacks(p["id"]) if c["body"]["status"] == "processing")
+              for p in burst]
+    assert [m["queue_wait_s"] for m in starts] == [m["queue_wait_s"] for m in ended]
+    assert value(after, "ourvidz_queue_wait_seconds_count", family="sdxl") == 4
+    assert value(after, "ourvidz_queue_wait_seconds_sum", family="sdxl") == pytest.approx(
+        sum(m["queue_wait_s"] for m in ended), abs=0.01)
+    assert value(after, "ourvidz_gpu_seconds_total", family="sdxl") == pytest.approx(
+        sum(m["gpu_seconds"] for m in ended), abs=0.01)
+    assert not [labels for name, labels in after if name.startswith(("ourvidz_gpu", "ourvidz_queue_wait"))
+                and any(key == "user" for key, _ in labels)]
     assert value(after, "ourvidz_callback_backlog") == 0
 
     # a job that fails validation: counted by outcome and code, with no model time
@@ -144,6 +161,14 @@ def test_worker_metrics_move_as_jobs_run(isolated_broker: str, start_worker: Cal
     assert terminal(sink, lost["id"])["status"] == "completed"
     assert [c["body"]["status"] for c in sink.callbacks(lost["id"])].count("completed") == 1
     assert value(scrape(base), "ourvidz_callback_backlog") == 0
+
+    # the user's usage, from the pool's daily keys: 6 jobs ended (the failed one too)
+    usage = subprocess.run([sys.executable, "-m", "ourvidz_tasks.tools.cli", "usage", "--since", "2d", "--json"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env={**worker.env, "OURVIDZ_BROKER_URL": isolated_broker})
+    assert usage.returncode == 0, usage.stderr
+    mine = json.loads(usage.stdout)["users"]["user_123"]
+    assert mine["jobs"] == 6 and mine["gpu_seconds"] >= sum(m["gpu_seconds"] for m in ended) - 0.01
 
 
 @pytest.mark.slow

@@ -58,6 +58,10 @@ export interface CallbackMetadata {
   /** a live preview (processing callbacks only); safe to ignore */
   preview?: Preview | null;
   processing_time?: number | null;
+  /** seconds from the job's arrival on its family queue to the start of this attempt (the first `processing` callback of an attempt and the terminal one; absent when no arrival was recorded) */
+  queue_wait_s?: number | null;
+  /** the job's model time on the pools, every attempt of it (terminal callbacks) */
+  gpu_seconds?: number | null;
   batch_size?: number | null;
   frame_num?: number | null;
   reference_mode?: string | null;

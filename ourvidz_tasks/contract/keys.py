@@ -164,3 +164,34 @@ def fair_job(job_id: str) -> str:
     ``user``, ``weight``, ``arrived`` (broker clock, seconds); ``services.fairness``, deleted when the
     job ends, TTL ``idempotency_ttl``."""
     return f"{FAIR_PREFIX}job:{job_id}"
+
+
+# -- where a job stands, what jobs take, who used the GPU (issue 26) -----------------------------
+def job_gpu(job_id: str) -> str:
+    """Model seconds of a job's earlier attempts (retried ones), summed into the terminal callback's
+    ``gpu_seconds``; ``runtime.bookkeeping``, deleted when the job ends, TTL ``terminal_ttl``."""
+    return f"{JOB_PREFIX}{job_id}:gpu"
+
+
+DURATIONS_PREFIX = "ourvidz:durations:"
+
+
+def durations(family: str, shape: str) -> str:
+    """List of the last seconds jobs of one shape took on a family's pools, newest first;
+    ``services.durations``, capped at ``duration_window``, TTL 30 days."""
+    return f"{DURATIONS_PREFIX}shape:{family}:{shape}"
+
+
+def duration_rate(family: str) -> str:
+    """List of the last seconds per work unit of a family's jobs (any shape), newest first;
+    ``services.durations``, capped at ``duration_window``, TTL 30 days."""
+    return f"{DURATIONS_PREFIX}rate:{family}"
+
+
+USAGE_PREFIX = "ourvidz:usage:"
+
+
+def usage(day: str) -> str:
+    """Hash ``{user}:gpu`` -> GPU seconds, ``{user}:jobs`` -> jobs ended on one UTC day (``YYYY-MM-DD``);
+    ``services.usage``, TTL 40 days (read by ``ourvidz usage``)."""
+    return f"{USAGE_PREFIX}{day}"

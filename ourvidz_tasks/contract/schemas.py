@@ -170,6 +170,11 @@ class CallbackMetadata(_Open):
     progress: int | None = Field(None, ge=0, le=100)
     preview: Preview | None = Field(None, description="a live preview (processing callbacks only); safe to ignore")
     processing_time: float | None = None
+    queue_wait_s: float | None = Field(
+        None, ge=0, description="seconds from the job's arrival on its family queue to the start of this attempt "
+        "(the first `processing` callback of an attempt and the terminal one; absent when no arrival was recorded)")
+    gpu_seconds: float | None = Field(
+        None, ge=0, description="the job's model time on the pools, every attempt of it (terminal callbacks)")
     batch_size: int | None = None
     frame_num: int | None = None
     reference_mode: str | None = None

@@ -135,6 +135,12 @@ class Settings(BaseSettings):
     idle_unload_seconds: dict[str, float] = Field(default_factory=lambda: {"wan": 300.0})
     #: per-job-type time limits in seconds (JSON map over the defaults; the solo pool ignores Celery's)
     time_limits: dict[str, float] = Field(default_factory=dict)
+    #: seconds a job of each family's default shape takes before any job was measured (JSON map over
+    #: the defaults of ``services.durations``; other shapes scale by their work units); a measured
+    #: duration replaces it (queue ETAs, the fair order's costs)
+    job_seconds: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    #: a job shape's duration is the mean of its last this many measured jobs
+    duration_window: int = Field(20, ge=1, le=1000)
     #: ``module:callable`` plug-ins, comma-separated, each called once with the worker's Runtime at
     #: start (they may add attempt hooks around model calls: tracing, fault injection in tests)
     runtime_plugins: Annotated[tuple[str, ...], NoDecode] = ()

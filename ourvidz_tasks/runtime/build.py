@@ -22,6 +22,7 @@ from ..models.chat_remote import RemoteChat
 from ..models.sdxl import load_sdxl
 from ..models.wan import load_wan
 from ..services.delivery import Delivery
+from ..services.durations import Durations
 from ..services.fairness import Intake, load_weights
 from ..services.fetch import ReferenceFetcher
 from ..services.guard import DeadLetters
@@ -84,7 +85,7 @@ def build_runtime(app: Celery, family: str, worker_id: str, settings: Settings |
         if settings.fair_order:
             broker = runtime.recovery.broker
             runtime.intake = Intake(broker, runtime.recovery.identity, [family],
-                                    estimate=lambda queue, job: 1.0,
+                                    estimate=Durations(store, settings).estimate,
                                     weigh=load_weights(settings.fair_weights, broker), ttl=settings.idempotency_ttl)
     runtime.ledger = Ledger.for_settings(store, settings, device)
     runtime.heartbeat = runtime.ledger.keepalive()

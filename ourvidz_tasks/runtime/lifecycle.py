@@ -38,13 +38,13 @@ from ..contract.errors import (
 )
 from ..contract.jobs import TIME_LIMITS, Job, parse_job, usable_id
 from ..models import release_memory
-from ..services import events, fairness
+from ..services import events
 from ..services.backoff import full_jitter
 from ..services.outage import OUTAGE_ERRORS, BrokerAway, is_outage, through_outage
 from ..services.tracing import span
+from . import bookkeeping
 from .admission import admit, leave
 from .faults import detach, exit_on_device_fault, exit_process, is_oom
-from .memprobe import Measurement
 from .recovery import count_delivery
 from .runtime import Runtime
 
@@ -234,13 +234,15 @@ def _attempt(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work
     if deliveries > rt.settings.max_deliveries:
         return _poison(rt, job_id, attempt, deliveries)
     started = time.perf_counter()
-    rt.delivery.processing(job_id, attempt, wait=True)
+    waited = bookkeeping.queue_wait(rt, job_id)  # None: no arrival recorded for it
+    rt.delivery.processing(job_id, attempt, None if waited is None else {"queue_wait_s": waited}, wait=True)
     try:
         ctx.started()  # Flower's events and the STARTED state, while the callback travels
     except OUTAGE_ERRORS as exc:
         log.warning("job %s: start not recorded (%s)", job_id, type(exc).__name__)
     metadata: dict[str, Any] = {}
-    body: dict[str, Any] | None = None
+    done: list[dict[str, Any]] | None = None  # the assets of a job that completed
+    model_time: float | None = None
     retry: JobError | None = None
     oom = False
     error_dict: dict[str, Any] = {}
@@ -262,7 +264,7 @@ def _attempt(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work
             with span("model", **{"ourvidz.job_id": job_id, "ourvidz.family": family}), rt.measure() as peak:
                 generated = work(rt, job, Progress(ctx, rt, job_id, attempt, limit))
             if generated.shape is not None:  # None: a stepped-down run, no figure of any shape
-                _remember_peak(rt, generated.shape or job.the_type, peak)
+                bookkeeping.remember_peak(rt, generated.shape or job.the_type, peak)
             rt.settle()  # the job's working memory back to the card and the ledger, before the uploads
             model_time = time.perf_counter() - started
             metadata.update(generated.metadata)
@@ -271,9 +273,10 @@ def _attempt(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work
         total = time.perf_counter() - started
         metadata.update(processing_time=round(total, 3), model_time=round(model_time, 3),
                         delivery_time=round(total - model_time, 3), batch_size=len(assets))
-        body = callback_body(job_id, rt.worker_id, "completed", attempt=attempt, assets=assets, metadata=metadata)
         log.info("job %s completed in %.2fs (model %.2fs)", job_id, total, model_time)
+        done = assets
     except Exception as exc:
+        model_time = time.perf_counter() - started if model_time is None else model_time
         # a device fault ends the process here (status 75, the message unacknowledged: it is requeued)
         on_device_fault(exc, f"job {job_id}")
         if is_outage(exc):  # Redis went away under a step that could not wait for it: not the job's fault
@@ -297,8 +300,14 @@ def _attempt(rt: Runtime, ctx: JobContext, payload: Any, family: str, work: Work
         release_memory(rt.device)  # outside the except: the failed run's frames are gone
     rt.settle()
     if retry is not None:
+        bookkeeping.attempt_retried(rt, job_id, model_time or 0.0)
         raise RetryJob(retry, backoff(ctx.retries))
-    if body is None:
+    metadata["gpu_seconds"] = bookkeeping.gpu_seconds(rt, job_id, ctx.retries, model_time or 0.0)
+    if waited is not None:
+        metadata["queue_wait_s"] = waited
+    if done is not None:
+        body = callback_body(job_id, rt.worker_id, "completed", attempt=attempt, assets=done, metadata=metadata)
+    else:
         metadata["processing_time"] = round(time.perf_counter() - started, 3)
         body = callback_body(job_id, rt.worker_id, "failed", attempt=attempt, metadata=metadata, error=error_dict)
         log.info("job %s failed: %s", job_id, error_dict["code"])
@@ -320,48 +329,15 @@ def end_job(rt: Runtime, payload: Any, body: dict[str, Any]) -> dict[str, Any]:
         sender=rt.family, job_id=body["job_id"], job_type=str(job_type or "?"), status=body["status"],
         code=body.get("error", {}).get("code"), processing_time=meta.get("processing_time"),
         model_time=meta.get("model_time"), delivery_time=meta.get("delivery_time"),
+        queue_wait=meta.get("queue_wait_s"), gpu_seconds=meta.get("gpu_seconds"),
     )
     recorded = through_outage(lambda: rt.delivery.finish(body), rt.settings.broker_patience,
                               f"job {body['job_id']}: terminal record")
     rt.delivery.discard(body["job_id"])
-    if rt.intake is not None:
-        try:  # the user's share corrected by what the job really took: only helps the next ones
-            fairness.finished(rt.intake.broker, rt.family, body["job_id"], float(meta.get("model_time") or 0.0))
-        except OUTAGE_ERRORS as exc:
-            log.warning("job %s: fair share not corrected (%s)", body["job_id"], type(exc).__name__)
+    if recorded is body:  # this attempt recorded it (not an earlier one's record): counted once
+        bookkeeping.job_ended(rt, payload, body)
+    bookkeeping.fair_share(rt, body)
     return recorded
-
-
-def _remember_peak(rt: Runtime, shape: str, peak: Measurement | None) -> None:
-    """Record a job's measured working memory (a call that returned) and re-size what the models hold.
-
-    Every device kind (the probe is chosen at start). The first call after a
-    load also records what it left allocated (the model's caches) as resident;
-    what the process's very first call leaves (libraries' one-time workspaces,
-    kept whether a model is loaded or not) is the process's own, like its CUDA
-    context: the per-pool allowance of the budget covers it, not the model.
-    The reservation is settled after (:meth:`~ourvidz_tasks.runtime.runtime.Runtime.settle`).
-    """
-    if rt.ledger is None or peak is None:
-        return
-    try:
-        _record_peak(rt, shape, peak)
-    except OUTAGE_ERRORS as exc:  # bookkeeping that only helps: never a reason to fail the job
-        log.warning("%s: peak memory of %s not recorded (%s)", rt.family, shape, type(exc).__name__)
-
-
-def _record_peak(rt: Runtime, shape: str, peak: Measurement) -> None:
-    assert rt.ledger is not None
-    first_call = rt.measured_calls == 0
-    rt.measured_calls += 1
-    if first_call and peak.resident_mb:
-        log.info("%s: the process's first model call kept %d MB (one-time, the process's own)",
-                 rt.family, peak.resident_mb)
-    for name in rt.used:
-        if name in rt.fresh:
-            rt.ledger.record_resident(name, 0 if first_call else peak.resident_mb)
-            rt.fresh.discard(name)
-        rt.ledger.record_work(name, shape, peak.mb)
 
 
 def poison_guard(task: Any, rt: Runtime, kind: str) -> str | None:

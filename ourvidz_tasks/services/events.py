@@ -10,7 +10,8 @@ from __future__ import annotations
 from celery.utils.dispatch import Signal
 
 #: A generation job ended: ``job_id, job_type, status ("completed"|"failed"),
-#: code (error code or None), processing_time, model_time, delivery_time`` (seconds, or None).
+#: code (error code or None), processing_time, model_time, delivery_time, queue_wait, gpu_seconds``
+#: (seconds, or None; ``gpu_seconds``: the model time of every attempt of the job).
 job_finished = Signal(name="ourvidz.job_finished")
 
 #: A model was loaded: ``model, seconds, nbytes``.

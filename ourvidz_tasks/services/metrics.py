@@ -3,7 +3,8 @@
 Two kinds of numbers, one exposition format:
 
 - :class:`JobMetrics` counts what happens in *this* process: jobs by type
-  and outcome, job durations split into model and delivery time, model loads
+  and outcome, job durations split into model and delivery time, queue wait
+  and GPU seconds per family (never per user: ``ourvidz usage``), model loads
   and unloads, callbacks that could not be delivered. It is fed by the
   signals of :mod:`ourvidz_tasks.services.events` (connected, never patched in).
 - :class:`ClusterCollector` reads shared state at scrape time: queue depth
@@ -56,6 +57,7 @@ BACKLOG_WINDOW = ENDED_LIMIT
 #: kombu's Redis transport: list ``queue`` plus one list per priority step
 PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 JOB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 LOAD_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
@@ -72,6 +74,15 @@ class JobMetrics:
             "ourvidz_job_duration_seconds",
             "Job duration by phase: model (validation to last pipeline step), delivery (encode, upload), total",
             ["family", "phase"], buckets=JOB_BUCKETS, registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "ourvidz_queue_wait_seconds",
+            "Seconds from a job's arrival on its family queue to the start of the attempt that ended it "
+            "(jobs whose arrival the pools' intake recorded)", ["family"], buckets=WAIT_BUCKETS, registry=registry,
+        )
+        self.gpu_seconds = Counter(
+            "ourvidz_gpu_seconds", "Model seconds of ended jobs on the pools (every attempt of each job)",
+            ["family"], registry=registry,
         )
         self.load_seconds = Histogram(
             "ourvidz_model_load_seconds", "Model load time (the _count is the number of loads)",
@@ -97,7 +108,8 @@ class JobMetrics:
 
     def on_job_finished(self, sender: Any, status: str = "?", job_type: str = "?", code: str | None = None,
                         processing_time: float | None = None, model_time: float | None = None,
-                        delivery_time: float | None = None, **_: Any) -> None:
+                        delivery_time: float | None = None, queue_wait: float | None = None,
+                        gpu_seconds: float | None = None, **_: Any) -> None:
         family = str(sender)
         # the type comes from the payload: keep label values to the known set
         known = job_type if job_type in FAMILY_OF_TYPE else "other"
@@ -105,6 +117,10 @@ class JobMetrics:
         for phase, seconds in (("total", processing_time), ("model", model_time), ("delivery", delivery_time)):
             if seconds is not None:
                 self.duration.labels(family, phase).observe(seconds)
+        if queue_wait is not None:
+            self.queue_wait.labels(family).observe(queue_wait)
+        if gpu_seconds:
+            self.gpu_seconds.labels(family).inc(gpu_seconds)
 
     def on_model_loaded(self, sender: Any, model: str = "?", seconds: float = 0.0, nbytes: int = 0, **_: Any) -> None:
         self.load_seconds.labels(model).observe(seconds)

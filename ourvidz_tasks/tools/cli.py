@@ -1,4 +1,4 @@
-"""``ourvidz``: the operator's command line (submit and follow a job, memory, replay, dead letters, metrics).
+"""``ourvidz``: the operator's command line (submit and follow a job, memory, replay, dead letters, usage, metrics).
 
 Everything comes from the same environment as the workers (CONTRACT.md
 section 5): ``OURVIDZ_BROKER_URL`` reaches the queues and the result backend.
@@ -7,6 +7,7 @@ section 5): ``OURVIDZ_BROKER_URL`` reaches the queues and the result backend.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import socket
 import sys
@@ -41,6 +42,7 @@ examples:
   ourvidz dead                                   # dead letters: refused callbacks, items that are not tasks
   ourvidz queue 5f0c... --json                   # where a job stands: state, position, ETA
   ourvidz queue                                  # each family's waiting jobs per user
+  ourvidz usage --since 7d                       # GPU seconds and jobs per user over the last 7 days
   ourvidz metrics --port 9100                    # Prometheus: queue depth, ledger, callback backlog"""
 
 SUBMIT_HELP = """\
@@ -209,6 +211,28 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+# -- usage ----------------------------------------------------------------------------
+def cmd_usage(args: argparse.Namespace, settings: Settings) -> int:
+    """GPU seconds and jobs per user, summed over the UTC days since ``--since``."""
+    from ..services.usage import days_since, read_usage
+
+    try:
+        days = days_since(args.since, datetime.datetime.now(datetime.UTC).date())
+    except ValueError as exc:
+        raise ConfigError(f"usage: {exc}") from None
+    rows = read_usage(connect(settings.redis, settings), days)
+    if args.json:
+        users = {r.user: {"gpu_seconds": round(r.gpu_seconds, 3), "jobs": r.jobs} for r in rows}
+        print(json.dumps({"since": days[0], "until": days[-1], "users": users}, indent=2))
+        return EXIT_OK
+    if rows:
+        table([{"user": r.user, "gpu_seconds": round(r.gpu_seconds, 1), "jobs": r.jobs} for r in rows], sys.stdout)
+    total = sum(r.gpu_seconds for r in rows)
+    print(f"{len(rows)} user(s), {total:.1f} GPU seconds, {sum(r.jobs for r in rows)} job(s) "
+          f"from {days[0]} to {days[-1]} (UTC)", file=sys.stderr)
+    return EXIT_OK
+
+
 # -- metrics --------------------------------------------------------------------------
 def cmd_metrics(args: argparse.Namespace, settings: Settings) -> int:
     from ..services.metrics import serve
@@ -291,6 +315,14 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(run=cmd_cancel)
 
     add_queue_parsers(sub, fmt)
+    u = sub.add_parser("usage", help="GPU seconds and jobs per user over the last days",
+                       description="Per user, the model seconds of the jobs that ended (every attempt of each)\n"
+                                   "and how many ended, summed over UTC days from daily keys kept 40 days\n"
+                                   "(ourvidz:usage:YYYY-MM-DD in OURVIDZ_REDIS_URL); most GPU seconds first.",
+                       formatter_class=fmt)
+    u.add_argument("--since", default="7d", help="Nd (the last N days with today) or YYYY-MM-DD (default 7d)")
+    u.add_argument("--json", action="store_true", help="print JSON")
+    u.set_defaults(run=cmd_usage)
 
     x = sub.add_parser("metrics", help="serve the cluster metrics for Prometheus (no pool needed)",
                        description="Queue depth per queue, unacked messages, legacy lists, dead letters,\n"
