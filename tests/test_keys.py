@@ -18,6 +18,7 @@ from ourvidz_tasks.contract.keys import DEAD_LETTERS
 from ourvidz_tasks.contract.keys import JOBS_ENDED as ENDED
 from ourvidz_tasks.contract.names import QUEUES, SDXL_GENERATE
 from ourvidz_tasks.contract.settings import MAX_TASK_RETRIES, Settings, load_settings
+from ourvidz_tasks.services import fair_scripts
 from ourvidz_tasks.services.delivery import ENDED_LIMIT, Delivery
 
 from .support.cluster import WorkerProcess
@@ -80,8 +81,10 @@ def _snapshot(store: redis.Redis) -> dict[str, tuple[int, int]]:
 
 
 #: keys without a TTL that a running cluster keeps, each bounded by what it holds right now
-#: (FETCHERS: the processing lists of live consumers; recovery forgets a dead one's)
-BOUNDED = {*QUEUES, "unacked", "unacked_index", "unacked_mutex", DEAD_LETTERS, keys.FETCHERS}
+#: (FETCHERS: the processing lists of live consumers; recovery forgets a dead one's; a queue's fair
+#: order: its waiting jobs, the users with a place in it, the live pools, a capped bell)
+BOUNDED = {*QUEUES, "unacked", "unacked_index", "unacked_mutex", DEAD_LETTERS, keys.FETCHERS,
+           *(keys.fair(queue, part) for queue in QUEUES for part in fair_scripts.PARTS)}
 
 
 def _unbounded(snapshot: dict[str, tuple[int, int]]) -> set[str]:

@@ -211,6 +211,7 @@ def arrived(store: redis.Redis, job_id: str, ago: float) -> None:
     """What the pools' intake writes for an arriving job: its arrival by the broker's clock."""
     seconds, micros = store.time()
     store.hset(keys.fair_job(job_id), "arrived", seconds + micros / 1e6 - ago)
+    store.expire(keys.fair_job(job_id), 600)  # as the intake's record does
 
 
 class Slow(Model):
@@ -259,6 +260,7 @@ def test_bookkeeping_that_cannot_be_written_never_fails_the_job(rt: Runtime, sin
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     payload = job()
     store.hset(keys.fair_job(payload["id"]), "arrived", "not a time")
+    store.expire(keys.fair_job(payload["id"]), 600)
     day = keys.usage(day_of(time.time()))
     saved = store.dump(day)
     store.delete(day)
