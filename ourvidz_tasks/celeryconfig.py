@@ -6,7 +6,7 @@ is the only place anything is configured.
 
 from kombu import Exchange, Queue
 
-from ourvidz_tasks.contract.names import QUEUES
+from ourvidz_tasks.contract.names import FAMILIES, QUEUES, ready_queue
 from ourvidz_tasks.contract.names import route_pattern as _route_pattern
 from ourvidz_tasks.contract.settings import load_settings
 
@@ -64,7 +64,9 @@ worker_hijack_root_logger = True
 
 # Exchange "" (the default exchange), routing key = queue name = Redis list key
 _default = Exchange("", type="direct")
-task_queues = tuple(Queue(name, _default, routing_key=name) for name in QUEUES)
+# RabbitMQ with the fair order on: the pools consume each family's ready queue (services.fair_relay)
+_CONSUMED = (*QUEUES, *(ready_queue(family) for family in FAMILIES)) if _settings.fair_relay else QUEUES
+task_queues = tuple(Queue(name, _default, routing_key=name) for name in _CONSUMED)
 task_routes = {_route_pattern(name): {"queue": name, "exchange": "", "routing_key": name} for name in QUEUES}
 task_default_queue = "chat"
 task_default_exchange = "ourvidz"  # queues are bound here too; publishers use "" (the default exchange)
@@ -76,7 +78,7 @@ if _settings.amqp_queue_type == "quorum" and not _settings.broker_is_redis:
     # count, so the guard still ends a poison job with a ``failed`` callback.
     _topic = Exchange("ourvidz", type="topic")
     _quorum = {"x-queue-type": "quorum", "x-delivery-limit": _settings.max_deliveries + 2}
-    task_queues = tuple(Queue(name, _topic, routing_key=name, queue_arguments=_quorum) for name in QUEUES)
+    task_queues = tuple(Queue(name, _topic, routing_key=name, queue_arguments=_quorum) for name in _CONSUMED)
     task_routes = {_route_pattern(name): {"queue": name, "exchange": "ourvidz", "routing_key": name}
                    for name in QUEUES}
     task_default_exchange_type = "topic"

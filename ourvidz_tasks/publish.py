@@ -65,7 +65,7 @@ def standing(job_id: str) -> dict[str, Any]:
     if not _clients:
         settings = load_settings()
         _clients["settings"] = settings
-        _clients["broker"] = connect(settings.broker_url, settings)
-        _clients["store"] = connect(settings.redis, settings) if settings.redis != settings.broker_url else None
+        _clients["broker"] = connect(settings.fair_url, settings)
+        _clients["store"] = connect(settings.redis, settings) if settings.redis != settings.fair_url else None
     settings = _clients["settings"]
     return fairness.standing(_clients["broker"], job_id, present=settings.lease_seconds, store=_clients["store"])

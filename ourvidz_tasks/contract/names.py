@@ -33,6 +33,23 @@ GENERATE: dict[str, str] = {"sdxl": SDXL_GENERATE, "wan": WAN_GENERATE}
 TASKS = (SDXL_GENERATE, CHAT_CHAT, CHAT_ENHANCE, WAN_GENERATE, OUTBOX_DELIVER)
 
 
+def ready_queue(family: str) -> str:
+    """RabbitMQ with the fair order on: the queue a family's pools consume, fed in fair order from the
+    family queue the publishers send to (``services.fair_relay``)."""
+    return f"{family}.fair"
+
+
+def fair_queue(family: str, relay: bool) -> str:
+    """The name of a family's fair order (``keys.fair``): its queue's on Redis; its ready queue's where
+    the pools relay it (RabbitMQ), so one store never mixes the two."""
+    return ready_queue(family) if relay else family
+
+
+def family_of_queue(queue: str) -> str:
+    """The family of a queue or of its ready queue."""
+    return queue.removesuffix(".fair")
+
+
 def route_pattern(queue: str) -> str:
     """The Celery ``task_routes`` glob of the tasks of ``queue`` (``ourvidz.{queue}.*``)."""
     return f"ourvidz.{queue}.*"

@@ -313,6 +313,18 @@ class Settings(BaseSettings):
         return urlsplit(self.broker_url).scheme in ("redis", "rediss", "sentinel")
 
     @property
+    def fair_url(self) -> str:
+        """The Redis holding the queues' fair order (``services.fairness``): the broker on Redis
+        brokers; on RabbitMQ the store, where the pools relay each queue through it."""
+        return self.broker_url if self.broker_is_redis else self.redis
+
+    @property
+    def fair_relay(self) -> bool:
+        """Pools relay the family queues through the fair order on RabbitMQ (``services.fair_relay``) and
+        consume the ready queues (:func:`~ourvidz_tasks.contract.names.ready_queue`)."""
+        return self.fair_order and not self.broker_is_redis
+
+    @property
     def redis(self) -> str:
         """The Redis of the ledger, idempotency records, outbox and dead letters."""
         if self.redis_url:

@@ -137,10 +137,11 @@ def _record_peak(rt: Runtime, shape: str, peak: Measurement) -> None:
 def fair_share(rt: Runtime, body: dict[str, Any]) -> None:
     """The job ended: its user's finish in the fair order corrected by what it really cost (the time
     it held the pool, as its estimate was), its fair-order entries gone."""
-    if rt.intake is None:
+    store = rt.fair_store
+    if store is None:
         return
     try:
         held = float(body["metadata"].get("processing_time") or 0.0)
-        fairness.finished(rt.intake.broker, rt.family, body["job_id"], held)
+        fairness.finished(store, rt.fair_queue, body["job_id"], held)
     except UNREADABLE as exc:
         log.warning("job %s: fair share not corrected (%s)", body["job_id"], type(exc).__name__)

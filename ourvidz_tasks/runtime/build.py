@@ -23,6 +23,7 @@ from ..models.sdxl import load_sdxl
 from ..models.wan import load_wan
 from ..services.delivery import Delivery
 from ..services.durations import Durations
+from ..services.fair_relay import Relay
 from ..services.fairness import Intake, load_weights
 from ..services.fetch import ReferenceFetcher
 from ..services.guard import DeadLetters
@@ -87,6 +88,13 @@ def build_runtime(app: Celery, family: str, worker_id: str, settings: Settings |
             runtime.intake = Intake(broker, runtime.recovery.identity, [family],
                                     estimate=Durations(store, settings).estimate,
                                     weigh=load_weights(settings.fair_weights, broker), ttl=settings.idempotency_ttl)
+    elif settings.fair_relay:
+        intake = Intake(store, worker_id, [names.ready_queue(family)], estimate=Durations(store, settings).estimate,
+                        weigh=load_weights(settings.fair_weights, store), ttl=settings.idempotency_ttl)
+        runtime.relay = Relay(settings.broker_url, store, worker_id, intake=intake,
+                              source=app.amqp.queues[family], ready=app.amqp.queues[names.ready_queue(family)],
+                              present=settings.lease_seconds, keep=2.0 * settings.max_job_seconds,
+                              transport_options=dict(app.conf.broker_transport_options or {}))
     runtime.ledger = Ledger.for_settings(store, settings, device)
     runtime.heartbeat = runtime.ledger.keepalive()
 

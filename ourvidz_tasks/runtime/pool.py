@@ -46,6 +46,8 @@ def start_pool(app: Celery, sender: str, family: str) -> Runtime:
         hooks.fair = FairFetch(frozenset(rt.intake.queues), present=rt.settings.lease_seconds,
                                keep=2.0 * rt.settings.max_job_seconds)
         rt.intake.start()
+    if rt.relay is not None:
+        rt.relay.start()
     if rt.drainer is not None:
         rt.drainer.start()
     log.info("%s ready: %s on %s", sender, ", ".join(warm_models(family, rt.settings)), rt.device)

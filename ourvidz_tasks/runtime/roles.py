@@ -30,7 +30,7 @@ def family_of(app: Any, sender: str) -> str | None:
     Exits (status :data:`EXIT_BAD_QUEUES`) when it consumes more than one family's queue.
     """
     queues = _queues(app)
-    families = [q for q in queues if q in names.FAMILIES]
+    families = [names.family_of_queue(q) for q in queues if names.family_of_queue(q) in names.FAMILIES]
     if len(families) > 1:
         log.critical("worker %s consumes %s: one model family per pool (bin/worker sdxl|chat|wan)", sender, queues)
         exit_before_consuming(EXIT_BAD_QUEUES)

@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
+from redis import Redis
 
-from ..contract import devices, keys
+from ..contract import devices, keys, names
 from ..contract.errors import ModelLoadError, WorkerUnavailable
 from ..contract.settings import Settings
 from ..models import release_memory
 from ..services import events
 from ..services.delivery import Delivery
+from ..services.fair_relay import Relay
 from ..services.fairness import Intake
 from ..services.guard import DeadLetters
 from ..services.outage import OUTAGE_ERRORS
@@ -223,6 +225,8 @@ class Runtime:
     recovery: Recovery | None = None
     #: takes the family queue's messages into its fair order (Redis brokers, ``fair_order``)
     intake: Intake | None = None
+    #: on RabbitMQ: relays the family queue through the fair order to the ready queue (``fair_order``)
+    relay: Relay | None = None
     #: delivers the callback outbox while no `bin/worker outbox` does (outbox mode)
     drainer: Drainer | None = None
     ledger: Ledger | None = None
@@ -297,6 +301,18 @@ class Runtime:
             log.warning("%s: reservation not settled (%s)", self.family, type(exc).__name__)
         self.cap_memory()
 
+    @property
+    def fair_store(self) -> Redis | None:
+        """The Redis holding this pool's fair order (the broker, or the store on RabbitMQ); None: off."""
+        if self.intake is not None:
+            return self.intake.broker
+        return self.relay.store if self.relay is not None else None
+
+    @property
+    def fair_queue(self) -> str:
+        """The name of this pool's fair order (``keys.fair``)."""
+        return names.fair_queue(self.family, self.relay is not None)
+
     def record_load(self, name: str, seconds: float) -> None:
         self.restart_measurement()
         self.fresh.add(name)
@@ -311,6 +327,8 @@ class Runtime:
     def close(self) -> None:
         if self.intake is not None:
             self.intake.stop()
+        if self.relay is not None:
+            self.relay.stop()
         if self.recovery is not None:
             self.recovery.stop()
         if self.drainer is not None:

@@ -34,23 +34,29 @@ local waiting, messages, meta, users, counts, state, running, bell =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[9]
 local queue, ttl = ARGV[1], tonumber(ARGV[2])
 local v = tonumber(redis.call('HGET', state, 'v') or '0')
+
+-- the start tag and member of a message: its job's own when it comes back, else the next of its user;
+-- nil when this very message waits already (a broker delivered it twice: once is enough)
+local function place(tag, job, user, cost, weight)
+  if job ~= '' then
+    local old = redis.call('HMGET', JOB .. job, 'queue', 'start', 'member')
+    if old[1] == queue and old[2] and old[3] then
+      if not redis.call('ZSCORE', waiting, old[3]) then return tonumber(old[2]), old[3] end
+      if tag ~= '-' and string.sub(old[3], -#tag - 1) == ':' .. tag then return nil end
+    end
+  end
+  local start = math.max(v, tonumber(redis.call('ZSCORE', users, user) or '0'))
+  redis.call('ZADD', users, start + cost / weight, user)
+  return start, string.format('%012x', redis.call('HINCRBY', state, 'seq', 1)) .. ':' .. tag
+end
+
 local added = 0
 for i = 3, #ARGV, 7 do
   local processing, item, tag, job, user = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local cost, weight = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
-  if redis.call('LREM', processing, 1, item) == 1 then
-    local start, member
-    if job ~= '' then
-      local old = redis.call('HMGET', JOB .. job, 'queue', 'start', 'member')
-      if old[1] == queue and old[2] and old[3] and not redis.call('ZSCORE', waiting, old[3]) then
-        start, member = tonumber(old[2]), old[3]
-      end
-    end
-    if not start then
-      start = math.max(v, tonumber(redis.call('ZSCORE', users, user) or '0'))
-      redis.call('ZADD', users, start + cost / weight, user)
-      member = string.format('%012x', redis.call('HINCRBY', state, 'seq', 1)) .. ':' .. tag
-    end
+  local start, member
+  if redis.call('LREM', processing, 1, item) == 1 then start, member = place(tag, job, user, cost, weight) end
+  if start then
     redis.call('ZADD', waiting, start, member)
     redis.call('HSET', messages, member, item)
     redis.call('HSET', meta, member, cjson.encode({j = job, c = cost, u = user}))
@@ -139,11 +145,12 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return cjson.encode({state = 'ended'}
 local j = redis.call('HMGET', KEYS[1], 'queue', 'member', 'arrived')
 if not j[1] then return cjson.encode({state = 'unknown'}) end
 local p = '""" + keys.FAIR_PREFIX + """' .. j[1] .. ':'
+local family = (string.gsub(j[1], '%.fair$', ''))
 local waited = secs(now - tonumber(j[3] or now))
 local rank = redis.call('ZRANK', p .. 'waiting', j[2])
 if not rank then
   local state = redis.call('ZSCORE', p .. 'running', ARGV[1]) and 'running' or 'queued'
-  local out = {state = state, family = j[1], waited_s = waited}
+  local out = {state = state, family = family, waited_s = waited}
   if state == 'queued' then out.position, out.ahead, out.eta_s = 0, 0, 0 end
   return cjson.encode(out)
 end
@@ -158,7 +165,7 @@ local total = tonumber(redis.call('HGET', p .. 'state', 'cost') or '0')
 local pools = math.max(1, redis.call('ZCOUNT', p .. 'pools', now - tonumber(ARGV[2]), '+inf'))
 local ahead_cost = 0
 if n > 0 then ahead_cost = math.max(0, total) * rank / n end
-return cjson.encode({state = 'queued', family = j[1], position = rank, ahead = rank,
+return cjson.encode({state = 'queued', family = family, position = rank, ahead = rank,
                      eta_s = secs((busy + ahead_cost) / pools), waited_s = waited})
 """
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import redis
 
-from ..contract import keys
+from ..contract import keys, names
 from ..contract.jobs import usable_id
 from ..contract.text import as_text
 from . import fair_scripts, fetching
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 PRIORITY_STEPS = (0, 3, 6, 9)
 PRIORITY_SEP = "\x06\x16"
 
-#: ``estimate(queue, job) -> seconds`` of GPU time a raw job will take (``services.durations``)
+#: ``estimate(family, job) -> seconds`` of GPU time a raw job will take (``services.durations``)
 Estimate = Callable[[str, Mapping[str, Any]], float]
 #: ``weigh(user_id) -> weight`` in the fair order (``OURVIDZ_FAIR_WEIGHTS``)
 Weigh = Callable[[str], float]
@@ -194,9 +194,9 @@ class Intake:
             if item is not None:
                 pairs = [(self.sources[0], item)]
         for queue in self.queues:
-            arrivals = [self._arrival(source, item) for source, item in pairs if queue_of(source) == queue]
-            if arrivals:
-                self._admit(queue, arrivals)
+            mine = [(source, item) for source, item in pairs if queue_of(source) == queue]
+            if mine:
+                self.broker.eval(*self.admit_command(queue, mine))  # type: ignore[no-untyped-call]
         return len(pairs)
 
     def _arrival(self, source: str, item: bytes) -> Arrival:
@@ -205,17 +205,20 @@ class Intake:
         cost = 0.0
         if job is not None:
             try:
-                cost = max(0.0, float(self.estimate(queue_of(source), job)))
+                cost = max(0.0, float(self.estimate(names.family_of_queue(queue_of(source)), job)))
             except Exception as exc:  # an estimate is never a reason to hold a message back
                 log.warning("fair intake: no estimate (%s); costed 0", type(exc).__name__)
         return Arrival(source, item, tag, usable_id(job) or "", user, cost, self.weigh(user))
 
-    def _admit(self, queue: str, arrivals: Sequence[Arrival]) -> None:
+    def admit_command(self, queue: str, pairs: Sequence[tuple[str, bytes]]) -> list[Any]:
+        """The script that moves ``(source, message)`` pairs from this intake's lists into ``queue``'s
+        fair order, each costed and weighed (arguments for ``eval``)."""
         args: list[Any] = [queue, self.ttl]
-        for a in arrivals:
+        for source, item in pairs:
+            a = self._arrival(source, item)
             processing = self.lists[self.sources.index(a.source)]
             args += [processing, a.item, a.tag, a.job_id, a.user, repr(a.cost), repr(a.weight)]
-        self.broker.eval(fair_scripts.ADMIT, len(fair_scripts.PARTS), *parts(queue), *args)  # type: ignore[no-untyped-call]
+        return [fair_scripts.ADMIT, len(fair_scripts.PARTS), *parts(queue), *args]
 
 
 # -- fetch ---------------------------------------------------------------------------------------

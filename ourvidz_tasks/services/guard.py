@@ -32,7 +32,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
 
-from ..contract import keys
+from ..contract import keys, names
 from ..contract.settings import load_settings
 from ..contract.text import as_text
 from . import fairness, fetching
@@ -391,6 +391,8 @@ class Consumer(CeleryConsumer):
         headers = getattr(message, "headers", None) or {}
         raw = body if isinstance(body, (bytes, str)) else getattr(message, "body", None)
         queue = (getattr(message, "delivery_info", None) or {}).get("routing_key")
+        if isinstance(queue, str):  # the queue its publisher sent it to, not the ready queue it came through
+            queue = names.family_of_queue(queue)
         try:
             (hooks.dead or DeadLetters(connect(self.app.conf.ourvidz_redis_url, load_settings()))).push(
                 reason, raw=raw if isinstance(raw, (bytes, str)) else None, queue=queue, task_id=headers.get("id")

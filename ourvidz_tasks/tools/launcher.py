@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..contract.devices import node_name
 from ..contract.errors import ConfigError
-from ..contract.names import ROLES
+from ..contract.names import FAMILIES, ROLES, ready_queue
 from ..contract.settings import Settings, load_settings
 from ..services.policy import load_policy
 
@@ -62,7 +62,8 @@ def worker_argv(role: str, settings: Settings, extra: list[str]) -> list[str]:
         else ["--pool", "solo", "--concurrency", "1"]
     host = node_name(role, settings.hostname or socket.gethostname(), settings.device)
     return [
-        "worker", "--queues", role, "--hostname", host, *pool, "--task-events",
+        "worker", "--queues", ready_queue(role) if settings.fair_relay and role in FAMILIES else role,
+        "--hostname", host, *pool, "--task-events",
         "--without-gossip", "--without-mingle", "--loglevel", "INFO", *extra,
     ]
 

@@ -16,8 +16,8 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 def standing(settings: Settings, job_id: str) -> dict[str, object]:
     """Where ``job_id`` stands (CONTRACT section 7), read from the broker (and the store, when apart)."""
-    broker = connect(settings.broker_url, settings)
-    store = connect(settings.redis, settings) if settings.redis != settings.broker_url else None
+    broker = connect(settings.fair_url, settings)
+    store = connect(settings.redis, settings) if settings.redis != settings.fair_url else None
     return fairness.standing(broker, job_id, present=settings.lease_seconds, store=store)
 
 
@@ -34,8 +34,9 @@ def cmd_queue(args: argparse.Namespace, settings: Settings) -> int:
         where = standing(settings, args.job_id)
         print(json.dumps(where) if args.json else describe(args.job_id, where))
         return EXIT_OK if where["state"] != "unknown" else EXIT_FAILED
-    broker = connect(settings.broker_url, settings)
-    report = {family: fairness.waiting_by_user(broker, family) for family in names.FAMILIES}
+    broker = connect(settings.fair_url, settings)
+    report = {family: fairness.waiting_by_user(broker, names.fair_queue(family, settings.fair_relay))
+              for family in names.FAMILIES}
     if args.json:
         print(json.dumps({f: {"users": users, "not_taken_in": untaken} for f, (users, untaken) in report.items()}))
         return EXIT_OK
@@ -49,7 +50,7 @@ def cmd_queue(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_tier(args: argparse.Namespace, settings: Settings) -> int:
-    broker = connect(settings.broker_url, settings)
+    broker = connect(settings.fair_url, settings)
     if args.tier is None:
         tier = broker.hget(keys.FAIR_TIERS, args.user_id)
         print(f"user {args.user_id}: tier {as_text(tier) if tier else '(none: weight 1)'}")
