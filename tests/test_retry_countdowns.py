@@ -2,8 +2,8 @@
 
 A real SDXL pool on a private broker and its own sink; the sink refuses uploads (503), so each
 attempt ends ``WORKER_UNAVAILABLE`` (retryable) and the job is published again with an ETA. The test
-reads each re-published message's ETA from the broker (Celery's ``eta`` header, in ``unacked``
-while the pool holds it) and when the next attempt's ``processing`` callback reaches the sink, and
+reads each re-published message's ETA from the broker (Celery's ``eta`` header, on the queue, then
+in ``unacked`` while the pool holds it) and when the next attempt's ``processing`` callback reaches the sink, and
 checks both against :func:`~ourvidz_tasks.runtime.lifecycle.backoff`: whole seconds, at least 1,
 at most ``ceil(2 * 2**n)`` for retry ``n``, and no attempt before its ETA.
 """
@@ -34,10 +34,13 @@ POLL = 0.01
 
 
 def _held(store: redis.Redis, job_id: str) -> dict[int, float]:
-    """``{retries: ETA}`` of the job's messages in ``unacked`` (a pool holds an ETA'd message until it is due)."""
+    """``{retries: ETA}`` of the job's messages on its queue or in ``unacked`` (a pool holds an ETA'd
+    message there until it is due)."""
     found: dict[int, float] = {}
-    for raw in store.hvals("unacked"):
-        headers = json.loads(raw)[0]["headers"]
+    with store.pipeline(transaction=True) as pipe:  # one read of both: a message moving between them is seen
+        queued, held = pipe.lrange("sdxl", 0, -1).hvals("unacked").execute()
+    for envelope in [json.loads(raw) for raw in queued] + [json.loads(raw)[0] for raw in held]:
+        headers = envelope["headers"]
         if job_id in str(headers.get("argsrepr")) and headers.get("eta"):
             found[int(headers["retries"])] = datetime.fromisoformat(headers["eta"]).timestamp()
     return found
