@@ -8,7 +8,8 @@ A real HTTP server (standard library only) for the demo and the tests:
 - ``DELETE /storage/v1/object/{bucket}/{path}``: remove (Bearer key required)
 - ``POST /functions/v1/job-callback``: checks the key and the HMAC signature,
   records the call
-- ``GET /_sink/callbacks``, ``GET /_sink/requests``: what was received
+- ``GET /_sink/callbacks``, ``GET /_sink/requests``: what was received; ``?job_id=ID``: only what
+  concerns that job (:meth:`Sink.requests_for`: its callbacks, and objects with ``ID`` as a folder)
 - ``POST /_sink/faults`` ``{"callback": 503, "storage": 503, "thumbnail": 500, "preview": 500}``:
   answer those statuses (``thumbnail``: thumbnail uploads only; ``preview``: live
   preview uploads only) until reset with ``{}`` (outage drills); ``{"callback_hang": 30}``:
@@ -35,7 +36,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 OBJECT = "/storage/v1/object/"
 PUBLIC = "/storage/v1/object/public/"
@@ -65,6 +66,12 @@ class SinkState:
         if not parts or any(p in ("", ".", "..") or "\\" in p for p in parts):
             return None
         return self.root.joinpath(*parts)
+
+
+def concerns(request: dict[str, Any], job_id: str) -> bool:
+    """Whether a recorded request is about ``job_id``: a callback whose body names it, or an object path
+    with it as a folder (``bucket/user/{job_id}/0.png``, a reference under ``refs/{job_id}/``)."""
+    return request.get("job_id") == job_id or job_id in request["path"].split("/")[:-1]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -112,14 +119,16 @@ class _Handler(BaseHTTPRequestHandler):
             )
 
     def do_GET(self) -> None:
-        path = urlsplit(self.path).path
+        parts = urlsplit(self.path)
+        path, job_id = parts.path, parse_qs(parts.query).get("job_id", [None])[0]
         self._record()
         if path == "/_sink/callbacks":
             with self.state.lock:
-                return self._json(200, self.state.callbacks)
+                calls = self.state.callbacks
+                return self._json(200, [c for c in calls if job_id is None or c["body"].get("job_id") == job_id])
         if path == "/_sink/requests":
             with self.state.lock:
-                return self._json(200, self.state.requests)
+                return self._json(200, [r for r in self.state.requests if job_id is None or concerns(r, job_id)])
         if path == "/_sink/health":
             return self._json(200, {"ok": True})
         if path.startswith(PUBLIC):
@@ -206,7 +215,12 @@ class _Handler(BaseHTTPRequestHandler):
         signature = self.headers.get("X-Callback-Signature")
         expected = "sha256=" + hmac.new(self.state.secret, body, hashlib.sha256).hexdigest() if self.state.secret else None
         signature_ok = expected is None or (signature is not None and hmac.compare_digest(signature, expected))
-        self._record()
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        job_id = parsed.get("job_id") if isinstance(parsed, dict) else None
+        self._record(job_id=job_id if isinstance(job_id, str) else None)
         if (hang := self.state.faults.get("callback_hang")) is not None:
             time.sleep(hang)  # an edge that hangs, then gives up (a gateway timeout): nothing recorded
             return self._json(504, {"error": "injected hang"})
@@ -214,9 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(status, {"error": "injected fault"})
         if not self._authorized():
             return self._json(401, {"error": "unauthorized"})
-        try:
-            parsed = json.loads(body)
-        except ValueError:
+        if parsed is None:
             return self._json(400, {"error": "not JSON"})
         with self.state.lock:
             self.state.callbacks.append(
@@ -263,6 +275,12 @@ class Sink:
     def requests(self) -> list[dict[str, Any]]:
         with self.state.lock:
             return list(self.state.requests)
+
+    def requests_for(self, job_id: str) -> list[dict[str, Any]]:
+        """The requests about one job (:func:`concerns`), in arrival order: a test sharing the session's
+        sink reads only its own job's, whatever ran before it."""
+        with self.state.lock:
+            return [r for r in self.state.requests if concerns(r, job_id)]
 
     def put(self, rel: str, data: bytes, content_type: str = "image/png") -> str:
         """Store an object directly (e.g. a reference image); return its public URL."""

@@ -3,7 +3,8 @@
 Each whitespace-separated word of the prompt is one "token"; the reply is
 ``max_tokens`` words (``finish_reason: length``), or two when the prompt says
 ``STOP`` (``stop``). A context over :data:`CONTEXT` tokens is refused with
-vLLM's 400 messages. Every request body is kept in :attr:`ChatServer.seen`.
+vLLM's 400 messages. Every request body is kept in :attr:`ChatServer.seen`. :meth:`ChatServer.down`
+and :meth:`ChatServer.up` take it away and bring it back on the same port (an outage).
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ class ChatServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+        self.handler = Handler
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.port = int(self.httpd.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def answer(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -60,10 +63,20 @@ class ChatServer:
             "usage": {"prompt_tokens": used, "completion_tokens": made, "total_tokens": used + made},
         }
 
+    def down(self) -> None:
+        """Stop serving and close the port: a client is refused, as by a server that went away."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def up(self) -> None:
+        """Serve again on the same port (after :meth:`down`), as a restarted server does."""
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), self.handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
     def __enter__(self) -> ChatServer:
         self.thread.start()
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.down()

@@ -43,7 +43,7 @@ from .support.cluster import Pools, RedisServer, WorkerProcess
 from .support.env import AMQP, BROKER, amqp_reachable
 from .support.jobs import TASK, new_id, terminal, terminal_counts, tiny_job
 from .support.process import ROOT, wait_for
-from .support.windows import Windows, once_each
+from .support.windows import once_each, restart_rig
 from .wire import publish
 
 # -- Redis restart ---------------------------------------------------------------------------------------------
@@ -97,13 +97,8 @@ def test_redis_restarts_at_job_events_lose_no_job_and_fail_none(tmp_path: Path, 
     """Redis restarts in each window of a job: after step k, between the upload and the terminal
     callback, between the callback and the ack; one job is hit by three restarts in a row (each
     used to end its attempt with "unexpected ConnectionError" until its retries ran out, ``failed``)."""
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        url = server.url(0)
-        windows = Windows(tmp_path / "windows", server)
-        env = dict(OURVIDZ_BROKER_URL=url, OURVIDZ_REDIS_URL=url, OURVIDZ_LEASE_SECONDS="2",
-                   OURVIDZ_RUNTIME_PLUGINS="tests.faults:broker_windows", OURVIDZ_TEST_WINDOWS=str(windows.folder))
-        worker = pools.start("sdxl", OURVIDZ_HOSTNAME=f"windows-sdxl-{new_id()[:6]}", **env)
+    with restart_rig(tmp_path, pools, "windows") as rig:
+        windows = rig.windows
         jobs = [tiny_job(steps=8) for _ in range(6)]
         ids = [j["id"] for j in jobs]
         windows.add(ids[1], "step", 3)
@@ -111,15 +106,12 @@ def test_redis_restarts_at_job_events_lose_no_job_and_fail_none(tmp_path: Path, 
             windows.add(ids[2], "step", k)  # the same job, three restarts
         windows.add(ids[3], "uploaded")
         windows.add(ids[4], "acked")
-        client = server.client()
         for job in jobs:
-            publish(client, TASK, job, "sdxl")
+            publish(rig.client, TASK, job, "sdxl")
         outage = windows.drive()
-        print(f"{len(windows.rules)} Redis restarts at job events ({outage:.1f}s down in all); worker alive: {worker.alive()}")
+        print(f"{len(windows.rules)} Redis restarts at job events ({outage:.1f}s down in all); worker alive: {rig.worker.alive()}")
         once_each(sink, ids, "restarts at job events")
-        assert worker.alive()
-    finally:
-        server.stop()
+        assert rig.worker.alive()
 
 
 @pytest.mark.slow
@@ -131,14 +123,8 @@ def test_redis_restarts_at_job_events_soak(tmp_path: Path, pools: Pools, sink: S
 
     budget = float(os.environ.get("OURVIDZ_SOAK_SECONDS") or 30)
     first_seed = int(os.environ.get("OURVIDZ_TEST_SEED") or random.randrange(10**6))
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        url = server.url(0)
-        windows = Windows(tmp_path / "windows", server)
-        env = dict(OURVIDZ_BROKER_URL=url, OURVIDZ_REDIS_URL=url, OURVIDZ_LEASE_SECONDS="2",
-                   OURVIDZ_RUNTIME_PLUGINS="tests.faults:broker_windows", OURVIDZ_TEST_WINDOWS=str(windows.folder))
-        worker = pools.start("sdxl", OURVIDZ_HOSTNAME=f"soak-sdxl-{new_id()[:6]}", **env)
-        client, ends, rounds = server.client(), time.monotonic() + budget, 0
+    with restart_rig(tmp_path, pools, "soak") as rig:
+        windows, client, ends, rounds = rig.windows, rig.client, time.monotonic() + budget, 0
         while rounds == 0 or time.monotonic() < ends:
             seed = first_seed + rounds
             rng, first = random.Random(seed), len(windows.rules)
@@ -154,9 +140,7 @@ def test_redis_restarts_at_job_events_soak(tmp_path: Path, pools: Pools, sink: S
             once_each(sink, ids, f"soak round {rounds} (seed {seed}: windows {plan})")
             rounds += 1
         print(f"soak: {rounds} rounds, {len(windows.rules)} restarts at job events, seeds {first_seed}..{first_seed + rounds - 1}")
-        assert worker.alive()
-    finally:
-        server.stop()
+        assert rig.worker.alive()
 
 
 @pytest.mark.slow

@@ -209,6 +209,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
 
 
 @pytest.mark.slow
+@pytest.mark.stress  # a job of a few idle-timer periods, the request standing through them
 def test_through_a_real_solo_worker(pools: dict[str, FakeRuntime], ledger: Ledger) -> None:
     queue = f"ctl-{uuid.uuid4().hex[:8]}"
     app = Celery("ctl-test", broker=BROKER, backend=BROKER, set_as_current=False)
@@ -240,10 +241,12 @@ def test_through_a_real_solo_worker(pools: dict[str, FakeRuntime], ledger: Ledge
         wait_until(lambda: chat.models["qwen_base"].model is None, 5)  # the idle timer served it
         assert ledger.holders("chat") == {"chat/qwen_instruct": 40}
 
-        result = job.delay(1.0)
+        ticks = 4  # the idle timer's periods the request stands while the job runs
+        result = job.delay(control.SERVE_INTERVAL * (ticks + 4))
         wait_until(lambda: busy_seen, 10)
         ledger.request("unload", "chat", "qwen_instruct", reason="force")
-        time.sleep(0.3)
+        time.sleep(control.SERVE_INTERVAL * ticks)  # the timer would have served it by now between jobs
+        assert not result.ready()  # (still the job: else this proves nothing)
         assert chat.models["qwen_instruct"].model is not None  # never during a job
         assert result.get(timeout=10) is True
         wait_until(lambda: chat.models["qwen_instruct"].model is None, 5)  # right after it

@@ -112,6 +112,7 @@ def test_sigkill_mid_job_restarted_under_the_same_name_finishes_once(
 
 
 @pytest.mark.slow
+@pytest.mark.stress
 def test_sigkill_mid_job_is_redelivered_and_finishes_once(isolated_broker: str, start_worker: Callable[..., WorkerProcess],
                                                          sink: Sink) -> None:
     """Two pools: the survivor's scanner hands the killed one's job back while its supervisor restarts it."""
@@ -187,6 +188,7 @@ def test_n_jobs_k_random_kills_no_loss_no_duplicates(isolated_broker: str,
 
 
 @pytest.mark.slow
+@pytest.mark.stress
 def test_poison_job_is_given_up_after_n_deliveries(isolated_broker: str, start_worker: Callable[..., WorkerProcess],
                                                    sink: Sink) -> None:
     store = redis.Redis.from_url(isolated_broker)
@@ -214,6 +216,7 @@ def test_poison_job_is_given_up_after_n_deliveries(isolated_broker: str, start_w
 
 
 @pytest.mark.slow
+@pytest.mark.stress
 def test_device_fault_exits_the_worker_and_requeues_the_job(isolated_broker: str, tmp_path,
                                                             start_worker: Callable[..., WorkerProcess],
                                                             sink: Sink) -> None:

@@ -98,7 +98,7 @@ def test_callback_retries_5xx_then_keeps_the_body(delivery: Delivery, sink: Sink
     sink.faults(callback=503)
     body = callback_body(job_id, "w", "failed", attempt=1, error={"code": "INVALID_JOB", "message": "m", "retryable": False})
     delivery.finish(body)
-    tries = [r for r in sink.requests() if r["path"] == "/functions/v1/job-callback"]
+    tries = [r for r in sink.requests_for(job_id) if r["path"] == "/functions/v1/job-callback"]
     assert len(tries) >= 3
     assert not delivery.delivered(job_id) and sink.callbacks(job_id) == []
     sink.faults()
@@ -122,6 +122,25 @@ def test_sink_rejects_bad_signature(sink: Sink) -> None:
     r = httpx.post(f"{sink.url}/functions/v1/job-callback", content=body,
                    headers={"Authorization": f"Bearer {KEY}", "X-Callback-Signature": good})
     assert r.status_code == 200
+
+
+def test_the_sink_tells_one_jobs_requests_from_the_rest(delivery: Delivery, sink: Sink) -> None:
+    """``Sink.requests_for`` and ``GET /_sink/requests?job_id=``: a job's callbacks (refused ones too) and
+    its objects, nobody else's, whatever the session's sink received before."""
+    mine, other = new_id(), new_id()
+    for job_id in (other, mine, other):
+        delivery.storage.upload(f"workspace-temp/u/{job_id}/0.png", b"x", "image/png")
+        delivery.finish(callback_body(job_id, "w", "completed", attempt=1))
+    sink.faults(callback=503)
+    delivery.processing(mine, 1, wait=True)  # refused: still one of its requests
+    sink.faults()
+    seen = sink.requests_for(mine)
+    assert [(r["method"], r["path"]) for r in seen[:2]] == [
+        ("POST", f"/storage/v1/object/workspace-temp/u/{mine}/0.png"), ("POST", "/functions/v1/job-callback")]
+    assert len(seen) == 2 + 3 and {r["path"] for r in seen[2:]} == {"/functions/v1/job-callback"}  # 3 tries
+    assert httpx.get(f"{sink.url}/_sink/requests", params={"job_id": mine}).json() == seen
+    calls = httpx.get(f"{sink.url}/_sink/callbacks", params={"job_id": mine}).json()
+    assert [c["body"]["status"] for c in calls] == ["completed"]
 
 
 def test_a_thumbnail_failure_never_fails_the_asset(delivery: Delivery, sink: Sink) -> None:

@@ -32,8 +32,7 @@ def wan_video() -> dict[str, Any]:
 
 
 def uploads_of(sink: Sink, job_id: str) -> list[dict[str, Any]]:
-    return [r for r in sink.requests() if r["path"].startswith("/storage/v1/object/workspace-temp/")
-            and f"/{job_id}/" in r["path"]]
+    return [r for r in sink.requests_for(job_id) if r["path"].startswith("/storage/v1/object/workspace-temp/")]
 
 
 @pytest.mark.slow
@@ -42,7 +41,6 @@ def test_uploads_and_callbacks_carry_their_headers(sdxl_worker: WorkerProcess, w
     """Storage: the key, ``x-upsert: true`` (a retry overwrites) and each file's Content-Type (png, webp, mp4);
     callbacks: the key, ``application/json`` and the HMAC of the exact body."""
     image, video = tiny_job(), wan_video()
-    before = len(sink.requests())  # the session's sink: earlier tests' requests are not this one's
     publish(store, "ourvidz.sdxl.generate", image, "sdxl")
     publish(store, "ourvidz.wan.generate", video, "wan")
     assert terminal(sink, image["id"], 180)["status"] == "completed"
@@ -62,8 +60,9 @@ def test_uploads_and_callbacks_carry_their_headers(sdxl_worker: WorkerProcess, w
         calls = sink.callbacks(job["id"])
         assert calls and all(c["content_type"] == "application/json" and c["signature_ok"] for c in calls)
         assert all(c["signature"].startswith("sha256=") for c in calls)
-    posts = [r for r in sink.requests()[before:] if r["path"] == "/functions/v1/job-callback"]
-    assert all(r["authorized"] and r["headers"].get("Content-Type") == "application/json" for r in posts)
+    # the session's sink: only this test's jobs' requests
+    posts = [r for job in (image, video) for r in sink.requests_for(job["id"]) if r["path"] == "/functions/v1/job-callback"]
+    assert posts and all(r["authorized"] and r["headers"].get("Content-Type") == "application/json" for r in posts)
 
 
 def _own_pool(tmp_path: Path, sink: Sink, broker: str, *, drop: tuple[str, ...] = (), **extra: str) -> WorkerProcess:

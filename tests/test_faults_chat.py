@@ -45,6 +45,7 @@ def crash(worker: WorkerProcess, what: str) -> None:
     assert "device fault" in worker.text()
 
 
+@pytest.mark.stress
 def test_chat_and_enhance_survive_oom_and_device_faults(isolated_broker: str, tmp_path: Path, client: Celery,
                                                         start_worker: Callable[..., WorkerProcess]) -> None:
     rules = tmp_path / "rules.json"

@@ -123,6 +123,7 @@ def test_sdxl_steps_down_through_every_remedy(isolated_broker: str, tmp_path: Pa
     assert worker.alive()
 
 
+@pytest.mark.stress
 def test_wan_remedies_and_device_faults(isolated_broker: str, tmp_path: Path, sink: Sink,
                                         start_worker: Callable[..., WorkerProcess]) -> None:
     store, rules = redis.Redis.from_url(isolated_broker), tmp_path / "rules.json"

@@ -43,6 +43,7 @@ def _in_flight(server: RedisServer) -> dict[str, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.stress
 def test_connection_cut_between_fetch_and_unacked_record_loses_no_job(tmp_path: Path, pools: Pools,
                                                                       sink: Sink) -> None:
     server = RedisServer(tmp_path / "redis").start()
@@ -67,6 +68,7 @@ def test_connection_cut_between_fetch_and_unacked_record_loses_no_job(tmp_path: 
 
 
 @pytest.mark.slow
+@pytest.mark.stress
 def test_worker_killed_between_fetch_and_unacked_record_loses_no_job(tmp_path: Path, pools: Pools,
                                                                      sink: Sink) -> None:
     """The popping process dies holding the message: no memory of it survives, the broker must."""

@@ -87,6 +87,7 @@ def test_cuda_index_in_a_container_that_sees_one_card() -> None:
         local_cuda_index(2, {"NVIDIA_VISIBLE_DEVICES": "1"})
 
 
+@pytest.mark.stress
 def test_each_device_has_its_own_ledger_and_a_squeeze_stays_on_its_device(store: redis.Redis) -> None:
     """Two spellings of one device meet in one ledger; a full ``cpu:1`` never holds up ``cpu:0``."""
     from ourvidz_tasks.models import resolve_device
@@ -172,6 +173,7 @@ def pool_env(host: str, device: str, **extra: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.stress
 def test_two_devices_on_one_host_share_the_work_and_keep_their_memory_apart(
         isolated_broker: str, pools: Callable[..., list[WorkerProcess]], sink: Sink) -> None:
     """``cpu:0`` and ``cpu:1`` on one host name: one queue, two ledgers; while ``cpu:1`` has no memory
@@ -228,6 +230,7 @@ def test_two_devices_on_one_host_share_the_work_and_keep_their_memory_apart(
 
 
 @pytest.mark.slow
+@pytest.mark.stress
 def test_a_lost_host_is_covered_by_another_and_comes_back_without_a_reset(
         isolated_broker: str, pools: Callable[..., list[WorkerProcess]], sink: Sink) -> None:
     """Host A (two devices) and host B on one broker. Every process of A is SIGKILLed mid-job and not

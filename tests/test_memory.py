@@ -82,13 +82,14 @@ def test_reserve_release_and_status(make: MakeLedger) -> None:
     assert ledger.counters()["grants"] == 1 and ledger.counters()["releases"] == 1
 
 
+@pytest.mark.stress
 def test_timeout_is_worker_unavailable(make: MakeLedger) -> None:
     ledger = make(100)
     ledger.reserve("sdxl", "sdxl", 80, timeout=1)
-    started = time.monotonic()
+    started, timeout = time.monotonic(), 0.3
     with pytest.raises(WorkerUnavailable) as info:
-        ledger.reserve("wan", "wan", 30, timeout=0.3)
-    assert 0.3 <= time.monotonic() - started < 2
+        ledger.reserve("wan", "wan", 30, timeout=timeout)
+    assert timeout <= time.monotonic() - started < timeout + 2  # given up at its timeout, not later
     assert info.value.retryable and info.value.code == "WORKER_UNAVAILABLE"
     assert "30 MB for wan" in str(info.value)
     st = ledger.status()
@@ -110,9 +111,11 @@ def test_fifo_small_request_does_not_overtake(make: MakeLedger) -> None:
     holder = ledger.reserve("sdxl", "sdxl", 60, timeout=1)
     big, big_out = in_thread(lambda: ledger.reserve("wan", "wan", 50, timeout=10))
     wait_until(lambda: ledger.status()["pending_waiters"] == 1)
-    small, small_out = in_thread(lambda: ledger.reserve("chat", "qwen_instruct", 30, timeout=10))
+    polls: list[int] = []
+    small, small_out = in_thread(lambda: ledger.reserve("chat", "qwen_instruct", 30, timeout=10,
+                                                        on_wait=lambda w: polls.append(w.position)))
     wait_until(lambda: ledger.status()["pending_waiters"] == 2)
-    time.sleep(0.3)  # 30 MB would fit now, but the 50 MB waiter is first
+    wait_until(lambda: len(polls) >= 5)  # 30 MB would fit now, but it polled 5 times behind the 50 MB waiter
     assert "value" not in small_out
     assert [w["pool"] for w in ledger.status()["waiters"]] == ["wan", "chat"]
     holder.release()
@@ -189,10 +192,12 @@ def test_refreshed_lease_survives_and_stalled_one_is_reinstated(make: MakeLedger
     assert ledger.holders() == {"sdxl/sdxl": 60} and ledger.counters()["reinstated"] == 1
 
 
+@pytest.mark.stress
 def test_heartbeat_reports_a_slot_taken_by_another_holder(make: MakeLedger) -> None:
-    ledger = make(100, lease_seconds=0.2)
+    lease = 0.2
+    ledger = make(100, lease_seconds=lease)
     old = ledger.reserve("wan", "wan", 40, timeout=1)
-    time.sleep(0.3)
+    wait_for(lambda: ledger.holders() == {}, 50 * lease, interval=lease / 4)  # its lease lapsed: reclaimed
     new = ledger.reserve("wan", "wan", 40, timeout=1)  # a restarted worker, same pool and model
     lost: list[Reservation] = []
     beat = Heartbeat(10, on_lost=lost.append)
@@ -205,6 +210,7 @@ def test_heartbeat_reports_a_slot_taken_by_another_holder(make: MakeLedger) -> N
     assert beat._held == set()
 
 
+@pytest.mark.stress  # waiters that give up after 0.5 s: their requests must be seen before
 def test_eviction_goes_to_least_needed_idle_holder(make: MakeLedger) -> None:
     depths = {"sdxl": 0, "chat": 0, "wan": 0}
     ledger = make(100, queue_depth=depths.__getitem__)
@@ -230,6 +236,7 @@ def test_eviction_goes_to_least_needed_idle_holder(make: MakeLedger) -> None:
     waiter.join(5)
 
 
+@pytest.mark.stress  # a waiter of 0.4 s must poll at least once
 def test_eviction_never_asks_a_busy_holder(make: MakeLedger) -> None:
     ledger = make(100)
     sdxl = ledger.reserve("sdxl", "sdxl", 40, timeout=1)
@@ -254,6 +261,7 @@ def test_eviction_never_asks_a_busy_holder(make: MakeLedger) -> None:
     assert ledger.counters()["switches"] == 1
 
 
+@pytest.mark.stress  # patience 0.5 s against waiters of 0.5 and 1.5 s
 def test_longest_idle_first_and_needed_holders_only_after_patience(make: MakeLedger) -> None:
     depths = {"sdxl": 0, "chat": 0, "wan": 0}
     ledger = make(100, queue_depth=depths.__getitem__, patience=0.5)
@@ -313,11 +321,12 @@ def test_want_asks_only_unneeded_idle_holders(make: MakeLedger) -> None:
     depths["chat"] = 1
     assert ledger.want("wan", "wan", 50) == []  # needed now: the prediction is withdrawn
     depths["chat"] = 0
-    reqs = ledger.want("wan", "wan", 50, ttl=0.3)
+    ttl, wanted = 0.3, time.monotonic()
+    reqs = ledger.want("wan", "wan", 50, ttl=ttl)
     assert [(r.pool, r.reason, r.for_pool) for r in reqs] == [("chat", "predict", "wan")]
     assert ledger.status()["wants"] == {"wan/wan": 50}
-    time.sleep(0.4)
-    assert ledger.requests() == [] and ledger.status()["wants"] == {}  # the want expired
+    wait_for(lambda: ledger.requests() == [] and ledger.status()["wants"] == {}, 50 * ttl, interval=ttl / 4)
+    assert time.monotonic() - wanted >= ttl  # the want expired, not before its ttl
 
 
 def test_control_requests(make: MakeLedger) -> None:

@@ -107,6 +107,7 @@ def test_a_crash_loop_backs_off_then_gives_up() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.stress
 def test_a_pool_killed_mid_job_comes_back_under_its_name_and_the_job_ends_once(
         pod_env: dict[str, str], sink: Sink, tmp_path: Path) -> None:
     gate = Path(pod_env[GATE_ENV])

@@ -90,7 +90,7 @@ def test_failing_preview_uploads_leave_the_job_completed(
     assert body["status"] == "completed", body
     assert previews(sink, payload["id"]) == []  # a preview that was not stored is never announced
     assert sink.versions(f"workspace-temp/user_123/{payload['id']}/preview.webp") == []
-    tried = [r for r in sink.requests() if r["path"].endswith(f"{payload['id']}/preview.webp")]
+    tried = [r for r in sink.requests_for(payload["id"]) if r["path"].endswith("/preview.webp")]
     assert tried and len(final_bytes(sink, body)) > 0
     assert f"job {payload['id']}: preview 1 not stored (DeliveryError)" in sdxl_worker.text()
 

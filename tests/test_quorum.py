@@ -130,6 +130,7 @@ def vhost() -> Iterator[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.stress
 def test_quorum_queues_without_global_qos_and_native_delayed_retries(vhost: str, pools: Pools, sink: Sink,
                                                                       tmp_path: Path) -> None:
     rules = tmp_path / "rules.json"
@@ -194,6 +195,7 @@ def test_quorum_queues_without_global_qos_and_native_delayed_retries(vhost: str,
 
 
 @pytest.mark.slow
+@pytest.mark.stress
 def test_quorum_poison_job_ends_with_the_guards_failed_callback(vhost: str, pools: Pools, sink: Sink) -> None:
     """The guard gives up after ``MAX_DELIVERIES``, before the queue's delivery limit drops the message."""
     job = tiny_job(prompt=f"a {MARKER} prompt")

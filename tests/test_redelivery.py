@@ -20,17 +20,11 @@ from ourvidz_tasks.contract import keys
 from ourvidz_tasks.contract.text import as_text
 
 from .support.cluster import Pools, WorkerProcess
-from .support.jobs import TASK, new_id, terminal, terminal_counts, tiny_job
+from .support.jobs import new_id, terminal, terminal_counts
 from .support.process import wait_for
-from .support.windows import Windows, starts, uploads
-from .wire import publish
+from .support.windows import held_job, starts, uploads
 
 LEASE = 2.0
-
-
-def _env(broker: str, windows: Windows) -> dict[str, str]:
-    return dict(OURVIDZ_BROKER_URL=broker, OURVIDZ_LEASE_SECONDS=f"{LEASE:g}",
-                OURVIDZ_RUNTIME_PLUGINS="tests.faults:broker_windows", OURVIDZ_TEST_WINDOWS=str(windows.folder))
 
 
 def _alive_key(store: redis.Redis, worker: WorkerProcess) -> str | None:
@@ -72,19 +66,13 @@ def test_a_stalled_worker_keeps_its_job_and_its_poison_count(isolated_broker: st
     """A worker SIGSTOPped mid-job longer than its lease (what a full ``gc.collect`` under load 10
     does to its heartbeat thread) is alive: another pool's scanner must not requeue its job."""
     store = redis.Redis.from_url(isolated_broker)
-    windows = Windows(tmp_path / "windows")
-    tag = new_id()[:6]
-    stalled = pools.start("sdxl", OURVIDZ_HOSTNAME=f"stall-a-{tag}", **_env(isolated_broker, windows))
-    job = tiny_job(steps=6)
-    windows.add(job["id"], "step", 2)
-    publish(store, TASK, job, "sdxl")
-    windows.wait_hit(0)  # the stalled pool holds the job after its step 2
-    scanner = pools.start("sdxl", OURVIDZ_HOSTNAME=f"stall-b-{tag}", **_env(isolated_broker, windows))
+    held = held_job(pools, isolated_broker, tmp_path / "windows", "stall", LEASE)  # held after its step 2
+    stalled, scanner, job = held.holder, held.other, held.job
     assert stalled.proc is not None
     heartbeat = wait_for(lambda: _alive_key(store, stalled), 30, what="the stalled pool's heartbeat")
     os.killpg(stalled.proc.pid, signal.SIGSTOP)
     try:
-        windows.release(0)  # it goes on only once continued
+        held.windows.release(0)  # it goes on only once continued
         wait_for(lambda: not store.exists(heartbeat), 10 * LEASE, interval=0.05, what="the lease to lapse")
         # the other pool's scanner runs three times with the stalled owner's heartbeat gone
         _refreshes(store, wait_for(lambda: _alive_key(store, scanner), 30, what="the scanner's heartbeat"), 3)
@@ -104,23 +92,17 @@ def test_a_live_jobs_message_restored_by_kombu_does_not_start_again(isolated_bro
     from kombu import Connection
 
     store = redis.Redis.from_url(isolated_broker)
-    windows = Windows(tmp_path / "windows")
-    tag = new_id()[:6]
-    runner = pools.start("sdxl", OURVIDZ_HOSTNAME=f"restore-a-{tag}", **_env(isolated_broker, windows))
-    job = tiny_job(steps=6)
-    windows.add(job["id"], "step", 2)
-    task_id = publish(store, TASK, job, "sdxl")
-    windows.wait_hit(0)
-    other = pools.start("sdxl", OURVIDZ_HOSTNAME=f"restore-b-{tag}", **_env(isolated_broker, windows))
-    held = [as_text(t) for t in store.hkeys("unacked")]
-    assert len(held) == 1, held
+    held = held_job(pools, isolated_broker, tmp_path / "windows", "restore", LEASE)  # held after its step 2
+    runner, other, job = held.holder, held.other, held.job
+    tags = [as_text(t) for t in store.hkeys("unacked")]
+    assert len(tags) == 1, tags
     with Connection(isolated_broker) as conn:
-        conn.default_channel.qos.restore_by_tag(held[0], leftmost=True)  # what a reconnect does
-    received = f"generate[{task_id}] received"
+        conn.default_channel.qos.restore_by_tag(tags[0], leftmost=True)  # what a reconnect does
+    received = f"generate[{held.task_id}] received"
     wait_for(lambda: received in other.text(), 60, what="the other pool to receive the restored copy")
     # it either lets the copy go (and it comes back later) or starts the job a second time
     wait_for(lambda: "comes back in" in other.text() or starts(sink, job["id"]) > 1, 60, what="the copy handled")
-    windows.release(0)
+    held.windows.release(0)
     _once(sink, store, job["id"], "1 job, its message restored by kombu while it ran")
     # the copy comes back once the job ended, finds its terminal record and is dropped
     wait_for(lambda: "already ended" in runner.text() + other.text(), 60, what="the copy to come back and be dropped")

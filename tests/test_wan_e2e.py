@@ -23,12 +23,15 @@ from .support.jobs import new_id, terminal
 from .wire import publish
 
 MODES = ("none", "single", "start", "end", "both")
+#: where the workers fetch the references from
+REFS = "/storage/v1/object/public/refs/wan/"
 
 
-def ref(sink: Sink, name: str, colour: tuple[int, int, int]) -> str:
+def ref(sink: Sink, name: str, colour: tuple[int, int, int], folder: str = "shared") -> str:
+    """A reference image on the sink, under ``refs/wan/{folder}/`` (a job's id: its fetches are its own)."""
     buffer = io.BytesIO()
     Image.new("RGB", (96, 80), colour).save(buffer, "PNG")
-    return sink.put(f"refs/wan/{name}.png", buffer.getvalue())
+    return sink.put(f"refs/wan/{folder}/{name}.png", buffer.getvalue())
 
 
 def wan_job(kind: str = "video_fast", **config: Any) -> dict[str, Any]:
@@ -62,9 +65,9 @@ def video_frames(data: bytes) -> tuple[int, int, int, np.ndarray]:
             int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), np.stack(frames)
 
 
-def mode_config(sink: Sink, mode: str) -> dict[str, Any]:
-    urls = {"image": ref(sink, "single", (250, 40, 40)), "first_frame": ref(sink, "first", (40, 250, 40)),
-            "last_frame": ref(sink, "last", (40, 40, 250))}
+def mode_config(sink: Sink, mode: str, folder: str = "shared") -> dict[str, Any]:
+    urls = {"image": ref(sink, "single", (250, 40, 40), folder), "first_frame": ref(sink, "first", (40, 250, 40), folder),
+            "last_frame": ref(sink, "last", (40, 40, 250), folder)}
     keys = {"none": (), "single": ("image",), "start": ("first_frame",), "end": ("last_frame",),
             "both": ("first_frame", "last_frame")}[mode]
     return {"reference_mode": mode, **{k: urls[k] for k in keys}}
@@ -79,8 +82,8 @@ GENERATED = [(mode, kind) for kind in ("video_fast", "image_fast") for mode in M
 @pytest.mark.parametrize(("mode", "kind"), GENERATED)
 def test_every_mode_for_images_and_videos(mode: str, kind: str, wan_worker: WorkerProcess, store: redis.Redis,
                                           sink: Sink) -> None:
-    before = len(sink.requests())
-    payload = wan_job(kind, **mode_config(sink, mode))
+    job_id = new_id()  # its references under refs/wan/{job_id}/: the sink tells its fetches from the session's
+    payload = {**wan_job(kind, **mode_config(sink, mode, job_id)), "id": job_id}
     body = run(store, sink, payload)
     assert body["status"] == "completed", body
     assert [c["body"]["status"] for c in sink.callbacks(payload["id"])].count("completed") == 1
@@ -100,7 +103,7 @@ def test_every_mode_for_images_and_videos(mode: str, kind: str, wan_worker: Work
         assert asset["type"] == "image" and asset["url"].endswith("/0.png")
         assert Image.open(io.BytesIO(download(sink, asset["url"]))).size == (64, 64)
         assert body["metadata"]["frame_num"] == 1
-    fetched = [r["path"] for r in sink.requests()[before:] if r["path"].startswith("/storage/v1/object/public/refs/wan/")]
+    fetched = [r["path"] for r in sink.requests_for(job_id) if r["path"].startswith(REFS)]
     expected = {"none": 0, "single": 1, "start": 1, "end": 1, "both": 2}[mode]
     assert len(fetched) == expected
 
@@ -108,13 +111,13 @@ def test_every_mode_for_images_and_videos(mode: str, kind: str, wan_worker: Work
 @pytest.mark.slow
 def test_both_references_for_one_image_is_invalid_before_any_fetch(wan_worker: WorkerProcess, store: redis.Redis,
                                                                    sink: Sink) -> None:
-    before = len(sink.requests())
-    payload = wan_job("image_fast", **mode_config(sink, "both"))
+    job_id = new_id()
+    payload = {**wan_job("image_fast", **mode_config(sink, "both", job_id)), "id": job_id}
     body = run(store, sink, payload)
     assert body["status"] == "failed" and body["error"]["code"] == "INVALID_JOB", body
     assert "config.reference_mode" in body["error"]["message"] and body["error"]["retryable"] is False
-    assert not [r for r in sink.requests()[before:] if r["path"].startswith("/storage/v1/object/public/refs/wan/")]
-    assert not [r for r in sink.requests()[before:] if r["path"].startswith("/storage/v1/object/workspace-temp/")]
+    assert not [r for r in sink.requests_for(job_id) if r["path"].startswith(REFS)]
+    assert not [r for r in sink.requests_for(job_id) if r["path"].startswith("/storage/v1/object/workspace-temp/")]
 
 
 def png_of(sink: Sink, body: dict[str, Any]) -> np.ndarray:

@@ -3,20 +3,29 @@ the sink saw of each job: start callbacks, terminal callbacks, uploads."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from devtools.sink import PREVIEW
 
-from .cluster import RedisServer
-from .jobs import terminal, terminal_counts
+from ..wire import publish
+from .cluster import Pools, RedisServer, WorkerProcess
+from .jobs import TASK, new_id, terminal, terminal_counts, tiny_job
 from .process import wait_for
 
 if TYPE_CHECKING:
     from devtools.sink import Sink
+
+#: the plug-in that holds a worker in the windows of :class:`Windows`
+PLUGIN = "tests.faults:broker_windows"
 
 
 class Windows:
@@ -62,10 +71,65 @@ class Windows:
         return total
 
 
+def windowed_env(broker: str, windows: Windows, lease: float) -> dict[str, str]:
+    """A pool's env on ``broker`` (``lease`` s heartbeats), held in ``windows`` by the plug-in."""
+    return dict(OURVIDZ_BROKER_URL=broker, OURVIDZ_LEASE_SECONDS=f"{lease:g}", OURVIDZ_RUNTIME_PLUGINS=PLUGIN,
+                OURVIDZ_TEST_WINDOWS=str(windows.folder))
+
+
+@dataclass
+class RestartRig:
+    """A private Redis (broker, result backend and bookkeeping of one SDXL pool) that the test restarts
+    in :attr:`windows`; the pool runs with the windows plug-in."""
+
+    server: RedisServer
+    windows: Windows
+    worker: WorkerProcess
+    client: redis.Redis
+
+
+@contextlib.contextmanager
+def restart_rig(folder: Path, pools: Pools, name: str, lease: float = 2.0) -> Iterator[RestartRig]:
+    """:class:`RestartRig` under ``folder``, its pool named ``{name}-sdxl-<tag>``; the Redis stopped at exit."""
+    server = RedisServer(folder / "redis").start()
+    try:
+        url = server.url(0)
+        windows = Windows(folder / "windows", server)
+        env = windowed_env(url, windows, lease)
+        worker = pools.start("sdxl", OURVIDZ_HOSTNAME=f"{name}-sdxl-{new_id()[:6]}", OURVIDZ_REDIS_URL=url, **env)
+        yield RestartRig(server, windows, worker, server.client())
+    finally:
+        server.stop()
+
+
+@dataclass
+class HeldJob:
+    """A job that :attr:`holder` runs and stands in, after a step, until ``windows.release(0)``;
+    :attr:`other` is a second pool on the same broker, started once the job was held."""
+
+    windows: Windows
+    holder: WorkerProcess
+    other: WorkerProcess
+    job: dict[str, Any]
+    task_id: str
+
+
+def held_job(pools: Pools, broker: str, folder: Path, name: str, lease: float, step: int = 2) -> HeldJob:
+    """Publish a 6-step job to a pool held after its step ``step``, then start a second pool (``{name}-a/-b-<tag>``)."""
+    store, windows, tag = redis.Redis.from_url(broker), Windows(folder), new_id()[:6]
+    holder = pools.start("sdxl", OURVIDZ_HOSTNAME=f"{name}-a-{tag}", **windowed_env(broker, windows, lease))
+    job = tiny_job(steps=6)
+    windows.add(job["id"], "step", step)
+    task_id = publish(store, TASK, job, "sdxl")
+    windows.wait_hit(0)  # the holder stands after the step until released
+    other = pools.start("sdxl", OURVIDZ_HOSTNAME=f"{name}-b-{tag}", **windowed_env(broker, windows, lease))
+    return HeldJob(windows, holder, other, job, task_id)
+
+
 def uploads(sink: Sink, job_id: str) -> int:
     """The job's files stored (its live previews, overwritten as it runs, are not its files)."""
-    return sum(1 for r in sink.requests() if r["method"] == "POST" and r["path"].startswith("/storage/v1/object/")
-               and f"/{job_id}/" in r["path"] and not r["path"].endswith(PREVIEW))
+    return sum(1 for r in sink.requests_for(job_id) if r["method"] == "POST"
+               and r["path"].startswith("/storage/v1/object/") and not r["path"].endswith(PREVIEW))
 
 
 def starts(sink: Sink, job_id: str) -> int:
