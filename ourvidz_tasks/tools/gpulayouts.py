@@ -119,8 +119,8 @@ def _sdxl_full(dest: Path, device: torch.device) -> None:
     from .sdxl_layout import original_layout
 
     config = dest / "config"
-    parts = {name: build_real(f"sdxl_{name}.json", torch.float16, device)
-             for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    parts: dict[str, Any] = {name: build_real(f"sdxl_{name}.json", torch.float16, device)
+                             for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
     write_tiny_tokenizer(config / "tokenizer", pad_token="<|endoftext|>")
     write_tiny_tokenizer(config / "tokenizer_2", pad_token="!")  # as SDXL's tokenizer_2
     scheduler: Any = EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
@@ -130,11 +130,11 @@ def _sdxl_full(dest: Path, device: torch.device) -> None:
         add_watermarker=False)
     pipe.save_config(config)  # model_index.json
     for name in ("unet", "vae"):
-        parts[name].save_config(config / name)  # type: ignore[operator]
+        parts[name].save_config(config / name)
     for name in ("text_encoder", "text_encoder_2"):
-        parts[name].config.save_pretrained(config / name)  # type: ignore[operator, union-attr]
+        parts[name].config.save_pretrained(config / name)
     scheduler.save_config(config / "scheduler")
-    configs = {name: dict(parts[name].config) for name in ("unet", "vae")}  # type: ignore[call-overload]
+    configs = {name: dict(parts[name].config) for name in ("unet", "vae")}
     state = {name: {k: v.to("cpu") for k, v in module.state_dict().items()} for name, module in parts.items()}
     del parts, pipe
     save_file(original_layout(state["unet"], configs["unet"], state["vae"], configs["vae"],
