@@ -13,6 +13,7 @@ table for ``bench/RESULTS.md`` (:func:`write_results_md`).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -109,6 +110,8 @@ def run_service(device: torch.device, *, models_dir: Path, seconds: float, real:
         "disk_needed_full_gib_total": round(sum(full.values()) / GIB, 2),
     }
     check_space(models_dir, real)
+    if shutil.which("redis-server") is None:
+        raise SystemExit("gpu-check service: needs redis-server (apt-get install redis-server); nothing was started")
     started = time.monotonic()
     models = write_models(models_dir, real, device)
     out["write_s"] = round(time.monotonic() - started, 1)
