@@ -63,10 +63,10 @@ def diffusers_steps() -> Any:
     """``count(schedule, strength)``: the timesteps SDXL img2img runs, computed by diffusers."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 
-    from ourvidz_tasks.models.tiny.sdxl import _SCHEDULER_CONFIG
+    from ourvidz_tasks.models.tiny.sdxl import SCHEDULER_CONFIG
 
     class Holder:
-        scheduler = EulerDiscreteScheduler.from_config(_SCHEDULER_CONFIG)
+        scheduler = EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
 
     holder = Holder()
 
@@ -176,10 +176,10 @@ def test_img2img_steps_run_is_int_steps_times_denoise_at_least_one(diffusers_ste
 def test_img2img_modify_mode_runs_the_steps_it_reports(schedule: int, denoise: float) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
 
-    from ourvidz_tasks.models.tiny.sdxl import _SCHEDULER_CONFIG
+    from ourvidz_tasks.models.tiny.sdxl import SCHEDULER_CONFIG
 
     class Holder:
-        scheduler = EulerDiscreteScheduler.from_config(_SCHEDULER_CONFIG)
+        scheduler = EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
 
     strength, run, raised = img2img_steps(schedule, denoise)
     assert run >= 1 and raised == (int(schedule * denoise) < 1)

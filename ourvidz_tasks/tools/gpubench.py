@@ -137,13 +137,15 @@ def scaled_init(module: torch.nn.Module, gain: float = 0.5) -> None:
                     bias.zero_()
 
 
-def build_real(config: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """The module of a committed config, random weights, built straight on ``device`` in ``dtype``."""
+def build_real(config: str, dtype: torch.dtype, device: torch.device,
+               overrides: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The module of a committed config (``overrides`` replacing some of its keys), random weights,
+    built straight on ``device`` in ``dtype``."""
     import torch
 
     from ourvidz_tasks.models.sizes import class_of, read_config
 
-    cls_name, cfg = class_of(config), read_config(config)
+    cls_name, cfg = class_of(config), {**read_config(config), **(overrides or {})}
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

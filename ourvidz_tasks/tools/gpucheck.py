@@ -13,6 +13,10 @@ initialisation, so half precision stays finite). Sections:
 * ``oom``: a real out-of-memory under a memory cap
   (``set_per_process_memory_fraction``), driven through the workers' own
   step-down path (:func:`~ourvidz_tasks.runtime.faults.step_down`).
+* ``service`` (``--service``; not in the default set): the service itself, rehearsed
+  (:mod:`ourvidz_tasks.tools.gpuservice`): random weights in the loaders' on-disk layouts,
+  Redis, the local sink and the real ``bin/worker sdxl|chat|wan`` on this device under a
+  mixed workload; it needs the worker stack and a checkout (``devtools/sink.py``).
 
 Each shape reports it/s or tok/s, peak reserved memory beside the
 ledger's first estimate for the same shape (:mod:`~ourvidz_tasks.models.memplan`),
@@ -34,6 +38,7 @@ import os
 import re
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,11 +49,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class Report:
-    """The JSON file, rewritten after every section (atomic rename)."""
+    """The JSON file, rewritten after every section (atomic rename); the sections an earlier run
+    on the same card wrote are kept (``bin/gpu-check`` then ``bin/gpu-check --service``)."""
 
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.path = path
-        self.data: dict[str, Any] = {**header, "sections": {}}
+        kept: dict[str, Any] = {}
+        try:
+            earlier = json.loads(path.read_text())
+            if earlier.get("card") == header.get("card"):
+                kept = dict(earlier.get("sections") or {})
+        except (OSError, ValueError, AttributeError):
+            pass
+        self.data: dict[str, Any] = {**header, "sections": kept}
         self.write()
 
     def add(self, name: str, result: dict[str, Any]) -> None:
@@ -79,8 +92,20 @@ def default_out(card: str) -> Path:
     return folder / f"gpu-{slug}.json"
 
 
+@dataclass(frozen=True)
+class ServiceOptions:
+    """The service section's: where the models go, for how long, at which size, where its table goes."""
+
+    models_dir: Path | None = None
+    minutes: float | None = None
+    size: str | None = None  # "full" or "tiny"; default: full on CUDA, tiny on CPU
+    results_md: Path | None = None
+    work_dir: Path | None = None
+
+
 def run(out: Path | None = None, *, device_name: str | None = None,
-        sections: tuple[str, ...] = ("sdxl", "oom", "wan", "qwen")) -> dict[str, Any]:
+        sections: tuple[str, ...] = ("sdxl", "oom", "wan", "qwen"),
+        service: ServiceOptions | None = None) -> dict[str, Any]:
     """Run the sections; returns the report (also written to ``out`` after each section)."""
     import diffusers
     import torch
@@ -117,6 +142,8 @@ def run(out: Path | None = None, *, device_name: str | None = None,
                 result = wan_section(plan, device)
             elif name == "qwen":
                 result = qwen_section(plan, device)
+            elif name == "service":
+                result = service_section(device, card, service or ServiceOptions())
             else:
                 raise ValueError(f"unknown section {name!r}")
         except Exception as exc:  # a section that fails is reported; the others still run
@@ -133,17 +160,58 @@ def run(out: Path | None = None, *, device_name: str | None = None,
     return report.data
 
 
+def service_section(device: torch.device, card: str, options: ServiceOptions) -> dict[str, Any]:
+    """The service rehearsal (:mod:`ourvidz_tasks.tools.gpuservice`); on a card its table also goes
+    into ``bench/RESULTS.md`` (elsewhere only into ``options.results_md`` when given)."""
+    import tempfile
+
+    from .gpuservice import render_table, run_service, write_results_md
+
+    real = (options.size or ("full" if device.type == "cuda" else "tiny")) == "full"
+    size = "full" if real else "tiny"
+    models_dir = options.models_dir or Path(os.environ.get("OURVIDZ_GPUCHECK_MODELS")
+                                            or Path.home() / ".cache" / "ourvidz-gpucheck")
+    minutes = options.minutes if options.minutes is not None else (8.0 if real else 1.0)
+    work = options.work_dir or Path(tempfile.mkdtemp(prefix="ourvidz-gpucheck-service-"))
+    print(f"gpu-check service: {size} models under {models_dir / size}, {minutes:g} min of workload, "
+          f"logs in {work}", flush=True)
+    result = run_service(device, models_dir=models_dir / size, seconds=minutes * 60, real=real, work=work)
+    result["logs"] = str(work)
+    s = result.get("summary") or {}
+    wrong = {k: s.get(k) for k in ("not_ended", "ended_more_than_once", "oom_count", "failed") if s.get(k)}
+    if wrong or not s.get("jobs"):
+        result["error"] = f"service rehearsal: {wrong or 'no job ran'} (logs in {work})"
+    target = options.results_md or (ROOT / "bench" / "RESULTS.md" if device.type == "cuda" else None)
+    if target is not None:
+        write_results_md(target, card, render_table(card, result))
+        result["results_md"] = str(target)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bin/gpu-check", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, help="the JSON to write (default bench/results/gpu-<card>.json)")
     parser.add_argument("--device", help="cuda:N or cpu (default: the first GPU, else CPU)")
-    parser.add_argument("--sections", default="sdxl,oom,wan,qwen", help="comma-separated subset")
+    parser.add_argument("--sections", default="sdxl,oom,wan,qwen", help="comma-separated subset (or 'service')")
+    parser.add_argument("--service", action="store_true",
+                        help="run only the service rehearsal (the 'service' section)")
+    parser.add_argument("--models-dir", type=Path,
+                        help="where the service's model folders are written once and reused "
+                             "(default $OURVIDZ_GPUCHECK_MODELS, else ~/.cache/ourvidz-gpucheck)")
+    parser.add_argument("--minutes", type=float, help="service workload time (default 8 on a card, 1 tiny)")
+    parser.add_argument("--size", choices=("full", "tiny"), help="service model size (default: full on CUDA)")
+    parser.add_argument("--results-md", type=Path,
+                        help="the Markdown file the service's table goes into (default bench/RESULTS.md on a card)")
+    parser.add_argument("--work-dir", type=Path, help="the service's logs and sink objects (default: a temp folder)")
     args = parser.parse_args(argv)
-    data = run(args.out, device_name=args.device, sections=tuple(s for s in args.sections.split(",") if s))
-    failed = [name for name, section in data["sections"].items() if "error" in section]
-    print(json.dumps({name: {k: v for k, v in s.items() if k != "trace"} for name, s in data["sections"].items()},
-                     indent=1, default=str))
-    print(f"gpu-check: {data['card']}: {len(data['sections']) - len(failed)} section(s) ok"
+    sections = ("service",) if args.service else tuple(s for s in args.sections.split(",") if s)
+    options = ServiceOptions(args.models_dir, args.minutes, args.size, args.results_md, args.work_dir)
+    data = run(args.out, device_name=args.device, sections=sections, service=options)
+    failed = [name for name, section in data["sections"].items() if name in sections and "error" in section]
+    shown = {name: {k: v for k, v in s.items() if k not in ("trace", "jobs", "memory")}
+             for name, s in data["sections"].items() if name in sections}
+    print(json.dumps(shown, indent=1, default=str))
+    print(f"gpu-check: {data['card']}: {len(sections) - len(failed)} section(s) ok"
           + (f", failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

@@ -63,9 +63,9 @@ def build_tiny(dest: Path, name: QwenName) -> None:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _build_tokenizer(eos=IM_END if instruct else ENDOFTEXT)
+    tokenizer = build_tokenizer(eos=IM_END if instruct else ENDOFTEXT)
     tokenizer.save_pretrained(dest)
-    endoftext, im_end = _token_id(tokenizer, ENDOFTEXT), _token_id(tokenizer, IM_END)
+    endoftext, im_end = token_id(tokenizer, ENDOFTEXT), token_id(tokenizer, IM_END)
     # Qwen2.5-Instruct stops on both <|im_end|> and <|endoftext|>; the base on <|endoftext|>.
     eos_ids: int | list[int] = [im_end, endoftext] if instruct else endoftext
 
@@ -90,7 +90,7 @@ def build_tiny(dest: Path, name: QwenName) -> None:
     GenerationConfig(bos_token_id=endoftext, eos_token_id=eos_ids, pad_token_id=endoftext).save_pretrained(dest)
 
 
-def _build_tokenizer(eos: str) -> PreTrainedTokenizerBase:
+def build_tokenizer(eos: str) -> PreTrainedTokenizerBase:
     """Train a small byte-level BPE (Qwen2's pre-tokenizer) and wrap it as ``Qwen2Tokenizer``."""
     from tokenizers import (
         Regex,
@@ -140,7 +140,7 @@ def _build_tokenizer(eos: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     found = tokenizer.convert_tokens_to_ids(token)
     if not isinstance(found, int) or found == tokenizer.unk_token_id:
         raise ValueError(f"token: {token!r} is not in the vocabulary")

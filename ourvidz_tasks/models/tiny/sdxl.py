@@ -27,7 +27,7 @@ _TINY_WORDS = (
     "eyes beautiful detailed high quality best worst low blurry ugly"
 )
 #: SDXL base's scheduler (``scheduler/scheduler_config.json`` of stable-diffusion-xl-base-1.0).
-_SCHEDULER_CONFIG: dict[str, Any] = {
+SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "beta_start": 0.00085,
@@ -62,8 +62,8 @@ def build_tiny(dest: Path) -> None:
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    _write_tiny_tokenizer(dest / "tokenizer", pad_token="<|endoftext|>")
-    _write_tiny_tokenizer(dest / "tokenizer_2", pad_token="!")  # as SDXL's tokenizer_2
+    write_tiny_tokenizer(dest / "tokenizer", pad_token="<|endoftext|>")
+    write_tiny_tokenizer(dest / "tokenizer_2", pad_token="!")  # as SDXL's tokenizer_2
     tokenizer = CLIPTokenizer.from_pretrained(dest / "tokenizer", local_files_only=True)
     tokenizer_2 = CLIPTokenizer.from_pretrained(dest / "tokenizer_2", local_files_only=True)
     vocab_size = len(tokenizer)
@@ -115,7 +115,7 @@ def build_tiny(dest: Path) -> None:
         _clip_config(vocab_size, ids, hidden=_TEXT2_HIDDEN, intermediate=128, heads=4, act="gelu",
                      projection=_TEXT2_PROJECTION)
     )
-    scheduler = EulerDiscreteScheduler.from_config(_SCHEDULER_CONFIG)
+    scheduler = EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG)
     pipe: Any = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
@@ -149,7 +149,7 @@ def _byte_chars() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-def _write_tiny_tokenizer(folder: Path, *, pad_token: str) -> None:
+def write_tiny_tokenizer(folder: Path, *, pad_token: str) -> None:
     """A small CLIP BPE tokenizer: every byte, a few whole-word merges, CLIP's special tokens."""
     chars = _byte_chars()
     vocab: dict[str, int] = {}

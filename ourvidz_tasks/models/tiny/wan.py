@@ -26,7 +26,7 @@ beautiful bright soft warm cold high low quality detailed blurry static
 """
 
 
-def _tiny_tokenizer() -> Any:
+def tiny_tokenizer() -> Any:
     """A small T5-style Unigram tokenizer (pad 0, eos 1, unk 2), built without any download."""
     from transformers import T5Tokenizer
 
@@ -57,7 +57,7 @@ def build_tiny(dest: Path) -> None:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        tokenizer = _tiny_tokenizer()
+        tokenizer = tiny_tokenizer()
         vocab_size = 64 * math.ceil(len(tokenizer) / 64)
         config = UMT5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
         text_encoder = UMT5EncoderModel(config).eval()
