@@ -120,6 +120,9 @@ def test_where_a_job_stands_stays_exact_as_jobs_come_and_go(broker: redis.Redis)
     assert stand(ids[3])["eta_s"] == pytest.approx(2.0, abs=0.1)  # one 2 s job ahead, no pool running yet
     first = pick(broker, queue)
     assert first is not None and first["id"] == ids[0]
+    assert stand(ids[0]) == {"state": "queued", "family": queue, "waited_s": stand(ids[0])["waited_s"],
+                             "position": 0, "ahead": 0, "eta_s": 0}  # handed to a pool, not started
+    assert fairness.started(broker, queue, ids[0]) == pytest.approx(stand(ids[0])["waited_s"], abs=0.5)
     assert stand(ids[0])["state"] == "running"
     assert [stand(i)["position"] for i in ids[1:]] == [1, 2, 0]
     # the running job counts: bob is next, after what is left of alice's running job
@@ -181,3 +184,23 @@ def test_waiting_by_user_counts_each_users_jobs(broker: redis.Redis) -> None:
     intake(broker, queue).run_once()
     publish(broker, queue, [job("carol")])
     assert fairness.waiting_by_user(broker, queue) == ({"alice": 2, "bob": 1}, 1)
+
+
+def test_a_message_the_relay_takes_in_twice_is_admitted_once(broker: redis.Redis) -> None:
+    """RabbitMQ gives back a message whose ack was lost after it was taken in (and maybe already
+    picked): the relay's tags name messages for good, so the second copy is dropped."""
+    queue = broker.ourvidz_queue  # type: ignore[attr-defined]
+    taker = intake(broker, queue)
+    item = json.dumps(wire.envelope(TASK, [job("alice")], queue)).encode()
+
+    def take_in() -> int:
+        with broker.pipeline(transaction=True) as pipe:  # as the relay's take does
+            pipe.lpush(taker.lists[0], item)
+            pipe.eval(*taker.admit_command(queue, [(queue, item)], once=True))
+            return int(pipe.execute()[-1])
+
+    assert take_in() == 1
+    assert take_in() == 0  # waiting already
+    assert pick(broker, queue) is not None
+    assert take_in() == 0  # picked already: still the same message
+    assert pick(broker, queue) is None and broker.llen(taker.lists[0]) == 0

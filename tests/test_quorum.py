@@ -13,7 +13,6 @@ failover cannot be shown on one node (docs/brokers.md).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -30,12 +29,12 @@ from .support.cluster import Pools, WorkerProcess
 from .support.env import AMQP, BROKER, amqp_reachable, worker_env
 from .support.jobs import new_id, terminal, terminal_counts, tiny_job
 from .support.process import ROOT, wait_for
+from .support.rabbit import RABBITMQCTL, ctl, fresh_vhost, url
 
 VHOST = "ourvidz_quorum_test"
-URL = AMQP[:AMQP.index("/", len("amqp://"))] + "/" + VHOST  # amqp://user:password@host:port/VHOST
+URL = url(VHOST)
 MAX_DELIVERIES = 2  # the guard's; the queues' x-delivery-limit is this + 2
 TASK = "ourvidz.sdxl.generate"
-RABBITMQCTL = shutil.which("rabbitmqctl")
 
 pytestmark = [
     pytest.mark.skipif(not amqp_reachable(), reason=f"no RabbitMQ at {AMQP}"),
@@ -91,14 +90,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def ctl(*args: str) -> list[list[str]]:
-    """``rabbitmqctl ARGS`` as rows of tab-separated columns (headers dropped)."""
-    headers = ["--no-table-headers"] if args[0].startswith("list_") else []
-    out = subprocess.run([str(RABBITMQCTL), "-q", *headers, *args], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return [line.split("\t") for line in out.stdout.splitlines() if line.strip()]
-
-
 def env(**extra: str) -> dict[str, str]:
     return dict(OURVIDZ_BROKER_URL=URL, OURVIDZ_RESULT_BACKEND=BROKER, OURVIDZ_REDIS_URL=BROKER,
                 OURVIDZ_AMQP_QUEUE_TYPE="quorum", OURVIDZ_MAX_DELIVERIES=str(MAX_DELIVERIES), **extra)
@@ -122,11 +113,8 @@ def queues() -> dict[str, tuple[str, int, str]]:
 @pytest.fixture(scope="module")
 def vhost() -> Iterator[str]:
     """A fresh vhost (queues are declared by the first worker, with this module's delivery limit)."""
-    subprocess.run([str(RABBITMQCTL), "-q", "delete_vhost", VHOST], capture_output=True, timeout=120)
-    ctl("add_vhost", VHOST)
-    ctl("set_permissions", "-p", VHOST, "guest", ".*", ".*", ".*")
-    yield VHOST
-    subprocess.run([str(RABBITMQCTL), "-q", "delete_vhost", VHOST], capture_output=True, timeout=120)
+    with fresh_vhost(VHOST) as name:
+        yield name
 
 
 @pytest.mark.slow

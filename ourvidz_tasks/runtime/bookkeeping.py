@@ -47,8 +47,13 @@ def _broker(rt: Runtime) -> redis.Redis:
 
 def queue_wait(rt: Runtime, job_id: str) -> float | None:
     """Seconds from the job's arrival (``keys.fair_job``'s ``arrived``) to now, by the broker's
-    clock; None when no arrival is recorded or Redis does not answer. One round trip."""
+    clock; None when no arrival is recorded or Redis does not answer. One round trip; with the fair
+    order on, the same round trip marks the job running (:func:`~ourvidz_tasks.services.fairness.started`)."""
     try:
+        store = rt.fair_store
+        if store is not None:
+            waited = fairness.started(store, rt.fair_queue, job_id)
+            return None if waited is None else round(waited, 3)
         with _broker(rt).pipeline(transaction=False) as pipe:
             pipe.time()
             pipe.hget(keys.fair_job(job_id), "arrived")

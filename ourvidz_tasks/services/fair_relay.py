@@ -118,7 +118,7 @@ class Relay:
             item = envelope_of(message)
             with self.store.pipeline(transaction=True) as pipe:
                 pipe.lpush(lists, item)
-                pipe.eval(*self.intake.admit_command(self.queue, [(self.queue, item)]))
+                pipe.eval(*self.intake.admit_command(self.queue, [(self.queue, item)], once=True))
                 pipe.execute()
             message.ack()
 

@@ -26,23 +26,27 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 """
 
-#: KEYS: the queue's parts (:data:`PARTS`). ARGV: queue, job TTL, then per message 7 fields: the
-#: intake's processing list, the message, its delivery tag, job id (or ''), user, cost, weight.
-#: Each message still in its processing list moves into the fair order; returns how many did.
+#: KEYS: the queue's parts (:data:`PARTS`). ARGV: queue, job TTL, ``once``, then per message 7 fields:
+#: the intake's processing list, the message, its delivery tag, job id (or ''), user, cost, weight.
+#: Each message still in its processing list moves into the fair order; returns how many did. A
+#: message already waiting under its tag is taken in once; with ``once`` ('1': tags name messages for
+#: good, the RabbitMQ relay's task id and retry count), one taken in before is too, waiting or not.
 ADMIT = _PRELUDE + """
 local waiting, messages, meta, users, counts, state, running, bell =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[9]
-local queue, ttl = ARGV[1], tonumber(ARGV[2])
+local queue, ttl, once = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
 local v = tonumber(redis.call('HGET', state, 'v') or '0')
 
 -- the start tag and member of a message: its job's own when it comes back, else the next of its user;
--- nil when this very message waits already (a broker delivered it twice: once is enough)
+-- nil when this very message was taken in already (a broker delivered it twice: once is enough)
 local function place(tag, job, user, cost, weight)
   if job ~= '' then
     local old = redis.call('HMGET', JOB .. job, 'queue', 'start', 'member')
     if old[1] == queue and old[2] and old[3] then
-      if not redis.call('ZSCORE', waiting, old[3]) then return tonumber(old[2]), old[3] end
-      if tag ~= '-' and string.sub(old[3], -#tag - 1) == ':' .. tag then return nil end
+      local same = tag ~= '-' and string.sub(old[3], -#tag - 1) == ':' .. tag
+      local waits = redis.call('ZSCORE', waiting, old[3])
+      if same and (waits or once) then return nil end
+      if not waits then return tonumber(old[2]), old[3] end
     end
   end
   local start = math.max(v, tonumber(redis.call('ZSCORE', users, user) or '0'))
@@ -51,7 +55,7 @@ local function place(tag, job, user, cost, weight)
 end
 
 local added = 0
-for i = 3, #ARGV, 7 do
+for i = 4, #ARGV, 7 do
   local processing, item, tag, job, user = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local cost, weight = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
   local start, member
@@ -79,6 +83,7 @@ return added
 
 #: KEYS: per queue, its parts (:data:`PARTS`) then the consumer's processing list for it. ARGV: the
 #: consumer, seconds a pool counts as present, seconds a running entry is kept, then the queue names.
+#: (The job counts as running from its start, :data:`STARTED`.)
 #: The first queue with a waiting message gives its smallest start tag to the processing list;
 #: returns ``{queue, message}`` or nil.
 PICK = _PRELUDE + """
@@ -108,7 +113,6 @@ for q = 0, #ARGV - 4 do
     redis.call('ZREMRANGEBYSCORE', users, '-inf', '(' .. v)
     redis.call('ZREMRANGEBYSCORE', pools, '-inf', now - tonumber(ARGV[2]))
     redis.call('ZREMRANGEBYSCORE', running, '-inf', now - tonumber(ARGV[3]))
-    if info.j and info.j ~= '' then redis.call('ZADD', running, now, info.j) end
     if item then
       redis.call('LPUSH', processing, item)
       return {ARGV[4 + q], item}
@@ -116,6 +120,15 @@ for q = 0, #ARGV - 4 do
   end
 end
 return false
+"""
+
+#: KEYS: the job's queue's ``running``, the job's hash. ARGV: job id. The job starts (an attempt of it):
+#: it runs from now; returns the seconds since it arrived (-1: no arrival recorded).
+STARTED = _PRELUDE + """
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+local arrived = tonumber(redis.call('HGET', KEYS[2], 'arrived') or '')
+if not arrived then return '-1' end
+return tostring(math.max(0, now - arrived))
 """
 
 #: KEYS: the job's queue's ``users`` and ``running``, the job's hash. ARGV: job id, GPU-seconds it

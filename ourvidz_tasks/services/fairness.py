@@ -210,10 +210,11 @@ class Intake:
                 log.warning("fair intake: no estimate (%s); costed 0", type(exc).__name__)
         return Arrival(source, item, tag, usable_id(job) or "", user, cost, self.weigh(user))
 
-    def admit_command(self, queue: str, pairs: Sequence[tuple[str, bytes]]) -> list[Any]:
+    def admit_command(self, queue: str, pairs: Sequence[tuple[str, bytes]], *, once: bool = False) -> list[Any]:
         """The script that moves ``(source, message)`` pairs from this intake's lists into ``queue``'s
-        fair order, each costed and weighed (arguments for ``eval``)."""
-        args: list[Any] = [queue, self.ttl]
+        fair order, each costed and weighed (arguments for ``eval``); ``once``: a message's tag names
+        it for good (:data:`~.fair_scripts.ADMIT`)."""
+        args: list[Any] = [queue, self.ttl, "1" if once else "0"]
         for source, item in pairs:
             a = self._arrival(source, item)
             processing = self.lists[self.sources.index(a.source)]
@@ -236,7 +237,14 @@ def bell_command(queues: Sequence[str], timeout: float) -> list[Any]:
     return ["BLPOP", *(keys.fair(q, "bell") for q in queues), timeout]
 
 
-# -- end -----------------------------------------------------------------------------------------
+# -- start and end -------------------------------------------------------------------------------
+def started(broker: redis.Redis, queue: str, job_id: str) -> float | None:
+    """An attempt of the job starts: it runs from now (where it stands, the ETA of those behind);
+    returns the seconds since it arrived, None when no arrival is recorded. One round trip."""
+    raw = broker.eval(fair_scripts.STARTED, 2, keys.fair(queue, "running"), keys.fair_job(job_id), job_id)  # type: ignore[no-untyped-call]
+    waited = float(raw)
+    return None if waited < 0 else waited
+
 def finished(broker: redis.Redis, queue: str, job_id: str, gpu_seconds: float) -> None:
     """The job ended: its user's finish tag corrected by what it really cost, its entries dropped."""
     broker.eval(fair_scripts.FINISH, 3, keys.fair(queue, "users"), keys.fair(queue, "running"),  # type: ignore[no-untyped-call]
