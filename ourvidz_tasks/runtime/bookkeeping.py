@@ -95,7 +95,8 @@ def job_ended(rt: Runtime, payload: Any, body: dict[str, Any]) -> None:
     user = payload.get("user_id") if isinstance(payload, dict) else None
     try:
         with rt.redis.pipeline(transaction=False) as pipe:
-            pipe.delete(keys.job_gpu(body["job_id"]))
+            if int(meta.get("attempt") or 1) > 1:  # only a retried job kept its attempts' seconds
+                pipe.delete(keys.job_gpu(body["job_id"]))
             seconds = meta.get("processing_time")
             if body["status"] == "completed" and not meta.get("resumed_from_spool") and seconds:
                 shape, units = work_shape(rt.family, payload, rt.settings)
