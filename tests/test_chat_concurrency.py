@@ -68,8 +68,9 @@ def test_enhancements_waiting_in_the_pool_pass_waiting_chats(isolated_broker: st
     def send(name: str, arg: Any) -> AsyncResult:
         return app.send_task(name, args=[arg])
 
-    short = send("ourvidz.chat.chat", request(0, 150))
-    long_b, long_c = (send("ourvidz.chat.chat", request(i, 2048)) for i in (1, 2))  # C waits: the batch is full
+    # one user's: the fair order across users keeps them in the order sent, so the pass happens in the pool
+    short = send("ourvidz.chat.chat", request(0, 150, user_id="u1"))
+    long_b, long_c = (send("ourvidz.chat.chat", request(i, 2048, user_id="u1")) for i in (1, 2))  # C waits: the batch is full
     enhanced = send("ourvidz.chat.enhance", enhance_job())  # waits inside the pool too, published after C
     enhanced.get(timeout=300)
     assert short.ready() and not long_b.ready() and not long_c.ready()  # it took the first free slot, not C

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from ourvidz_tasks.contract import keys
+from ourvidz_tasks.contract.errors import ConfigError
 from ourvidz_tasks.services import fairness
 from ourvidz_tasks.services.fairness import Intake
 
@@ -204,3 +205,46 @@ def test_a_message_the_relay_takes_in_twice_is_admitted_once(broker: redis.Redis
     assert pick(broker, queue) is not None
     assert take_in() == 0  # picked already: still the same message
     assert pick(broker, queue) is None and broker.llen(taker.lists[0]) == 0
+
+
+def test_a_retried_job_keeps_its_place_and_a_chain_moves_the_job_to_its_next_queue(broker: redis.Redis) -> None:
+    queue = broker.ourvidz_queue  # type: ignore[attr-defined]
+    first, other = job("alice"), job("bob")
+    publish(broker, queue, [first, other])
+    taker = intake(broker, queue)
+    taker.run_once()
+    assert pick(broker, queue)["id"] == first["id"]  # type: ignore[index]
+    fairness.started(broker, queue, first["id"])
+    publish(broker, queue, [job("bob"), job("carol")])
+    # Celery's retry: the same job in a new message (a new delivery tag), published after the others
+    wire.publish(broker, TASK, first, queue)
+    taker.run_once()
+    where = fairness.standing(broker, first["id"], present=15)
+    assert where["state"] == "queued" and where["position"] == 0, where
+    # an enhance -> generate chain: the job's next step is taken in on the generate queue
+    nxt = f"{queue}next"
+    try:
+        wire.publish(broker, TASK, first, nxt)
+        intake(broker, nxt).run_once()
+        assert fairness.standing(broker, first["id"], present=15)["family"] == nxt
+    finally:
+        for key in broker.scan_iter(f"*{nxt}*"):
+            broker.delete(key)
+
+
+def test_tiers_and_a_plug_in_weigh_users(broker: redis.Redis) -> None:
+    broker.hset(keys.FAIR_TIERS, mapping={"pro-user": "pro", "odd-user": "gold"})
+    try:
+        weigh = fairness.load_weights("pro=4, free=1", broker)
+        assert (weigh("pro-user"), weigh("odd-user"), weigh("nobody"), weigh("")) == (4.0, 1.0, 1.0, 1.0)
+    finally:
+        broker.hdel(keys.FAIR_TIERS, "pro-user", "odd-user")
+    assert fairness.load_weights("", broker)("anyone") == 1.0
+    assert fairness.load_weights("tests.test_fairness:double", broker)("x") == 2.0
+    with pytest.raises(ConfigError, match="OURVIDZ_FAIR_WEIGHTS"):
+        fairness.load_weights("no.such.module:weigh", broker)
+
+
+def double(user: str) -> float:
+    """A weight plug-in (``module:callable``): every user weighs 2."""
+    return 2.0

@@ -91,11 +91,10 @@ def test_worker_metrics_move_as_jobs_run(isolated_broker: str, start_worker: Cal
     assert not [name for name, _ in before if name == "ourvidz_jobs_total"]  # nothing ran yet
     assert value(before, "process_resident_memory_bytes") > 0
 
-    # a burst: the solo worker takes one job at a time, the rest wait in the list
+    # a burst: the solo worker takes one job at a time, the rest wait (in the fair order: the intake
+    # records each one's arrival, by the broker's clock)
     burst = [job(seed=i) for i in range(4)]
     for payload in burst:
-        seconds, micros = broker.time()  # what the pools' intake records: the arrival, by the broker's clock
-        broker.hset(keys.fair_job(payload["id"]), "arrived", seconds + micros / 1e6)
         publish(broker, "ourvidz.sdxl.generate", payload, "sdxl")
     during = scrape(base)
     assert value(during, "ourvidz_queue_depth", queue="sdxl") >= 2

@@ -17,6 +17,9 @@ import redis
 from PIL import Image
 
 from devtools.sink import Sink
+from ourvidz_tasks.contract import keys as keys_
+from ourvidz_tasks.contract.names import QUEUES
+from ourvidz_tasks.services import fair_scripts
 
 from .support.cluster import WorkerProcess
 from .support.env import KEY
@@ -324,5 +327,7 @@ def test_every_key_we_write_expires(sdxl_worker: WorkerProcess, store: redis.Red
     run(store, sink, job(config={"num_images": 4}))
     keys = [k.decode() for k in store.scan_iter("ourvidz:*", count=1000) if k != b"ourvidz:test-run-lock"]
     assert keys
-    without = [k for k in keys if store.ttl(k) == -1]
+    # a queue's fair order lives as long as the queue: bounded by its waiting jobs, users and pools
+    fair = {keys_.fair(queue, part) for queue in QUEUES for part in fair_scripts.PARTS}
+    without = [k for k in keys if store.ttl(k) == -1 and k not in fair]
     assert without == []

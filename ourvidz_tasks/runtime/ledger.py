@@ -52,11 +52,13 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from ..contract import names
 from ..contract.devices import canonical_device
 from ..contract.errors import WorkerUnavailable
 from ..contract.keys import ledger as ledger_key
 from ..contract.names import FAMILIES
 from ..contract.text import as_text
+from ..services import fairness
 from ..services.redis_client import register_script
 from . import lua
 from .estimates import MeasuredSizes
@@ -178,6 +180,9 @@ class Ledger(MeasuredSizes):
             device, pools=len(options.get("pools", FAMILIES)), context_mb=settings.cuda_context_mb,
             margin_mb=settings.memory_margin_mb).budget_mb
         options.setdefault("lease_seconds", settings.lease_seconds)
+        if settings.fair_order:  # queued work waits in the fair order too
+            options.setdefault("queue_depth", lambda pool: fairness.depth(
+                store, pool, names.fair_queue(pool, settings.fair_relay)))
         options.setdefault("slack", settings.memory_slack)
         options.setdefault("window", settings.memory_window)
         return cls(store, host, canonical_device(settings.device or str(device)), budget, **options)

@@ -56,7 +56,7 @@ def envelope_of(message: Any) -> bytes:
             "priority": props.get("priority") or 0, "body_encoding": "base64",
             "delivery_tag": f"{headers.get('id')}:{headers.get('retries') or 0}",
         },
-    }).encode()
+    }, default=str).encode()  # AMQP header tables may hold timestamps (x-death after a delayed delivery)
 
 
 class Relay:

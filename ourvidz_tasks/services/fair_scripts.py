@@ -123,12 +123,10 @@ return false
 """
 
 #: KEYS: the job's queue's ``running``, the job's hash. ARGV: job id. The job starts (an attempt of it):
-#: it runs from now; returns the seconds since it arrived (-1: no arrival recorded).
+#: it runs from now; returns the broker's clock and the job's arrival (nil: none recorded).
 STARTED = _PRELUDE + """
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-local arrived = tonumber(redis.call('HGET', KEYS[2], 'arrived') or '')
-if not arrived then return '-1' end
-return tostring(math.max(0, now - arrived))
+return {tostring(now), redis.call('HGET', KEYS[2], 'arrived')}
 """
 
 #: KEYS: the job's queue's ``users`` and ``running``, the job's hash. ARGV: job id, GPU-seconds it
@@ -198,4 +196,12 @@ for i = 1, n do
   end
 end
 return out
+"""
+
+#: KEYS: a queue's lists (kombu's priority steps), then its fair order's ``waiting``. The jobs waiting
+#: on the queue: not taken in yet, and in its fair order.
+DEPTH = """
+local n = redis.call('ZCARD', KEYS[#KEYS])
+for i = 1, #KEYS - 1 do n = n + redis.call('LLEN', KEYS[i]) end
+return n
 """

@@ -241,9 +241,9 @@ def bell_command(queues: Sequence[str], timeout: float) -> list[Any]:
 def started(broker: redis.Redis, queue: str, job_id: str) -> float | None:
     """An attempt of the job starts: it runs from now (where it stands, the ETA of those behind);
     returns the seconds since it arrived, None when no arrival is recorded. One round trip."""
-    raw = broker.eval(fair_scripts.STARTED, 2, keys.fair(queue, "running"), keys.fair_job(job_id), job_id)  # type: ignore[no-untyped-call]
-    waited = float(raw)
-    return None if waited < 0 else waited
+    now, arrived = broker.eval(fair_scripts.STARTED, 2, keys.fair(queue, "running"),  # type: ignore[no-untyped-call]
+                               keys.fair_job(job_id), job_id)
+    return None if arrived is None else max(0.0, float(now) - float(arrived))  # ValueError: not a time
 
 def finished(broker: redis.Redis, queue: str, job_id: str, gpu_seconds: float) -> None:
     """The job ended: its user's finish tag corrected by what it really cost, its entries dropped."""
@@ -262,6 +262,13 @@ def standing(broker: redis.Redis, job_id: str, *, present: float, store: redis.R
                       job_id, present)
     out: dict[str, Any] = json.loads(as_text(raw))
     return out
+
+
+def depth(client: redis.Redis, queue: str, fair_name: str | None) -> int:
+    """Jobs waiting on ``queue``: on its lists (not taken in yet) and in the fair order ``fair_name``
+    (``names.fair_queue``; None: no fair order). One round trip."""
+    waiting = keys.fair(fair_name, "waiting") if fair_name else keys.fair(queue, "none")
+    return int(client.eval(fair_scripts.DEPTH, 5, *sources(queue), waiting))  # type: ignore[no-untyped-call]
 
 
 def waiting_by_user(broker: redis.Redis, queue: str) -> tuple[dict[str, int], int]:

@@ -228,12 +228,13 @@ class ClusterCollector(Collector):
         if self.broker is not None:
             depth = GaugeMetricFamily("ourvidz_queue_depth", "Messages waiting in a Celery queue", labels=["queue"])
             with self.broker.pipeline(transaction=False) as pipe:
-                for queue in QUEUES:
+                for queue in QUEUES:  # not taken in yet, then in the queue's fair order
                     for suffix in PRIORITY_SUFFIXES:
                         pipe.llen(queue + suffix)
+                    pipe.zcard(keys.fair(queue, "waiting"))
                 pipe.hlen(UNACKED)
                 *lengths, unacked = pipe.execute()
-            steps = len(PRIORITY_SUFFIXES)
+            steps = len(PRIORITY_SUFFIXES) + 1
             waiting = {queue: sum(lengths[i * steps:(i + 1) * steps]) for i, queue in enumerate(QUEUES)}
             for queue, count in waiting.items():
                 depth.add_metric([queue], count)
