@@ -278,6 +278,13 @@ def test_longest_idle_first_and_needed_holders_only_after_patience(make: MakeLed
     waiter.join(5)
 
 
+def test_patience_is_the_pools_setting(store: redis.Redis) -> None:
+    from ourvidz_tasks.contract.settings import load_settings
+
+    assert Ledger.for_settings(store, load_settings(hostname="p"), "cpu").patience == 30.0
+    assert Ledger.for_settings(store, load_settings(hostname="p", memory_patience=2.5), "cpu").patience == 2.5
+
+
 def test_switch_through_a_pool_that_serves_requests(make: MakeLedger) -> None:
     ledger = make(100)
     chat = ledger.reserve("chat", "qwen_instruct", 70, timeout=1)

@@ -138,6 +138,8 @@ class Workload:
 def start_pools(pools: Pools, broker_url: str, host: str) -> dict[str, int]:
     env = dict(OURVIDZ_BROKER_URL=broker_url, OURVIDZ_HOSTNAME=host, OURVIDZ_DEVICE=DEVICE,
                OURVIDZ_VRAM_BUDGET_MB=str(BUDGET), OURVIDZ_MEMORY_WAIT="240", OURVIDZ_MEMORY_SLACK="0.05",
+               # pools with queued work yield after 2 s, not 30: switches under load, the run bounded
+               OURVIDZ_MEMORY_PATIENCE="2",
                OURVIDZ_RUNTIME_PLUGINS="tests.memsim:ballast", OURVIDZ_TEST_WEIGHTS_MB=json.dumps(WEIGHTS))
     started = {family: pools.start(family, **env) for family in POOLS}
     return {family: worker.proc.pid for family, worker in started.items() if worker.proc is not None}

@@ -178,6 +178,7 @@ class Ledger(MeasuredSizes):
             device, pools=len(options.get("pools", FAMILIES)), context_mb=settings.cuda_context_mb,
             margin_mb=settings.memory_margin_mb).budget_mb
         options.setdefault("lease_seconds", settings.lease_seconds)
+        options.setdefault("patience", settings.memory_patience)
         options.setdefault("slack", settings.memory_slack)
         options.setdefault("window", settings.memory_window)
         return cls(store, host, canonical_device(settings.device or str(device)), budget, **options)
