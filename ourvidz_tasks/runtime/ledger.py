@@ -11,7 +11,10 @@ many GPU hosts share one Redis. Every key has a TTL, renewed while in use.
 Reserving (:meth:`Ledger.reserve`) is one Lua script: reclaim expired leases,
 then grant if the reservation fits the budget *and* nobody waits ahead of it.
 Otherwise the caller takes a ticket and polls; tickets are served strictly
-first in, first out, so a large WAN load is never starved by small ones.
+first in, first out, so a large WAN load is never starved by small ones; a held
+reservation growing for its running job (:meth:`~ourvidz_tasks.runtime.runtime.ModelSlot.hold`) goes
+ahead of every load (its pool is busy, never asked to unload: a load ahead of it could wait for nothing
+but its memory, and both would wait until they timed out).
 After ``timeout`` the ticket is withdrawn and :class:`WorkerUnavailable`
 (retryable) is raised.
 
