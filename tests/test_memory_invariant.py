@@ -161,6 +161,20 @@ def warm_and_unload(work: Workload, ledger: Ledger) -> None:
     wait_for(lambda: not ledger.holders(), timeout=120, what="every model unloaded")
 
 
+def ended(sink: Sink, job: dict[str, Any], timeout: float, pools: Pools, ledger: Ledger, seed: int) -> dict[str, Any]:
+    """The job's terminal callback; when none comes, what the pools and the ledger say of it."""
+    try:
+        return terminal(sink, job["id"], timeout)
+    except TimeoutError:
+        seen = {w.family: [line[:160] for line in w.text().splitlines() if job["id"] in line][-3:]
+                for w in pools.started}
+        status = ledger.status()
+        raise AssertionError(
+            f"seed {seed}: {job['type']} {job['id']} never ended; pools' log lines naming it: {seen}; "
+            f"held {ledger.holders()}, waiters {status['waiters']}, requests {status['requests']}, "
+            f"queues {[ledger.queue_depth(p) for p in POOLS]}, logs in {pools.logs}") from None
+
+
 def limit_mb() -> float:
     """What the pools together may hold: the budget (CPU: above their idle contexts), plus one CUDA
     context allowance per pool on a card (NVML counts the contexts; the ledger's budget leaves them out)."""
@@ -201,7 +215,7 @@ def test_pools_never_hold_more_than_the_budget(isolated_broker: str, pools: Pool
             jobs_before, chats_before = len(work.jobs), len(work.chats)
             work.wave(first=wave == 0)
             for job in work.jobs[jobs_before:]:
-                body = terminal(sink, job["id"], JOB_WAIT)
+                body = ended(sink, job, JOB_WAIT, pools, ledger, seed)
                 assert body["status"] == "completed", f"seed {seed}: {job['type']} {job['id']} {body.get('error')}"
             for chat in work.chats[chats_before:]:
                 assert chat.get(timeout=JOB_WAIT)["completion_tokens"] >= 1, f"seed {seed}"
