@@ -2,8 +2,8 @@
 
 Each loaded tiny model is padded with real weights up to the total named for
 its model in ``OURVIDZ_TEST_WEIGHTS_MB`` (JSON ``{"sdxl": 65, ...}``): a
-float32 tensor written through, so the process really holds it (RSS) and the
-model's ``nbytes()`` (what the ledger records as weights at load) counts it.
+float32 tensor written through on the model's device, so the process really holds it (RSS on CPU,
+the card on CUDA) and the model's ``nbytes()`` (what the ledger records as weights at load) counts it.
 The models then stand in the real models' ratios, far above the probe's noise,
 whatever size the tiny builders give them.
 """
@@ -25,7 +25,8 @@ class Ballasted:
 
         self._inner = inner
         pad = max(0, total_mb * MB - int(inner.nbytes()))
-        self._ballast: Any = torch.ones(pad // 4)  # pages written: resident, not just reserved
+        device = getattr(inner, "device", None) or getattr(getattr(inner, "qwen", None), "device", "cpu")
+        self._ballast: Any = torch.ones(pad // 4, device=device)  # pages written: resident, not just reserved
 
     def nbytes(self) -> int:
         extra = self._ballast.numel() * self._ballast.element_size() if self._ballast is not None else 0

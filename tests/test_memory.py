@@ -286,6 +286,33 @@ def test_longest_idle_first_and_needed_holders_only_after_patience(make: MakeLed
     waiter.join(5)
 
 
+def test_a_busy_pool_growing_for_its_job_goes_ahead_of_a_load_waiting_on_it(make: MakeLedger) -> None:
+    """Found by tests/test_memory_invariant.py: SDXL in a job (busy, never asked to unload) grows its
+    reservation for the job's shape while a WAN load waits for room SDXL holds. In line behind WAN, SDXL
+    waited for WAN and WAN for SDXL until both timed out (``OURVIDZ_MEMORY_WAIT``): the job was retried
+    minutes later. A held reservation growing goes first: SDXL runs, goes idle, makes room for WAN."""
+    ledger = make(100, patience=0.2)
+    sdxl = ledger.reserve("sdxl", "sdxl", 30, timeout=1)
+    ledger.set_busy("sdxl", True)  # in a job
+    wan, got = in_thread(lambda: ledger.reserve("wan", "wan", 80, timeout=8))
+    wait_until(lambda: ledger.status()["pending_waiters"] == 1)
+    started = time.monotonic()
+    grown = ledger.reserve("sdxl", "sdxl", 50, timeout=4, token=sdxl.token)  # 70 MB free: it fits
+    assert time.monotonic() - started < 1.0 and grown.mb == 50 and ledger.holders("sdxl") == {"sdxl/sdxl": 50}
+    ledger.set_busy("sdxl", False)  # the job ended: now the idle SDXL is asked to make room for WAN
+    assert [r.pool for r in wait_until(ledger.requests)] == ["sdxl"]
+    sdxl.release()
+    wan.join(5)
+    assert isinstance(got.get("value"), Reservation), got
+
+
+def test_patience_is_the_pools_setting(store: redis.Redis) -> None:
+    from ourvidz_tasks.contract.settings import load_settings
+
+    assert Ledger.for_settings(store, load_settings(hostname="p"), "cpu").patience == 30.0
+    assert Ledger.for_settings(store, load_settings(hostname="p", memory_patience=2.5), "cpu").patience == 2.5
+
+
 def test_switch_through_a_pool_that_serves_requests(make: MakeLedger) -> None:
     ledger = make(100)
     chat = ledger.reserve("chat", "qwen_instruct", 70, timeout=1)

@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     bridge_plugins: Annotated[tuple[str, ...], NoDecode] = ()
     #: seconds a model load waits for GPU memory before WORKER_UNAVAILABLE (retried)
     memory_wait: float = Field(600.0, gt=0)
+    #: seconds a model waiting for GPU memory waits before pools with queued work of their own are asked
+    #: to unload too (before that only idle pools with nothing queued are): switches stay rare
+    memory_patience: float = Field(30.0, gt=0)
     #: the default budget (no ``vram_budget_mb``) is the card minus this per pool (its CUDA context)...
     cuda_context_mb: int = Field(768, ge=0)
     #: ...minus this safety margin

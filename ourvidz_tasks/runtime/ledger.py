@@ -11,7 +11,10 @@ many GPU hosts share one Redis. Every key has a TTL, renewed while in use.
 Reserving (:meth:`Ledger.reserve`) is one Lua script: reclaim expired leases,
 then grant if the reservation fits the budget *and* nobody waits ahead of it.
 Otherwise the caller takes a ticket and polls; tickets are served strictly
-first in, first out, so a large WAN load is never starved by small ones.
+first in, first out, so a large WAN load is never starved by small ones; a held
+reservation growing for its running job (:meth:`~ourvidz_tasks.runtime.runtime.ModelSlot.hold`) goes
+ahead of every load (its pool is busy, never asked to unload: a load ahead of it could wait for nothing
+but its memory, and both would wait until they timed out).
 After ``timeout`` the ticket is withdrawn and :class:`WorkerUnavailable`
 (retryable) is raised.
 
@@ -183,6 +186,7 @@ class Ledger(MeasuredSizes):
         if settings.fair_order:  # queued work waits in the fair order too
             options.setdefault("queue_depth", lambda pool: fairness.depth(
                 store, pool, names.fair_queue(pool, settings.fair_relay)))
+        options.setdefault("patience", settings.memory_patience)
         options.setdefault("slack", settings.memory_slack)
         options.setdefault("window", settings.memory_window)
         return cls(store, host, canonical_device(settings.device or str(device)), budget, **options)

@@ -25,7 +25,10 @@ if not enqueue then
 end
 if ticket == '' then
   ticket = tostring(redis.call('INCR', K.seq))
-  redis.call('ZADD', K.tickets, tonumber(ticket), ticket)
+  -- a held reservation growing for its running job goes ahead of every load: its pool is busy, so
+  -- never asked to unload, and a load behind which it waited could wait for nothing but its memory
+  local growing = holder == token and cur > 0
+  redis.call('ZADD', K.tickets, tonumber(ticket) - (growing and 1e15 or 0), ticket)
   redis.call('HSET', K.tinfo, ticket, cjson.encode({pool = pool, model = model, mb = mb, at = now}))
   redis.call('HINCRBY', K.stats, 'waits', 1)
 end
