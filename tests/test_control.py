@@ -309,3 +309,22 @@ def test_the_celery_cli_against_a_real_worker(isolated_broker: str, sink: Sink, 
         assert status()["pools"]["sdxl"]["loaded"] is False
     finally:
         started.stop()
+
+
+def test_the_last_job_leaves_the_pool_idle_while_the_idle_timer_serves(store) -> None:
+    """A job that ends while the idle timer's upkeep runs (the chat pool's task threads, or any pool's
+    timer firing at that moment) still marks its pool idle: a pool left marked busy is never asked to
+    unload, and a pool growing for its job waits on it until its memory wait runs out."""
+    from ourvidz_tasks.runtime.between_jobs import job_entered, job_left
+    from ourvidz_tasks.runtime.runtime import JobGate
+
+    ledger = Ledger(store, f"gate-{uuid.uuid4().hex[:6]}", "cpu", 10)
+    rt = SimpleNamespace(family="chat", ledger=ledger, gate=JobGate(), last_job_ended=0.0)
+    job_entered(rt, marks_own_start=False)
+    assert ledger.status()["pools"]["chat"]["busy"] is True
+    assert rt.gate.claim() is False  # a job runs: no upkeep
+    rt.gate.depth, rt.gate.serving = 1, True  # the timer's upkeep began just as the job was ending
+    job_left(rt)
+    assert ledger.status()["pools"]["chat"]["busy"] is False
+    rt.gate.release()
+    ledger.clear()

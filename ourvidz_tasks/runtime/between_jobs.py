@@ -55,10 +55,11 @@ def mark_busy(rt: Any) -> None:
 def job_left(rt: Any) -> None:
     """``task_postrun``: the last running job ended: idle mark, requests served, predictive load."""
     rt.last_job_ended = time.monotonic()
-    if not rt.gate.leave():
+    # the idle mark goes with the last job even while the idle timer's upkeep runs: a pool marked busy
+    # is never asked to unload, and a pool growing for its job could wait on it for good
+    if not rt.gate.leave(lambda: _quietly(rt.ledger.set_busy, rt.family, False)):
         return
     try:
-        _quietly(rt.ledger.set_busy, rt.family, False)
         if _quietly(rt.ledger.has_requests, rt.family):  # one HKEYS; the full look only when asked
             _quietly(serve_requests, rt)
         if _quietly(predict, rt):  # cold with its work waiting: load now, between jobs

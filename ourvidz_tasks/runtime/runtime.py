@@ -72,10 +72,13 @@ class JobGate:
             if self.depth == 1 and first is not None:
                 first()
 
-    def leave(self) -> bool:
-        """A job ended; True when it was the last one and this caller now owns the upkeep."""
+    def leave(self, last: Callable[[], object] | None = None) -> bool:
+        """A job ended; ``last()`` runs, under the lock, when it was the last one (whoever owns the
+        upkeep now); True when this caller now owns the upkeep."""
         with self.cond:
             self.depth = max(0, self.depth - 1)
+            if self.depth == 0 and last is not None:
+                last()
             return self._claim()
 
     def claim(self) -> bool:
