@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from importlib import resources
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -304,6 +305,37 @@ def test_a_busy_pool_growing_for_its_job_goes_ahead_of_a_load_waiting_on_it(make
     sdxl.release()
     wan.join(5)
     assert isinstance(got.get("value"), Reservation), got
+
+
+def test_two_jobs_growing_for_each_others_memory_do_not_wait_each_other_out(make: MakeLedger) -> None:
+    """Found by tests/test_memory_invariant.py (seed 766387): SDXL and WAN both in a job (busy: never
+    asked to unload), each growing for its job's shape, each needing memory the other holds. Both
+    waited out ``OURVIDZ_MEMORY_WAIT`` (240 s there). The one behind steps back after the ledger's
+    patience (``WORKER_UNAVAILABLE``: its job is retried), goes idle and makes room for the first."""
+    from ourvidz_tasks.runtime.runtime import ModelSlot
+
+    ledger = make(10, patience=0.3)
+
+    def slot(name: str) -> ModelSlot:
+        made = ModelSlot(name, lambda: SimpleNamespace(nbytes=lambda: 4 * 2**20, unload=lambda: 0),
+                         lambda name, seconds: None, pool=name, ledger=ledger, default_mb=4, wait=8)
+        made.get()
+        ledger.record_work(name, "big", 3)  # a job of shape "big" needs 4 + 3 MB
+        ledger.set_busy(name, True)
+        return made
+
+    first, second = slot("sdxl"), slot("wan")  # 8 of 10 MB held, both in a job
+    grow, got = in_thread(lambda: first.hold("big"))
+    wait_until(lambda: ledger.status()["pending_waiters"] == 1)
+    started = time.monotonic()
+    with pytest.raises(WorkerUnavailable, match="steps back"):
+        second.hold("big")
+    assert 0.3 <= time.monotonic() - started < 4.0
+    ledger.set_busy("wan", False)  # its job ended (to be retried): idle, it is asked to make room
+    assert [r.pool for r in wait_until(ledger.requests)] == ["wan"]
+    second.unload()
+    grow.join(5)
+    assert got.get("value") == 7, got
 
 
 def test_patience_is_the_pools_setting(store: redis.Redis) -> None:

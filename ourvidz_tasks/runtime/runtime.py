@@ -35,7 +35,7 @@ from ..services.outbox_store import Drainer
 from ..services.policy import PromptPolicy
 from .faults import AttemptHook, load_failure
 from .leases import Heartbeat, Reservation
-from .ledger import Ledger
+from .ledger import Ledger, Wait
 from .memprobe import CudaProbe, Measurement, Probe, mb_of
 from .recovery import Recovery
 
@@ -181,10 +181,19 @@ class ModelSlot:
         need = self.estimate(shape)
         if need > res.mb:
             self.ledger.reserve(self.pool, self.name, need, timeout=self.wait if wait is None else wait,
-                                token=res.token)
+                                token=res.token, on_wait=self._step_back)
             res.grown(need)
             log.info("%s: %d MB held for a %s job", self.name, need, shape)
         return res.mb
+
+    def _step_back(self, wait: Wait) -> None:
+        """Growing behind another pool's job that grows too: past the ledger's patience, this job steps
+        back (``WORKER_UNAVAILABLE``, retried): a busy pool is never asked to unload, so two jobs each
+        waiting for the other's memory would wait out their whole memory wait."""
+        assert self.ledger is not None
+        if wait.position >= 1 and wait.waited >= self.ledger.patience:
+            raise WorkerUnavailable(f"{self.name}: {wait.mb} MB for its job waited {wait.waited:.0f}s behind "
+                                    f"another job's; it steps back and is retried")
 
     def settle(self) -> None:
         """After a job: hold only what the loaded model keeps (the caller gave the memory back first)."""
