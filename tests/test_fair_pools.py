@@ -23,7 +23,7 @@ from ourvidz_tasks.contract import keys, names
 from ourvidz_tasks.services import fairness
 
 from .faults import GATE, GATE_ENV, gate_entered
-from .support.cluster import WorkerProcess
+from .support.cluster import RedisServer, WorkerProcess
 from .support.env import amqp_reachable
 from .support.jobs import new_id, terminal, tiny_job
 from .support.process import wait_for
@@ -175,3 +175,34 @@ def test_the_fair_order_holds_through_a_pool_crash(cluster: Cluster, sink: Sink,
     assert [c["body"]["status"] for c in sink.callbacks(held["id"])].count("completed") == 1
     # the crashed job kept its place (first again); Bob's still came before Alice's waiting ones
     served_fairly(cluster, start_order(sink, ids), held, flood, late)
+
+
+@pytest.mark.slow
+@pytest.mark.stress
+def test_the_fair_order_holds_through_a_broker_restart(start_worker: Callable[..., WorkerProcess], sink: Sink,
+                                                       gate: Path, tmp_path: Path) -> None:
+    """Redis restarted (AOF, as docs/brokers.md asks) while the flood waits in the fair order: the order
+    is the broker's, so it comes back with it; every job ends once, in the same fair order."""
+    server = RedisServer(tmp_path / "redis").start()
+    started: list[WorkerProcess] = []
+    try:
+        store = server.client()
+        env = {"OURVIDZ_BROKER_URL": server.url(0), "OURVIDZ_HOSTNAME": f"fair-restart-{new_id()[:6]}",
+               "OURVIDZ_PROMPT_POLICY": "tests.faults:gate_on_marker", GATE_ENV: str(gate)}
+        def start() -> WorkerProcess:
+            started.append(start_worker("sdxl", **env))
+            return started[-1]
+
+        cluster = Cluster(store, lambda job: publish(store, TASK, job, "sdxl"), start, "sdxl")
+        cluster.start()
+        held, flood, late = flood_behind_gate(cluster, gate)
+        server.restart(down=1.0)
+        (gate / "open").touch()
+        ids = [held["id"], *(j["id"] for j in flood), late["id"]]
+        once_each(sink, ids, "through a broker restart")
+        served_fairly(cluster, start_order(sink, ids), held, flood, late)
+        assert started[0].alive()
+    finally:
+        for worker in started:
+            worker.stop(signal.SIGKILL)
+        server.stop()

@@ -16,7 +16,7 @@ from ourvidz_tasks.contract import keys
 from ourvidz_tasks.contract.callbacks import callback_body
 from ourvidz_tasks.contract.keys import DEAD_LETTERS
 from ourvidz_tasks.contract.keys import JOBS_ENDED as ENDED
-from ourvidz_tasks.contract.names import QUEUES, SDXL_GENERATE
+from ourvidz_tasks.contract.names import QUEUES, SDXL_GENERATE, ready_queue
 from ourvidz_tasks.contract.settings import MAX_TASK_RETRIES, Settings, load_settings
 from ourvidz_tasks.services import fair_scripts
 from ourvidz_tasks.services.delivery import ENDED_LIMIT, Delivery
@@ -84,7 +84,8 @@ def _snapshot(store: redis.Redis) -> dict[str, tuple[int, int]]:
 #: (FETCHERS: the processing lists of live consumers; recovery forgets a dead one's; a queue's fair
 #: order: its waiting jobs, the users with a place in it, the live pools, a capped bell)
 BOUNDED = {*QUEUES, "unacked", "unacked_index", "unacked_mutex", DEAD_LETTERS, keys.FETCHERS,
-           *(keys.fair(queue, part) for queue in QUEUES for part in fair_scripts.PARTS)}
+           *(keys.fair(name, part) for queue in QUEUES for name in (queue, ready_queue(queue))
+             for part in fair_scripts.PARTS)}
 
 
 def _unbounded(snapshot: dict[str, tuple[int, int]]) -> set[str]:

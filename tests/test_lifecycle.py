@@ -9,6 +9,7 @@ its seam (``on_device_fault``), so the process that "exits" is not pytest.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -258,6 +259,9 @@ def test_the_callbacks_carry_the_queue_wait_and_the_gpu_seconds_of_every_attempt
 
 def test_bookkeeping_that_cannot_be_written_never_fails_the_job(rt: Runtime, sink: Sink, store: redis.Redis,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # a worker started in this process before (celery's logging setup) may have disabled existing loggers
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("ourvidz_tasks")]:
+        logging.getLogger(name).disabled, logging.getLogger(name).propagate = False, True
     payload = job()
     store.hset(keys.fair_job(payload["id"]), "arrived", "not a time")
     store.expire(keys.fair_job(payload["id"]), 600)

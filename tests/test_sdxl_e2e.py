@@ -328,6 +328,6 @@ def test_every_key_we_write_expires(sdxl_worker: WorkerProcess, store: redis.Red
     keys = [k.decode() for k in store.scan_iter("ourvidz:*", count=1000) if k != b"ourvidz:test-run-lock"]
     assert keys
     # a queue's fair order lives as long as the queue: bounded by its waiting jobs, users and pools
-    fair = {keys_.fair(queue, part) for queue in QUEUES for part in fair_scripts.PARTS}
+    fair = {keys_.fair(name, part) for queue in QUEUES for name in (queue, f"{queue}.fair") for part in fair_scripts.PARTS}
     without = [k for k in keys if store.ttl(k) == -1 and k not in fair]
     assert without == []
