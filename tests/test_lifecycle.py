@@ -260,8 +260,12 @@ def test_the_callbacks_carry_the_queue_wait_and_the_gpu_seconds_of_every_attempt
 def test_bookkeeping_that_cannot_be_written_never_fails_the_job(rt: Runtime, sink: Sink, store: redis.Redis,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     # a worker started in this process before (celery's logging setup) may have disabled existing loggers
+    # or raised the root logger's level
+    caplog.set_level(logging.INFO)
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("ourvidz_tasks")]:
-        logging.getLogger(name).disabled, logging.getLogger(name).propagate = False, True
+        logger = logging.getLogger(name)
+        logger.disabled, logger.propagate = False, True
+        logger.setLevel(logging.NOTSET)
     payload = job()
     store.hset(keys.fair_job(payload["id"]), "arrived", "not a time")
     store.expire(keys.fair_job(payload["id"]), 600)
