@@ -27,10 +27,12 @@ from .wire import publish
 PROMPT = "a paper boat on a pond"
 
 
-def ourvidz(*args: str, sink: Sink | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def ourvidz(*args: str, sink: Sink | None = None, timeout: float = 300,
+            **extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     if sink is not None:
         env["SUPABASE_URL"] = sink.url
+    env.update(extra)
     return subprocess.run([sys.executable, "-m", "ourvidz_tasks.tools.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -141,3 +143,31 @@ def test_submit_enhance_chains_the_prompt_enhancement(chat_worker: WorkerProcess
     assert body == terminal(sink, job_id) and body["status"] == "completed"
     assert body["metadata"]["original_prompt"] == PROMPT and "enhanced_prompt" in body["metadata"]
     assert "queued" in run.stderr or "enhancing the prompt" in run.stderr
+
+
+def test_queue_says_where_a_job_stands_as_every_publisher_does(isolated_broker: str) -> None:
+    """``ourvidz queue JOB_ID --json`` and the Python publisher's ``standing`` give the fair order's
+    answer (CONTRACT section 7); ``ourvidz queue`` lists each family's waiting jobs per user."""
+    from ourvidz_tasks.services import fairness
+
+    client = redis.Redis.from_url(isolated_broker)
+    jobs = [{"id": new_id(), "type": "sdxl_image_fast", "user_id": user, "prompt": PROMPT}
+            for user in ("alice", "alice", "bob")]
+    for job in jobs:
+        publish(client, "ourvidz.sdxl.generate", job, "sdxl")  # no pool here: taken in by the test's intake
+    fairness.Intake(client, "cli@test/1", ["sdxl"], estimate=lambda family, job: 2.0, weigh=lambda user: 1.0,
+                    ttl=600).run_once()
+    bob = jobs[2]["id"]
+    cli = ourvidz("queue", bob, "--json", OURVIDZ_BROKER_URL=isolated_broker, OURVIDZ_REDIS_URL=isolated_broker)
+    assert cli.returncode == 0, cli.stderr
+    code = f"import json; from ourvidz_tasks.publish import standing; print(json.dumps(standing({bob!r})))"
+    python = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OURVIDZ_BROKER_URL": isolated_broker, "OURVIDZ_REDIS_URL": isolated_broker})
+    assert python.returncode == 0, python.stderr
+    for where in (json.loads(cli.stdout), json.loads(python.stdout), fairness.standing(client, bob, present=15)):
+        assert {k: v for k, v in where.items() if k != "waited_s"} == {
+            "state": "queued", "family": "sdxl", "position": 1, "ahead": 1, "eta_s": 2.0}, where  # alice's first, then bob
+    listing = ourvidz("queue", OURVIDZ_BROKER_URL=isolated_broker, OURVIDZ_REDIS_URL=isolated_broker)
+    assert "sdxl: 3 waiting from 2 user(s)" in listing.stdout and "  alice: 2" in listing.stdout, listing.stdout
+    unknown = ourvidz("queue", "no-such-job", OURVIDZ_BROKER_URL=isolated_broker, OURVIDZ_REDIS_URL=isolated_broker)
+    assert unknown.returncode == 1 and "job no-such-job: unknown" in unknown.stdout
