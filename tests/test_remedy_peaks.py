@@ -31,7 +31,9 @@ from .support.env import TINY_CACHE
 
 CPU = torch.device("cpu")
 #: a rung that moves weights changes nothing on CPU: it may measure this much above the rung before
-NOISE = 0.1
+#: (the high-water mark of a process on a loaded 2-core machine: one full-suite run measured WAN's text
+#: encoder rung 17% above the tiling rung before it; the rungs that must lower the peak lower it by more)
+NOISE = 0.25
 
 
 @pytest.fixture(scope="module")
