@@ -248,3 +248,19 @@ def test_tiers_and_a_plug_in_weigh_users(broker: redis.Redis) -> None:
 def double(user: str) -> float:
     """A weight plug-in (``module:callable``): every user weighs 2."""
     return 2.0
+
+
+def test_a_relay_restarted_under_its_name_puts_back_what_it_had_picked(broker: redis.Redis) -> None:
+    """RabbitMQ: a pool died between its pick and the publish; its successor re-admits the message, in place."""
+    from ourvidz_tasks.services.fair_relay import Relay
+
+    queue = broker.ourvidz_queue  # type: ignore[attr-defined]
+    first, second = job("alice"), job("bob")
+    publish(broker, queue, [first, second])
+    taker = intake(broker, queue, owner="relay@test")
+    taker.run_once()
+    broker.execute_command(*fairness.pick_command("relay@test", [queue], present=15, keep=7200))  # then it died
+    relay = Relay("amqp://unused", broker, "relay@test", intake=taker, source=None, ready=None,  # type: ignore[arg-type]
+                  present=15, keep=7200)
+    assert relay.readmit() == 1 and broker.llen(keys.fetching("relay@test", queue)) == 0
+    assert fairness.standing(broker, first["id"], present=15)["position"] == 0

@@ -92,10 +92,9 @@ class Relay:
         stranded: list[bytes] = self.store.lrange(self.processing, 0, -1)  # type: ignore[assignment]
         if not stranded:
             return 0
-        script, nkeys, *args = self.intake.admit_command(self.queue, [(self.queue, item) for item in stranded])
-        # out of the node's processing list, not the intake's
-        args = [self.processing if a == self.intake.lists[0] else a for a in args]
-        moved = int(self.store.eval(script, nkeys, *args))  # type: ignore[no-untyped-call]
+        command = self.intake.admit_command(self.queue, [(self.queue, item) for item in stranded],
+                                            out_of=self.processing)
+        moved = int(self.store.eval(*command))  # type: ignore[no-untyped-call]
         log.warning("fair relay: %d message(s) picked by an earlier %s back in the fair order", moved, self.node)
         return moved
 

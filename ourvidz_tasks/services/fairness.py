@@ -210,14 +210,15 @@ class Intake:
                 log.warning("fair intake: no estimate (%s); costed 0", type(exc).__name__)
         return Arrival(source, item, tag, usable_id(job) or "", user, cost, self.weigh(user))
 
-    def admit_command(self, queue: str, pairs: Sequence[tuple[str, bytes]], *, once: bool = False) -> list[Any]:
-        """The script that moves ``(source, message)`` pairs from this intake's lists into ``queue``'s
-        fair order, each costed and weighed (arguments for ``eval``); ``once``: a message's tag names
-        it for good (:data:`~.fair_scripts.ADMIT`)."""
+    def admit_command(self, queue: str, pairs: Sequence[tuple[str, bytes]], *, once: bool = False,
+                      out_of: str | None = None) -> list[Any]:
+        """The script that moves ``(source, message)`` pairs from this intake's lists (or the list
+        ``out_of``) into ``queue``'s fair order, each costed and weighed (arguments for ``eval``);
+        ``once``: a message's tag names it for good (:data:`~.fair_scripts.ADMIT`)."""
         args: list[Any] = [queue, self.ttl, "1" if once else "0"]
         for source, item in pairs:
             a = self._arrival(source, item)
-            processing = self.lists[self.sources.index(a.source)]
+            processing = out_of or self.lists[self.sources.index(a.source)]
             args += [processing, a.item, a.tag, a.job_id, a.user, repr(a.cost), repr(a.weight)]
         return [fair_scripts.ADMIT, len(fair_scripts.PARTS), *parts(queue), *args]
 
