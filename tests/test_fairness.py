@@ -121,8 +121,9 @@ def test_where_a_job_stands_stays_exact_as_jobs_come_and_go(broker: redis.Redis)
     assert stand(ids[3])["eta_s"] == pytest.approx(2.0, abs=0.1)  # one 2 s job ahead, no pool running yet
     first = pick(broker, queue)
     assert first is not None and first["id"] == ids[0]
-    assert stand(ids[0]) == {"state": "queued", "family": queue, "waited_s": stand(ids[0])["waited_s"],
-                             "position": 0, "ahead": 0, "eta_s": 0}  # handed to a pool, not started
+    handed = stand(ids[0])
+    assert handed == {"state": "queued", "family": queue, "waited_s": handed["waited_s"],
+                      "position": 0, "ahead": 0, "eta_s": 0}  # handed to a pool, not started
     assert fairness.started(broker, queue, ids[0]) == pytest.approx(stand(ids[0])["waited_s"], abs=0.5)
     assert stand(ids[0])["state"] == "running"
     assert [stand(i)["position"] for i in ids[1:]] == [1, 2, 0]
@@ -133,6 +134,22 @@ def test_where_a_job_stands_stays_exact_as_jobs_come_and_go(broker: redis.Redis)
     assert stand(ids[0]) == {"state": "ended"}
     assert stand("no-such-job") == {"state": "unknown"}
     broker.delete(keys.job_final(ids[0]))
+
+
+def test_a_job_published_before_its_pool_takes_it_in_is_queued_behind_the_fair_order(isolated_broker: str) -> None:
+    client = redis.Redis.from_url(isolated_broker)
+    ordered = [job("alice", 2.0) for _ in range(2)]
+    publish(client, "sdxl", ordered)
+    intake(client, "sdxl").run_once()
+    listed = [job("bob", 2.0) for _ in range(3)]
+    publish(client, "sdxl", listed)  # no pool running: these stay on the family list
+    for n, j in enumerate(listed):
+        where = fairness.standing(client, j["id"], present=15)
+        assert where == {"state": "queued", "family": "sdxl", "position": 2 + n, "ahead": 2 + n,
+                         "eta_s": pytest.approx((2 + n) * 2.0, abs=0.01), "waited_s": 0}, where
+    assert fairness.standing(client, "not-" + listed[0]["id"], present=15) == {"state": "unknown"}
+    intake(client, "sdxl").run_once()  # taken in: the fair order's answer, bob's first job next
+    assert fairness.standing(client, listed[0]["id"], present=15)["position"] == 1
 
 
 def test_a_requeued_job_keeps_its_place(broker: redis.Redis) -> None:

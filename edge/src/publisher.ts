@@ -9,7 +9,7 @@
 
 import { buildMessage, familyOf, signature, TASKS, usableId, type MessageOptions, type TaskName } from "./celery.ts";
 import { ID_PATTERN, type ChatRequest, type ChatResult, type Job } from "./schema.ts";
-import { FAIR_JOB_PREFIX, JOB_PREFIX, POOL_PRESENT_S, STANDING_SCRIPT } from "./standing.ts";
+import { FAIR_JOB_PREFIX, FAMILY_LISTS, JOB_PREFIX, POOL_PRESENT_S, STANDING_SCRIPT } from "./standing.ts";
 import type { RedisCommands } from "./upstash.ts";
 
 export interface Published {
@@ -174,7 +174,8 @@ export class Publisher {
   async standing(jobId: string): Promise<Standing> {
     if (!ID_PATTERN.test(jobId)) throw new TypeError("job id: must be 1-128 characters of [A-Za-z0-9_-]");
     const raw = await this.#broker.command([
-      "EVAL", STANDING_SCRIPT, 2, `${FAIR_JOB_PREFIX}${jobId}`, `${JOB_PREFIX}${jobId}:final`, jobId, this.#present,
+      "EVAL", STANDING_SCRIPT, 2 + FAMILY_LISTS.length, `${FAIR_JOB_PREFIX}${jobId}`, `${JOB_PREFIX}${jobId}:final`,
+      ...FAMILY_LISTS.map(([list]) => list), jobId, this.#present, ...FAMILY_LISTS.map(([, family]) => family),
     ]);
     return JSON.parse(String(raw)) as Standing;
   }

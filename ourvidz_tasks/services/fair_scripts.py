@@ -146,38 +146,59 @@ redis.call('DEL', job)
 return 1
 """
 
-#: KEYS: the job's hash, its terminal record. ARGV: job id, seconds a pool counts as present.
-#: Where the job stands, as JSON: ``state`` and, while queued, ``family``, ``position``, ``ahead``,
-#: ``eta_s``, ``waited_s`` (CONTRACT section 7). O(log n) in the queue's length: a rank, a count, and
-#: one read per running job.
-STANDING = _PRELUDE + """
+#: KEYS: the job's hash, its terminal record, then the family lists publishers send to. ARGV: job id,
+#: seconds a pool counts as present, then each family list's family. Where the job stands, as JSON:
+#: ``state`` and, while queued, ``family``, ``position``, ``ahead``, ``eta_s``, ``waited_s`` (CONTRACT
+#: section 7). O(log n) in the queue's length once the job is taken in (a rank, a count, one read per
+#: running job); a job published but not yet taken in (its pool is starting) is looked for among the
+#: oldest :data:`LISTED` messages of each family list, by the job id its ``argsrepr`` header shows.
+LISTED = 1000
+STANDING = _PRELUDE + f"local LISTED = {LISTED}\n" + """
 local function secs(x) return math.floor(math.max(0, x) * 1000 + 0.5) / 1000 end
+-- queued with `ahead` jobs before it in the fair order whose keys start with `p`: it starts when the
+-- running jobs' rest and its share of the waiting jobs' estimated cost are done, over the pools present
+local function queued(family, p, ahead, waited)
+  local busy = 0
+  local running = redis.call('ZRANGE', p .. 'running', 0, -1, 'WITHSCORES')
+  for i = 1, #running, 2 do
+    local cost = tonumber(redis.call('HGET', JOB .. running[i], 'cost') or '0')
+    busy = busy + math.max(0, cost - (now - tonumber(running[i + 1])))
+  end
+  local n = redis.call('ZCARD', p .. 'waiting')
+  local total = math.max(0, tonumber(redis.call('HGET', p .. 'state', 'cost') or '0'))
+  local pools = math.max(1, redis.call('ZCOUNT', p .. 'pools', now - tonumber(ARGV[2]), '+inf'))
+  local mean = 0
+  if n > 0 then mean = total / n end
+  return cjson.encode({state = 'queued', family = family, position = ahead, ahead = ahead,
+                       eta_s = secs((busy + mean * ahead) / pools), waited_s = waited})
+end
+local prefix = '""" + keys.FAIR_PREFIX + """'
 if redis.call('EXISTS', KEYS[2]) == 1 then return cjson.encode({state = 'ended'}) end
 local j = redis.call('HMGET', KEYS[1], 'queue', 'member', 'arrived')
-if not j[1] then return cjson.encode({state = 'unknown'}) end
-local p = '""" + keys.FAIR_PREFIX + """' .. j[1] .. ':'
-local family = (string.gsub(j[1], '%.fair$', ''))
-local waited = secs(now - tonumber(j[3] or now))
-local rank = redis.call('ZRANK', p .. 'waiting', j[2])
-if not rank then
-  local state = redis.call('ZSCORE', p .. 'running', ARGV[1]) and 'running' or 'queued'
-  local out = {state = state, family = family, waited_s = waited}
-  if state == 'queued' then out.position, out.ahead, out.eta_s = 0, 0, 0 end
-  return cjson.encode(out)
+if j[1] then
+  local p = prefix .. j[1] .. ':'
+  local family = (string.gsub(j[1], '%.fair$', ''))
+  local waited = secs(now - tonumber(j[3] or now))
+  local rank = redis.call('ZRANK', p .. 'waiting', j[2])
+  if rank then return queued(family, p, rank, waited) end
+  if redis.call('ZSCORE', p .. 'running', ARGV[1]) then
+    return cjson.encode({state = 'running', family = family, waited_s = waited})
+  end
+  return cjson.encode({state = 'queued', family = family, waited_s = waited, position = 0, ahead = 0, eta_s = 0})
 end
-local busy = 0
-local running = redis.call('ZRANGE', p .. 'running', 0, -1, 'WITHSCORES')
-for i = 1, #running, 2 do
-  local cost = tonumber(redis.call('HGET', JOB .. running[i], 'cost') or '0')
-  busy = busy + math.max(0, cost - (now - tonumber(running[i + 1])))
+-- not taken in yet: on a family list, behind every job in that family's fair order (workers pop the
+-- right end, so the oldest messages are the last ones)
+local mark = "('" .. ARGV[1] .. "',)"
+for i = 3, #KEYS do
+  local items = redis.call('LRANGE', KEYS[i], -LISTED, -1)
+  for k = #items, 1, -1 do
+    if string.find(items[k], mark, 1, true) then
+      local p = prefix .. ARGV[i] .. ':'
+      return queued(ARGV[i], p, redis.call('ZCARD', p .. 'waiting') + #items - k, 0)
+    end
+  end
 end
-local n = redis.call('ZCARD', p .. 'waiting')
-local total = tonumber(redis.call('HGET', p .. 'state', 'cost') or '0')
-local pools = math.max(1, redis.call('ZCOUNT', p .. 'pools', now - tonumber(ARGV[2]), '+inf'))
-local ahead_cost = 0
-if n > 0 then ahead_cost = math.max(0, total) * rank / n end
-return cjson.encode({state = 'queued', family = family, position = rank, ahead = rank,
-                     eta_s = secs((busy + ahead_cost) / pools), waited_s = waited})
+return cjson.encode({state = 'unknown'})
 """
 
 #: KEYS: n source lists, then their n processing lists, then the queues' ``pools``. ARGV: the most to

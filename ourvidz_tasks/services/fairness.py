@@ -56,6 +56,10 @@ def sources(queue: str) -> list[str]:
     return [queue if pri == 0 else f"{queue}{PRIORITY_SEP}{pri}" for pri in PRIORITY_STEPS]
 
 
+#: every family's lists and their family: where a job published but not yet taken in is looked for
+FAMILY_LISTS: tuple[tuple[str, str], ...] = tuple((s, f) for f in names.FAMILIES for s in sources(f))
+
+
 def queue_of(source: str) -> str:
     return source.split(PRIORITY_SEP, 1)[0]
 
@@ -259,8 +263,9 @@ def standing(broker: redis.Redis, job_id: str, *, present: float, store: redis.R
     store (``OURVIDZ_REDIS_URL``) its terminal record is read there first."""
     if store is not None and store is not broker and store.exists(keys.job_final(job_id)):
         return {"state": "ended"}
-    raw = broker.eval(fair_scripts.STANDING, 2, keys.fair_job(job_id), keys.job_final(job_id),  # type: ignore[no-untyped-call]
-                      job_id, present)
+    lists, families = zip(*FAMILY_LISTS, strict=True)
+    raw = broker.eval(fair_scripts.STANDING, 2 + len(lists), keys.fair_job(job_id),  # type: ignore[no-untyped-call]
+                      keys.job_final(job_id), *lists, job_id, present, *families)
     out: dict[str, Any] = json.loads(as_text(raw))
     return out
 
