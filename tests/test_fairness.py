@@ -17,7 +17,7 @@ import redis
 
 from ourvidz_tasks.contract import keys
 from ourvidz_tasks.contract.errors import ConfigError
-from ourvidz_tasks.services import fairness
+from ourvidz_tasks.services import fairness, fetching
 from ourvidz_tasks.services.fairness import Intake
 
 from . import wire
@@ -148,8 +148,17 @@ def test_a_job_published_before_its_pool_takes_it_in_is_queued_behind_the_fair_o
         assert where == {"state": "queued", "family": "sdxl", "position": 2 + n, "ahead": 2 + n,
                          "eta_s": pytest.approx((2 + n) * 2.0, abs=0.01), "waited_s": 0}, where
     assert fairness.standing(client, "not-" + listed[0]["id"], present=15) == {"state": "unknown"}
-    intake(client, "sdxl").run_once()  # taken in: the fair order's answer, bob's first job next
+    # being taken in: moved into an intake's list, not admitted yet (what an intake's GRAB leaves between
+    # its two scripts); behind the fair order still
+    taker = intake(client, "sdxl", owner="pool@test/2")
+    fetching.restore_own(client, fairness.intake_lists(taker.owner), taker.sources, owner=taker.owner)
+    client.lmove("sdxl", taker.lists[0], "RIGHT", "LEFT")
+    assert fairness.standing(client, listed[0]["id"], present=15) == {
+        "state": "queued", "family": "sdxl", "position": 2, "ahead": 2, "eta_s": pytest.approx(4.0, abs=0.01),
+        "waited_s": 0}
+    taker.run_once()  # taken in: the fair order's answer, bob's first job next
     assert fairness.standing(client, listed[0]["id"], present=15)["position"] == 1
+    assert [fairness.standing(client, j["id"], present=15)["position"] for j in listed[1:]] == [3, 4]
 
 
 def test_a_requeued_job_keeps_its_place(broker: redis.Redis) -> None:

@@ -150,8 +150,9 @@ return 1
 #: seconds a pool counts as present, then each family list's family. Where the job stands, as JSON:
 #: ``state`` and, while queued, ``family``, ``position``, ``ahead``, ``eta_s``, ``waited_s`` (CONTRACT
 #: section 7). O(log n) in the queue's length once the job is taken in (a rank, a count, one read per
-#: running job); a job published but not yet taken in (its pool is starting) is looked for among the
-#: oldest :data:`LISTED` messages of each family list, by the job id its ``argsrepr`` header shows.
+#: running job); a job published but not yet taken in (its pool is starting, or its intake is between
+#: its move and its admission) is looked for in the intakes' lists and among the oldest :data:`LISTED`
+#: messages of each family list, by the job id its ``argsrepr`` header shows.
 LISTED = 1000
 STANDING = _PRELUDE + f"local LISTED = {LISTED}\n" + """
 local function secs(x) return math.floor(math.max(0, x) * 1000 + 0.5) / 1000 end
@@ -186,9 +187,22 @@ if j[1] then
   end
   return cjson.encode({state = 'queued', family = family, waited_s = waited, position = 0, ahead = 0, eta_s = 0})
 end
--- not taken in yet: on a family list, behind every job in that family's fair order (workers pop the
--- right end, so the oldest messages are the last ones)
+-- not taken in yet: behind every job in its family's fair order. Being taken in (an intake's list,
+-- between its move and its admission: a batch at most)...
 local mark = "('" .. ARGV[1] .. "',)"
+local fetchers = redis.call('HGETALL', '""" + keys.FETCHERS + """')
+for i = 1, #fetchers, 2 do
+  if string.find(fetchers[i], '+intake:', 1, true) then
+    for _, item in ipairs(redis.call('LRANGE', fetchers[i], 0, LISTED - 1)) do
+      if string.find(item, mark, 1, true) then
+        local fair = string.match(cjson.decode(fetchers[i + 1]).queue or '', '^[^\6]+') or ''
+        local p = prefix .. fair .. ':'
+        return queued((string.gsub(fair, '%.fair$', '')), p, redis.call('ZCARD', p .. 'waiting'), 0)
+      end
+    end
+  end
+end
+-- ...or on a family list (workers pop the right end, so the oldest messages are the last ones)
 for i = 3, #KEYS do
   local items = redis.call('LRANGE', KEYS[i], -LISTED, -1)
   for k = #items, 1, -1 do
