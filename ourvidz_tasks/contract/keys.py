@@ -96,6 +96,8 @@ OWNER_PREFIX = "ourvidz:owner:"
 #: Broker: hash processing list -> ``{"owner", "queue"}`` of every consumer's fetch lists; ``services.fetching``
 FETCHERS = "ourvidz:fetchers"
 FETCHING_PREFIX = "ourvidz:fetching:"
+#: what a pool's fair intake adds to its incarnation's name for its own processing lists
+INTAKE_SUFFIX = "+intake"
 
 
 def fetching(identity: str, source: str) -> str:

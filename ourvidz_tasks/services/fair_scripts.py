@@ -192,7 +192,7 @@ end
 local mark = "('" .. ARGV[1] .. "',)"
 local fetchers = redis.call('HGETALL', '""" + keys.FETCHERS + """')
 for i = 1, #fetchers, 2 do
-  if string.find(fetchers[i], '+intake:', 1, true) then
+  if string.find(fetchers[i], '""" + keys.INTAKE_SUFFIX + """:', 1, true) then
     for _, item in ipairs(redis.call('LRANGE', fetchers[i], 0, LISTED - 1)) do
       if string.find(item, mark, 1, true) then
         local fair = string.match(cjson.decode(fetchers[i + 1]).queue or '', '^[^\6]+') or ''

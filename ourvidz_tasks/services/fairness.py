@@ -70,7 +70,7 @@ def parts(queue: str) -> list[str]:
 
 def intake_lists(owner: str) -> str:
     """The name an intake's processing lists go by (:func:`keys.fetching`), apart from its fetch's."""
-    return f"{owner}+intake"
+    return f"{owner}{keys.INTAKE_SUFFIX}"
 
 
 # -- what a message is ---------------------------------------------------------------------------
