@@ -273,6 +273,10 @@ EXACT_COPY_TINY_DENOISE = ("plausible", {"_mutations": [], "_base": {
     "config": {"num_images": 1, "num_inference_steps": 1, "resolution": "64x64", "seed": 0, "image": SINK_REF,
                "denoise_strength": 4.2e-170},
     "metadata": {"exact_copy_mode": True}}})
+#: compel's parser refused a form feed inside a prompt: the job failed WORKER_UNAVAILABLE (ParseException)
+COMPEL_FORM_FEED = ("plausible", {"_mutations": [], "_base": {
+    "type": "sdxl_image_fast", "user_id": "user_123", "prompt": "0\x0c", "compel_enabled": True, "metadata": {},
+    "config": {"num_images": 1, "num_inference_steps": 1, "resolution": "64x64", "seed": 0}}})
 
 
 class Tally:
@@ -386,6 +390,7 @@ def test_fuzzed_payloads_each_end_once_and_never_kill_the_worker(
     @FUZZ
     @given(payloads)
     @example(EXACT_COPY_TINY_DENOISE)
+    @example(COMPEL_FORM_FEED)
     def one(drawn: tuple[str, Any]) -> None:
         kind, value = drawn
         payload, mutated = materialize(kind, value, reference_on_sink)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..contract.errors import ConfigError, I2IPipelineError, ModelLoadError, OutOfMemory
+from ..contract.errors import ConfigError, I2IPipelineError, InvalidJob, ModelLoadError, OutOfMemory
 from . import brief_error, build_once, compute_dtype, module_bytes, release_memory
 from .diffusion import StepCallback, check_run_args, fit_image, is_seed, step_callback
 from .previews import LatentsHook, load_decoder
@@ -280,7 +280,8 @@ def run_sdxl(
     try:
         with torch.inference_mode():
             if compel:
-                kwargs.update(_compel_embeddings(pipe, compel_weights or prompt, negative_prompt))
+                kwargs.update(_compel_embeddings(
+                    pipe, compel_weights or prompt, "compel_weights" if compel_weights else "prompt", negative_prompt))
             else:
                 kwargs.update(prompt=prompt, negative_prompt=negative_prompt)
             images = pipe(**kwargs).images
@@ -337,7 +338,21 @@ def _fit(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
         raise I2IPipelineError(f"reference image cannot be used: {type(exc).__name__}", field="image") from exc
 
 
-def _compel_embeddings(pipe: Any, text: str, negative_prompt: str | None) -> dict[str, Any]:
+def _compel_text(text: str, field: str) -> str:
+    """``text`` as compel is given it: each run of whitespace one space, which is what the CLIP
+    tokenizers make of it anyway (compel's parser refuses a form feed or a vertical tab), and parsed
+    here, so that a prompt compel cannot read fails the job naming its field (never echoing it)."""
+    from compel import Compel
+
+    spaced = " ".join(text.split())
+    try:
+        Compel.parse_prompt_string(spaced)
+    except Exception as exc:  # a parser and nothing else: pyparsing's ParseException, compel's own
+        raise InvalidJob(f"`{field}` is not valid compel syntax ({type(exc).__name__})", field=field) from None
+    return spaced
+
+
+def _compel_embeddings(pipe: Any, text: str, field: str, negative_prompt: str | None) -> dict[str, Any]:
     """Prompt (and negative) embeddings from compel: both encoders' penultimate layer, pooled from the second.
 
     ``CompelForSDXL`` is compel 2.5's wrapper for exactly this set-up (one
@@ -350,6 +365,9 @@ def _compel_embeddings(pipe: Any, text: str, negative_prompt: str | None) -> dic
     """
     from compel import CompelForSDXL
 
+    text = _compel_text(text, field)
+    if negative_prompt is not None:
+        negative_prompt = _compel_text(negative_prompt, "negative_prompt")
     conditioning = CompelForSDXL(pipe, device=str(pipe._execution_device))(text, negative_prompt=negative_prompt)
     out = {"prompt_embeds": conditioning.embeds, "pooled_prompt_embeds": conditioning.pooled_embeds}
     if negative_prompt is not None:

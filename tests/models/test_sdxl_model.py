@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ourvidz_tasks.contract.errors import ConfigError, I2IPipelineError, ModelLoadError
+from ourvidz_tasks.contract.errors import ConfigError, I2IPipelineError, InvalidJob, ModelLoadError
 from ourvidz_tasks.contract.settings import Settings, load_settings
 from ourvidz_tasks.models import module_bytes
 from ourvidz_tasks.models.previews import decode_image
@@ -390,9 +390,27 @@ def test_compel(model: SdxlModel) -> None:
     # compel_weights replaces the prompt text
     replaced = run_sdxl(model, prompt="ignored", compel=True, compel_weights="a photo of a red (cat)1.5", **kwargs)[0]
     assert replaced.tobytes() == weighted.tobytes()
+    # a form feed or a vertical tab, which compel's parser refuses, is what the tokenizers make of it: a space
+    spaced = run_sdxl(model, prompt="a photo\x0cof a red\x0b (cat)1.5 ", compel=True, **kwargs)[0]
+    assert spaced.tobytes() == weighted.tobytes()
     # longer than 77 tokens, against a short negative: not truncated, padded
     long = run_sdxl(model, prompt=", ".join(["a red cat on the sea"] * 20), compel=True, **kwargs)[0]
     assert long.size == (256, 256)
+
+
+def test_a_prompt_compel_cannot_parse_fails_the_job_naming_its_field(
+        model: SdxlModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    import compel
+
+    def refuse(text: str) -> None:  # compel's parser, refusing (no known prompt fails once spaces are fixed)
+        raise ValueError("Expected end of text")
+
+    monkeypatch.setattr(compel.Compel, "parse_prompt_string", staticmethod(refuse))
+    for extra, field in (({"compel_weights": "(cat)1.5"}, "compel_weights"), ({}, "prompt")):
+        with pytest.raises(InvalidJob) as refused:
+            run_sdxl(model, prompt=PROMPT, compel=True, seeds=[0], **extra, **SMALL)
+        assert refused.value.field == field and f"`{field}`" in str(refused.value)
+        assert PROMPT not in str(refused.value) and "cat" not in str(refused.value)
 
 
 def test_out_of_memory_becomes_job_error(model: SdxlModel, monkeypatch: pytest.MonkeyPatch) -> None:
