@@ -7,7 +7,9 @@ Loaded as a pytest plug-in (``-p tests.stress``) with ``-m stress``. For the who
 - a staller thread that, at random intervals, stops one random worker process (``bin/worker``,
   found as a child of this test process) with SIGSTOP and continues it with SIGCONT after a
   random pause of at most ``OURVIDZ_STRESS_MAX_STALL`` seconds (default 0.35: the stall that
-  used to break the lease tests). Stalls are far below a third of the smallest lease the
+  used to break the lease tests). A worker a test stopped on purpose
+  (:func:`tests.support.process.held_stopped`) is left alone: continuing it would end the test's
+  stop. Stalls are far below a third of the smallest lease the
   marked tests use (a worker's heartbeat is refreshed every third of its lease), so a stalled
   worker is slow, never dead: the tests must hold anyway.
 
@@ -27,6 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .support.process import STOPPING, stopped
 
 MAX_STALL = float(os.environ.get("OURVIDZ_STRESS_MAX_STALL", "0.35"))
 #: seconds between two stalls (uniform)
@@ -76,15 +80,18 @@ class Staller:
             if not pids:
                 continue
             pid, pause = self.rng.choice(pids), self.rng.uniform(0.05, self.max_stall)
-            try:
-                os.kill(pid, signal.SIGSTOP)
-            except ProcessLookupError:
-                continue
-            try:
-                self._stop.wait(pause)
-            finally:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)  # always: a test's own SIGTERM needs it running
+            with STOPPING:  # a test's own stop waits for this stall, and this stall skips a stopped process
+                if stopped(pid):
+                    continue
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    continue
+                try:
+                    self._stop.wait(pause)
+                finally:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)  # always: a test's own SIGTERM needs it running
             self.stalls += 1
             self.longest = max(self.longest, pause)
 

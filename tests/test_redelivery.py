@@ -8,8 +8,6 @@ terminal callbacks per job, not only terminal ones, and the job's poison count.
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from ourvidz_tasks.contract.text import as_text
 
 from .support.cluster import Pools, WorkerProcess
 from .support.jobs import new_id, terminal, terminal_counts
-from .support.process import wait_for
+from .support.process import held_stopped, wait_for
 from .support.windows import held_job, starts, uploads
 
 LEASE = 2.0
@@ -70,14 +68,11 @@ def test_a_stalled_worker_keeps_its_job_and_its_poison_count(isolated_broker: st
     stalled, scanner, job = held.holder, held.other, held.job
     assert stalled.proc is not None
     heartbeat = wait_for(lambda: _alive_key(store, stalled), 30, what="the stalled pool's heartbeat")
-    os.killpg(stalled.proc.pid, signal.SIGSTOP)
-    try:
+    with held_stopped(stalled.proc.pid, group=True):
         held.windows.release(0)  # it goes on only once continued
         wait_for(lambda: not store.exists(heartbeat), 10 * LEASE, interval=0.05, what="the lease to lapse")
         # the other pool's scanner runs three times with the stalled owner's heartbeat gone
         _refreshes(store, wait_for(lambda: _alive_key(store, scanner), 30, what="the scanner's heartbeat"), 3)
-    finally:
-        os.killpg(stalled.proc.pid, signal.SIGCONT)
     _once(sink, store, job["id"], f"1 job, its pool stopped past its {LEASE:g}s lease")
     assert "requeued" not in stalled.text() + scanner.text()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,7 +23,7 @@ from ourvidz_tasks.services import fair_scripts
 from .support.cluster import WorkerProcess
 from .support.env import KEY
 from .support.jobs import new_id, terminal
-from .support.process import ROOT, wait_for
+from .support.process import ROOT, held_stopped, wait_for
 from .wire import envelope, publish
 
 PROMPT = "a lighthouse on a cliff at dawn, secret-prompt-marker"
@@ -279,15 +278,12 @@ def test_a_queued_job_cancelled_before_it_starts_ends_cancelled(sdxl_worker: Wor
     assert sdxl_worker.proc is not None
     # the pool is held mid-job while the second job is queued and cancelled: the busy job cannot end
     # first however slow the CLI is (a few seconds, well inside the pool's lease)
-    os.kill(sdxl_worker.proc.pid, signal.SIGSTOP)
-    try:
+    with held_stopped(sdxl_worker.proc.pid):
         queued = job()
         publish(store, "ourvidz.sdxl.generate", queued, "sdxl")
         result = subprocess.run([str(ROOT / ".venv" / "bin" / "ourvidz"), "cancel", queued["id"]],
                                 capture_output=True, text=True, timeout=60)
         assert not sink.callbacks(queued["id"])  # still queued when cancelled
-    finally:
-        os.kill(sdxl_worker.proc.pid, signal.SIGCONT)
     assert result.returncode == 0 and "cancel requested" in result.stdout
     body = terminal(sink, queued["id"])
     assert body["status"] == "failed" and body["error"]["code"] == "CANCELLED"

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
@@ -28,6 +30,32 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 120, interval: float
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+#: held around every SIGSTOP: a test's (:func:`held_stopped`) and each stall of the stress plug-in's
+#: staller, which leaves a process that is already stopped alone (its SIGCONT would end a test's stop)
+STOPPING = threading.Lock()
+
+
+def stopped(pid: int) -> bool:
+    """The process is stopped (state ``T`` in ``/proc/PID/stat``)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+@contextmanager
+def held_stopped(pid: int, *, group: bool = False) -> Iterator[None]:
+    """``pid`` (with ``group``, its whole process group) stopped with SIGSTOP for the block, then continued."""
+    kill = os.killpg if group else os.kill
+    with STOPPING:
+        kill(pid, signal.SIGSTOP)
+        wait_for(lambda: stopped(pid), 10, interval=0.005, what=f"process {pid} to stop")
+    try:
+        yield
+    finally:
+        kill(pid, signal.SIGCONT)
 
 
 class ManagedProcess:
