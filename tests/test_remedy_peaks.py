@@ -75,8 +75,8 @@ def map_large_blocks() -> None:
     free, and blocks below it stay in the heap once freed, so a rung's peak also counted the heap's holes:
     one run measured SDXL's batch of one 4.5% under the batch of two; most runs 14-29%.)"""
     libc = ctypes.util.find_library("c")
-    if libc is not None and not ctypes.CDLL(libc).mallopt(M_MMAP_THRESHOLD, 128 * 1024):
-        raise OSError("mallopt(M_MMAP_THRESHOLD) refused")
+    if libc is None or not ctypes.CDLL(libc).mallopt(M_MMAP_THRESHOLD, 128 * 1024):
+        raise OSError("mallopt(M_MMAP_THRESHOLD) unavailable or refused: the peaks would count the heap's holes")
 
 
 def climb(ladder: list[Remedy], call: Callable[[Remedy], object], probe: CpuProbe, family: str,
